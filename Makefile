@@ -1,0 +1,69 @@
+# Face fusion on Triton. `make demo` and `make test` do all set-up themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ONNX := model_repository/fusion/1/model.onnx
+PLAN := model_repository/fusion/1/model.plan
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+export HTTP_PORT GRPC_PORT METRICS_PORT
+
+.PHONY: help venv build onnx engine serve start stop demo test test-unit lint clean
+
+help:
+	@echo "make demo   - set up, build, start the local Triton server, fuse the sample photos into out/, stop"
+	@echo "make test   - set up, build, run unit, parity and live-server integration tests"
+	@echo "make build  - weights -> ONNX -> simplified ONNX -> TensorRT plan (where TensorRT exists)"
+	@echo "make serve  - run the local Triton server in the foreground (ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT))"
+	@echo "make lint   - ruff"
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	@echo "[venv] creating $(VENV) with $(PYTHON_BIN) and installing pinned packages (first time: a few minutes)"
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the Triton stub links libpython3.11)"'
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	@touch $(STAMP)
+	@echo "[venv] ready"
+
+venv: $(STAMP)
+
+$(ONNX): $(STAMP) facefuse/network.py facefuse/alignment.py build/export_onnx.py
+	$(PY) -m build.export_onnx --out $(ONNX)
+
+onnx: $(ONNX)
+
+engine: $(ONNX)
+	$(PY) -m build.tensorrt --onnx $(ONNX) --plan $(PLAN)
+
+build: engine
+	@echo "[build] done: $(ONNX)$$(test -f $(PLAN) && echo " and $(PLAN)")"
+
+serve: build
+	$(PY) -m facefuse.local_server serve
+
+start: build
+	$(PY) -m facefuse.local_server start
+
+stop:
+	@$(PY) -m facefuse.local_server stop
+
+demo: build
+	$(PY) -m client.demo --out out
+
+test: build
+	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests -m "not live"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf out .cache $(ONNX) $(PLAN) .pytest_cache

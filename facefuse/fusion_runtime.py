@@ -1,0 +1,179 @@
+"""Runs the fusion network with the best runtime present: TensorRT plan, else PyTorch on CUDA, else ONNX Runtime
+on the CPU (DESIGN.md section 4). Every runtime takes and returns the same named float32 arrays."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
+
+RUNTIME_CHOICES = ("auto", "tensorrt", "torch-cuda", "onnxruntime-cpu", "torch-cpu")
+log = logging.getLogger("facefuse.fusion")
+
+Arrays = dict[str, np.ndarray]
+
+
+class FusionRuntime:
+    name = "base"
+    max_batch = 32
+
+    def run(self, inputs: Arrays) -> Arrays:
+        """Run any batch size by chunking it to the runtime's maximum."""
+        batch = len(inputs[INPUT_NAMES[0]])
+        if batch <= self.max_batch:
+            return self._run(inputs)
+        parts = [self._run({k: v[i:i + self.max_batch] for k, v in inputs.items()})
+                 for i in range(0, batch, self.max_batch)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in OUTPUT_NAMES}
+
+    def _run(self, inputs: Arrays) -> Arrays:
+        raise NotImplementedError
+
+
+class OnnxRuntimeCpu(FusionRuntime):
+    name = "onnxruntime-cpu"
+
+    def __init__(self, onnx_path: Path, threads: int = 0) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.max_batch = 1 << 30
+
+    def _run(self, inputs: Arrays) -> Arrays:
+        feeds = {name: np.ascontiguousarray(inputs[name], dtype=np.float32) for name in INPUT_NAMES}
+        return dict(zip(OUTPUT_NAMES, self.session.run(list(OUTPUT_NAMES), feeds)))
+
+
+class TorchRuntime(FusionRuntime):
+    """The nn.Module itself; FP16 on CUDA (the sweet spot the design asks for), FP32 on the CPU."""
+
+    def __init__(self, device: str = "cuda", half: bool | None = None) -> None:
+        import torch
+
+        from facefuse.network import FusionNetwork
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.half = self.device.type == "cuda" if half is None else half
+        self.name = f"torch-{self.device.type}" + ("-fp16" if self.half else "")
+        network = FusionNetwork().eval().to(self.device)
+        self.network = network.half() if self.half else network
+        self.max_batch = 1 << 30
+
+    def _run(self, inputs: Arrays) -> Arrays:
+        torch = self.torch
+        dtype = torch.float16 if self.half else torch.float32
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=np.float32)).to(self.device, dtype)
+                       for name in INPUT_NAMES]
+            outputs = self.network(*tensors)
+            return {name: out.float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+
+
+class TensorRTRuntime(FusionRuntime):
+    """A lean TensorRT 10 runner: one execution context, device buffers reused across calls."""
+
+    name = "tensorrt"
+
+    def __init__(self, plan_path: Path, device_id: int = 0) -> None:
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        self.device = torch.device("cuda", device_id)
+        torch.cuda.set_device(self.device)  # multi-GPU hosts: bind explicitly before deserialising
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialise {plan_path} (built for another TensorRT or GPU?)")
+        self.context = self.engine.create_execution_context()
+        profile_shape = self.engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
+        self.max_batch = int(profile_shape[2][0])
+        self.min_batch = int(profile_shape[0][0])
+        self.stream = torch.cuda.Stream(self.device)
+        self.buffers: dict[str, object] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> object:
+        torch = self.torch
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[0] < shape[0]:
+            buffer = torch.empty((self.max_batch, *shape[1:]), dtype=torch.float32, device=self.device)
+            self.buffers[name] = buffer
+        return buffer[: shape[0]]
+
+    def _run(self, inputs: Arrays) -> Arrays:
+        torch = self.torch
+        batch = len(inputs[INPUT_NAMES[0]])
+        if not self.min_batch <= batch <= self.max_batch:  # outside the profile the engine would fail
+            raise ValueError(f"batch {batch} outside the engine's profile {self.min_batch}..{self.max_batch}")
+        with torch.cuda.stream(self.stream):
+            for name in INPUT_NAMES:
+                array = np.ascontiguousarray(inputs[name], dtype=np.float32)
+                buffer = self._buffer(name, array.shape)
+                buffer.copy_(torch.from_numpy(array), non_blocking=True)
+                self.context.set_input_shape(name, tuple(array.shape))
+                self.context.set_tensor_address(name, buffer.data_ptr())
+            outputs = {}
+            for name in OUTPUT_NAMES:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = self._buffer(name, shape)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            self.stream.synchronize()
+            return {name: out.cpu().numpy() for name, out in outputs.items()}
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_runtime(model_dir: Path, choice: str = "auto", device_id: int = 0,
+                 report: Callable[[str], None] = log.info) -> FusionRuntime:
+    """Load the runtime named by `choice`, or with "auto" the best one that works, reporting each decision."""
+    if choice not in RUNTIME_CHOICES:
+        raise ValueError(f"unknown fusion runtime {choice!r}; choose from {RUNTIME_CHOICES}")
+    plan_path, onnx_path = model_dir / "model.plan", model_dir / "model.onnx"
+    attempts: list[tuple[str, Callable[[], FusionRuntime]]] = [
+        ("tensorrt", lambda: TensorRTRuntime(plan_path, device_id)),
+        ("torch-cuda", lambda: TorchRuntime(f"cuda:{device_id}")),
+        ("onnxruntime-cpu", lambda: OnnxRuntimeCpu(onnx_path)),
+        ("torch-cpu", lambda: TorchRuntime("cpu")),
+    ]
+    if choice != "auto":
+        attempts = [attempt for attempt in attempts if attempt[0] == choice]
+    else:
+        attempts = attempts[:3]  # torch-cpu is for tests and explicit choice only
+    reasons = []
+    for name, make in attempts:
+        skip = None
+        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+            skip = "the tensorrt module is not installed"
+        elif name == "tensorrt" and not plan_path.exists():
+            skip = f"no plan at {plan_path} (make build makes one where TensorRT exists)"
+        elif name == "torch-cuda" and not _cuda_available():
+            skip = "no CUDA device visible to PyTorch"
+        elif name == "onnxruntime-cpu" and not onnx_path.exists():
+            skip = f"no ONNX model at {onnx_path} (run make build)"
+        if skip is None:
+            try:
+                runtime = make()
+            except Exception as error:  # noqa: BLE001 - any load failure means: try the next runtime
+                skip = f"failed to load: {error}"
+            else:
+                report(f"fusion runtime: {runtime.name}" + (f" (skipped: {'; '.join(reasons)})" if reasons else ""))
+                return runtime
+        reasons.append(f"{name}: {skip}")
+        report(f"fusion runtime {name} not used: {skip}")
+    raise RuntimeError("no fusion runtime could be loaded: " + "; ".join(reasons))

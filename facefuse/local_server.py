@@ -1,0 +1,194 @@
+"""Run the real Triton server shipped in the nvidia-pytriton wheel on this repository's model repository.
+
+    python -m facefuse.local_server start   # background; waits until ready; pid in .cache/triton/server.pid
+    python -m facefuse.local_server serve   # foreground; Ctrl-C stops it
+    python -m facefuse.local_server stop
+
+Ports default to 8000 (HTTP), 8001 (gRPC), 8002 (metrics); override with --http-port/--grpc-port/--metrics-port
+or HTTP_PORT/GRPC_PORT/METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+CACHE_DIR = REPO_ROOT / ".cache" / "triton"
+PID_FILE = CACHE_DIR / "server.pid"
+DEFAULT_LOG = REPO_ROOT / "out" / "triton.log"
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        return cls(int(os.environ.get("HTTP_PORT", 8000)), int(os.environ.get("GRPC_PORT", 8001)),
+                   int(os.environ.get("METRICS_PORT", 8002)))
+
+
+def pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed in this environment (run `make venv`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def backend_directory() -> Path:
+    """A backends folder whose python backend carries the stub built for this interpreter's version."""
+    triton = pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = triton / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"the pytriton wheel has no Python-backend stub for Python {version}")
+    python_backend = CACHE_DIR / "backends" / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for source in [*sorted((triton / "backends" / "python").glob("*.*")), stub]:
+        destination = python_backend / source.name
+        if source.is_file() and (not destination.exists() or destination.stat().st_mtime < source.stat().st_mtime):
+            shutil.copy2(source, destination)
+    return python_backend.parent
+
+
+def server_environment() -> dict[str, str]:
+    """The stub imports our package and the venv's packages; the binary needs the wheel's bundled libraries."""
+    root = pytriton_root()
+    site_packages = str(root.parent)
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        part for part in (str(root.parent / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH", "")) if part)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), site_packages])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def server_command(ports: Ports, model_repository: Path = MODEL_REPOSITORY, extra: list[str] | None = None) -> list[str]:
+    binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+    return [
+        str(binary), f"--model-repository={model_repository}", f"--backend-directory={backend_directory()}",
+        f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
+        "--exit-timeout-secs=30", "--log-verbose=0", *(extra or []),
+    ]
+
+
+def is_ready(ports: Ports) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = MODEL_REPOSITORY,
+          timeout_s: float = 240.0, extra: list[str] | None = None, quiet: bool = False) -> subprocess.Popen:
+    """Start the server in the background and wait until /v2/health/ready answers 200."""
+    if is_ready(ports):
+        raise RuntimeError(f"a server already answers on HTTP port {ports.http}; stop it or choose other ports")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
+    command = server_command(ports, model_repository, extra)
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=server_environment(),
+                               start_new_session=True)
+    started = time.monotonic()
+    if not quiet:
+        print(f"[serve] tritonserver pid {process.pid}, HTTP {ports.http}, gRPC {ports.grpc}, "
+              f"metrics {ports.metrics}; log {log_path}", flush=True)
+    next_note = 10.0
+    while not is_ready(ports):
+        elapsed = time.monotonic() - started
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {process.returncode} while loading; "
+                               f"last log lines:\n{_tail(log_path)}")
+        if elapsed > timeout_s:
+            stop_process(process)
+            raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f} s; last log lines:\n{_tail(log_path)}")
+        if not quiet and elapsed > next_note:
+            print(f"[serve] still loading models ({elapsed:.0f} s)...", flush=True)
+            next_note += 10.0
+        time.sleep(0.5)
+    if not quiet:
+        print(f"[serve] ready in {time.monotonic() - started:.1f} s", flush=True)
+    return process
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 45.0) -> int:
+    """SIGTERM (Triton finishes in-flight requests), then SIGKILL the group if it lingers."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the local Triton server on model_repository/.")
+    parser.add_argument("action", choices=("start", "serve", "stop"))
+    defaults = Ports.from_env()
+    parser.add_argument("--http-port", type=int, default=defaults.http)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc)
+    parser.add_argument("--metrics-port", type=int, default=defaults.metrics)
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG)
+    args = parser.parse_args(argv)
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    if args.action == "stop":
+        if not PID_FILE.exists():
+            print("[serve] no server started by `start` is recorded")
+            return 0
+        pid = int(PID_FILE.read_text())
+        PID_FILE.unlink()
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            print(f"[serve] server pid {pid} was not running")
+            return 0
+        for _ in range(90):
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"[serve] stopped server pid {pid}")
+                return 0
+        os.killpg(pid, signal.SIGKILL)
+        print(f"[serve] killed server pid {pid} after 45 s")
+        return 0
+    try:
+        process = start(ports, args.log)
+    except RuntimeError as error:
+        print(f"[serve] {error}", file=sys.stderr)
+        return 1
+    if args.action == "start":
+        PID_FILE.parent.mkdir(parents=True, exist_ok=True)
+        PID_FILE.write_text(str(process.pid))
+        return 0
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return stop_process(process)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Request logic of the preprocess and postprocess models, free of Triton so it can be unit-tested.
+
+Preprocess: decode -> detect -> choose faces -> align both into the canonical crop.
+Postprocess: paste the fused crop back through the inverse alignment -> label -> watermark -> encode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+import facefuse
+from facefuse import errors
+from facefuse.alignment import (
+    CROP_SIZE,
+    alignment_matrix,
+    crop_to_tensor,
+    invert_affine,
+    tensor_to_crop,
+    transform_points,
+    warp_to_crop,
+)
+from facefuse.detection import DetectedFace, FaceDetector
+from facefuse.errors import FusionError
+from facefuse.imaging import ImageLimits, decode_image, encode_image
+from facefuse.label import draw_label
+from facefuse.network import VERSION as NETWORK_VERSION
+from facefuse.options import FusionOptions, parse_options, validate_degree
+from facefuse.provenance import build_xmp
+from facefuse.watermark import embed_watermark, parse_watermark_id
+
+# A face whose eyes are closer than this (pixels) carries too little detail to fuse.
+MIN_EYE_DISTANCE = 12.0
+SOFTWARE = f"facefuse {facefuse.__version__}"
+VERSIONS = {
+    "interface": "v1",
+    "facefuse": facefuse.__version__,
+    "detector": "MTCNN, facenet-pytorch 2.6.0 weights",
+    "fusion_network": NETWORK_VERSION,
+}
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 2)
+
+
+@dataclass
+class FusionRequest:
+    """One row of the ensemble's input."""
+
+    source_image: bytes
+    target_image: bytes
+    face_degree: Any
+    profile_degree: Any
+    options: bytes | None = None
+
+
+@dataclass
+class PreparedFusion:
+    """What preprocess hands on: crops and landmarks for the network, geometry and pixels for postprocess."""
+
+    source_crop: np.ndarray  # (3, S, S) float32 in [0, 1]
+    target_crop: np.ndarray
+    source_landmarks: np.ndarray  # (5, 2) float32, crop pixels
+    target_landmarks: np.ndarray
+    face_degree: float
+    profile_degree: float
+    target_matrix: np.ndarray  # (2, 3) float32, target image pixels -> crop pixels
+    target_rgb: np.ndarray  # (H, W, 3) uint8, orientation-corrected
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code: str) -> DetectedFace:
+    if not faces:
+        raise FusionError(no_face_code, f"no face found in the {role} image")
+    if index >= len(faces):
+        raise FusionError(
+            errors.FACE_INDEX_OUT_OF_RANGE,
+            f"{role}_face={index} but the {role} image has {len(faces)} face(s) (indices 0..{len(faces) - 1})",
+        )
+    face = faces[index]
+    eye_distance = float(np.linalg.norm(face.landmarks[1] - face.landmarks[0]))
+    if eye_distance < MIN_EYE_DISTANCE:
+        raise FusionError(
+            errors.FACE_TOO_SMALL,
+            f"the chosen {role} face is too small (eyes {eye_distance:.0f} px apart, need >= {MIN_EYE_DISTANCE:.0f})",
+        )
+    return face
+
+
+class Preprocessor:
+    """Decodes, detects and aligns a batch of requests; each row succeeds or fails on its own."""
+
+    def __init__(self, detector: FaceDetector, limits: ImageLimits = ImageLimits(), crop_size: int = CROP_SIZE):
+        self.detector = detector
+        self.limits = limits
+        self.crop_size = crop_size
+
+    def prepare_batch(self, requests: Sequence[FusionRequest]) -> list[PreparedFusion | FusionError]:
+        results: list[PreparedFusion | FusionError | None] = [None] * len(requests)
+        decoded: dict[int, tuple[np.ndarray, np.ndarray, FusionOptions, float, float, dict[str, float]]] = {}
+        for row, request in enumerate(requests):
+            try:
+                started = time.perf_counter()
+                options = parse_options(request.options)
+                face_degree = validate_degree(request.face_degree, "FACE_DEGREE")
+                profile_degree = validate_degree(request.profile_degree, "PROFILE_DEGREE")
+                source_rgb = decode_image(request.source_image, self.limits, role="source")
+                target_rgb = decode_image(request.target_image, self.limits, role="target")
+                decoded[row] = (source_rgb, target_rgb, options, face_degree, profile_degree,
+                                {"decode": _elapsed_ms(started)})
+            except FusionError as error:
+                results[row] = error
+        # One detector call for every image of the batch: the cascade's later stages batch across images.
+        rows = sorted(decoded)
+        started = time.perf_counter()
+        detections = self.detector.detect_batch([image for row in rows for image in decoded[row][:2]])
+        detect_ms = round(_elapsed_ms(started) / max(1, len(rows)), 2)
+        for position, row in enumerate(rows):
+            source_faces, target_faces = detections[2 * position], detections[2 * position + 1]
+            try:
+                results[row] = self._align(*decoded[row], source_faces, target_faces, detect_ms)
+            except FusionError as error:
+                results[row] = error
+        return [result for result in results if result is not None]
+
+    def _align(
+        self, source_rgb: np.ndarray, target_rgb: np.ndarray, options: FusionOptions, face_degree: float,
+        profile_degree: float, timings: dict[str, float], source_faces: list[DetectedFace],
+        target_faces: list[DetectedFace], detect_ms: float,
+    ) -> PreparedFusion:
+        started = time.perf_counter()
+        source_face = _choose_face(source_faces, options.source_face, "source", errors.NO_FACE_IN_SOURCE)
+        target_face = _choose_face(target_faces, options.target_face, "target", errors.NO_FACE_IN_TARGET)
+        source_matrix = alignment_matrix(source_face.landmarks, self.crop_size)
+        target_matrix = alignment_matrix(target_face.landmarks, self.crop_size)
+        source_crop = warp_to_crop(source_rgb, source_matrix, self.crop_size)
+        target_crop = warp_to_crop(target_rgb, target_matrix, self.crop_size)
+        metadata = {
+            "source": {"width": source_rgb.shape[1], "height": source_rgb.shape[0],
+                       "faces": [face.to_json() for face in source_faces], "chosen_face": options.source_face},
+            "target": {"width": target_rgb.shape[1], "height": target_rgb.shape[0],
+                       "faces": [face.to_json() for face in target_faces], "chosen_face": options.target_face},
+            "face_degree": face_degree,
+            "profile_degree": profile_degree,
+            "timings_ms": {**timings, "detect": detect_ms, "align": _elapsed_ms(started)},
+            "versions": VERSIONS,
+        }
+        return PreparedFusion(
+            source_crop=crop_to_tensor(source_crop),
+            target_crop=crop_to_tensor(target_crop),
+            source_landmarks=transform_points(source_matrix, source_face.landmarks).astype(np.float32),
+            target_landmarks=transform_points(target_matrix, target_face.landmarks).astype(np.float32),
+            face_degree=face_degree,
+            profile_degree=profile_degree,
+            target_matrix=target_matrix.astype(np.float32),
+            target_rgb=target_rgb,
+            metadata=metadata,
+        )
+
+
+def paste_back(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.ndarray,
+               target_matrix: np.ndarray) -> np.ndarray:
+    """Warp the fused crop (3,S,S in [0,1]) and its mask (1,S,S) back into the target and blend.
+
+    Only the bounding box of the crop's footprint is warped, so the cost does not grow with the image.
+    """
+    height, width = target_rgb.shape[:2]
+    size = fused_crop.shape[-1]
+    inverse = invert_affine(target_matrix)
+    corners = transform_points(inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64))
+    x1, y1 = np.floor(corners.min(axis=0)).astype(int) - 1
+    x2, y2 = np.ceil(corners.max(axis=0)).astype(int) + 1
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+    if x2 <= x1 or y2 <= y1:
+        return target_rgb.copy()
+    shifted = inverse.copy()
+    shifted[:, 2] -= (x1, y1)
+    box = (x2 - x1, y2 - y1)
+    fused = cv2.warpAffine(tensor_to_crop(fused_crop), shifted, box, flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
+    mask = cv2.warpAffine(np.asarray(blend_mask, np.float32).reshape(size, size), shifted, box,
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    out = target_rgb.copy()
+    region = out[y1:y2, x1:x2].astype(np.float32)
+    mask = np.clip(mask, 0.0, 1.0)[..., None]
+    out[y1:y2, x1:x2] = np.clip(region + mask * (fused - region) + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def finish(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.ndarray, target_matrix: np.ndarray,
+           options: FusionOptions, metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Paste back, label, watermark and encode; returns the encoded image and the completed metadata."""
+    timings = metadata.setdefault("timings_ms", {})
+    options = options.with_watermark_id()
+    started = time.perf_counter()
+    fused = paste_back(target_rgb, fused_crop, blend_mask, target_matrix)
+    timings["paste"] = _elapsed_ms(started)
+    if options.visible_label:
+        fused = draw_label(fused)
+    started = time.perf_counter()
+    fused = embed_watermark(fused, parse_watermark_id(options.watermark_id))
+    timings["watermark"] = _elapsed_ms(started)
+    started = time.perf_counter()
+    xmp = build_xmp(options.watermark_id, SOFTWARE)
+    encoded = encode_image(fused, options.format, options.quality, xmp=xmp,
+                           text={"AI-generated": "true", "Software": SOFTWARE})
+    timings["encode"] = _elapsed_ms(started)
+    metadata.update({
+        "watermark_id": options.watermark_id,
+        "visible_label": options.visible_label,
+        "format": options.format,
+        "output": {"width": fused.shape[1], "height": fused.shape[0], "bytes": len(encoded)},
+    })
+    return encoded, metadata

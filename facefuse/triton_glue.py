@@ -1,0 +1,63 @@
+"""Small helpers shared by the model.py files: tensor <-> Python conversion and error translation.
+
+pb_utils only exists inside Triton's Python stub, so the models pass it in rather than this module importing it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from facefuse.errors import INTERNAL_ERROR, FusionError
+
+log = logging.getLogger("facefuse.triton")
+
+
+def bytes_rows(array: np.ndarray) -> list[bytes]:
+    """A BYTES tensor of shape (N, 1) as N Python bytes objects."""
+    return [bytes(item) if not isinstance(item, str) else item.encode("utf-8") for item in array.reshape(-1)]
+
+
+def bytes_tensor(values: list[bytes]) -> np.ndarray:
+    """N bytes objects as an (N, 1) object array, the layout Triton expects for BYTES."""
+    array = np.empty((len(values), 1), dtype=object)
+    for row, value in enumerate(values):
+        array[row, 0] = value
+    return array
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def error_response(pb_utils: Any, error: BaseException) -> Any:
+    """An InferenceResponse carrying `CODE: sentence`; unexpected faults become INTERNAL_ERROR and are logged."""
+    if isinstance(error, FusionError):
+        code = pb_utils.TritonError.INVALID_ARG if error.is_client_error else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), code))
+    log.error("unexpected error: %s", "".join(traceback.format_exception(error)))
+    message = f"{INTERNAL_ERROR}: {type(error).__name__}: {error}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+
+
+def guarded(pb_utils: Any, requests: list[Any], handle_batch: Callable[[list[Any]], list[Any]]) -> list[Any]:
+    """Run `handle_batch`; if it fails as a whole, retry request by request so only the bad one fails."""
+    try:
+        return handle_batch(requests)
+    except Exception:  # noqa: BLE001 - isolate the failing request below
+        responses = []
+        for request in requests:
+            try:
+                responses.extend(handle_batch([request]))
+            except Exception as error:  # noqa: BLE001
+                responses.append(error_response(pb_utils, error))
+        return responses

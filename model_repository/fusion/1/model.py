@@ -1,0 +1,50 @@
+"""Triton model `fusion` (local server): the fusion network on the best runtime present."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from facefuse.fusion_runtime import load_runtime  # noqa: E402
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
+from facefuse.triton_glue import guarded, model_parameters  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(json.loads(args["model_config"]))
+        model_dir = Path(args["model_repository"]) / args["model_version"]
+        device_id = int(args.get("model_instance_device_id", 0) or 0)
+        self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,
+                                    report=pb_utils.Logger.log_info)
+
+    def execute(self, requests):
+        return guarded(pb_utils, requests, self._execute)
+
+    def _execute(self, requests):
+        # All requests of the batch go through the network in one call, then are split back.
+        columns = {name: [] for name in INPUT_NAMES}
+        counts = []
+        for request in requests:
+            for name in INPUT_NAMES:
+                columns[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+            counts.append(len(columns[INPUT_NAMES[0]][-1]))
+        outputs = self.runtime.run({name: np.concatenate(parts) for name, parts in columns.items()})
+        responses, start = [], 0
+        for count in counts:
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start:start + count]))
+                       for name in OUTPUT_NAMES]
+            responses.append(pb_utils.InferenceResponse(tensors))
+            start += count
+        return responses
+
+    def finalize(self):
+        self.runtime = None

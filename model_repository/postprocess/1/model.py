@@ -1,0 +1,51 @@
+"""Triton model `postprocess`: tensors in and out of facefuse.pipeline.finish."""
+
+import json
+import os
+import sys
+import time
+
+# The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from facefuse.options import parse_options  # noqa: E402
+from facefuse.pipeline import finish  # noqa: E402
+from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+
+    def execute(self, requests):
+        # Paste-back, watermark and encode are per image; each request answers for itself.
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in
+                       ("FUSED_CROP", "BLEND_MASK", "TARGET_PIXELS", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
+            images, metadata_rows = [], []
+            for row in range(len(tensors["FUSED_CROP"])):
+                metadata = json.loads(bytes_rows(tensors["PRE_METADATA"][row])[0])
+                options = parse_options(bytes_rows(tensors["OPTIONS"][row])[0])
+                shape = (metadata["target"]["height"], metadata["target"]["width"], 3)
+                target_rgb = np.frombuffer(bytes_rows(tensors["TARGET_PIXELS"][row])[0], np.uint8).reshape(shape)
+                started = time.perf_counter()
+                encoded, metadata = finish(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
+                                           tensors["TARGET_MATRIX"][row], options, metadata)
+                metadata["timings_ms"]["postprocess_total"] = round((time.perf_counter() - started) * 1000, 2)
+                images.append(encoded)
+                metadata_rows.append(json_bytes(metadata))
+            return pb_utils.InferenceResponse([pb_utils.Tensor("FUSED_IMAGE", bytes_tensor(images)),
+                                               pb_utils.Tensor("METADATA", bytes_tensor(metadata_rows))])
+        except Exception as error:  # noqa: BLE001 - every failure becomes this request's coded error
+            return error_response(pb_utils, error)
+
+    def finalize(self):
+        pass

@@ -1,0 +1,78 @@
+"""Triton model `preprocess`: tensors in and out of facefuse.pipeline.Preprocessor."""
+
+import json
+import os
+import sys
+
+# The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from facefuse.detection import FaceDetector  # noqa: E402
+from facefuse.errors import FusionError  # noqa: E402
+from facefuse.imaging import ImageLimits  # noqa: E402
+from facefuse.pipeline import FusionRequest, Preprocessor  # noqa: E402
+from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, guarded, json_bytes, model_parameters  # noqa: E402,E501
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = model_parameters(json.loads(args["model_config"]))
+        device = parameters.get("detector_device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
+                             max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)))
+        self.preprocessor = Preprocessor(FaceDetector(device=device), limits)
+        pb_utils.Logger.log_info(f"preprocess: MTCNN detector on {device}, limits {limits}")
+
+    def execute(self, requests):
+        return guarded(pb_utils, requests, self._execute)
+
+    def _execute(self, requests):
+        rows, row_counts = [], []
+        for request in requests:
+            columns = [pb_utils.get_input_tensor_by_name(request, name) for name in
+                       ("SOURCE_IMAGE", "TARGET_IMAGE", "FACE_DEGREE", "PROFILE_DEGREE", "OPTIONS")]
+            sources, targets = bytes_rows(columns[0].as_numpy()), bytes_rows(columns[1].as_numpy())
+            face_degrees = columns[2].as_numpy().reshape(-1)
+            profile_degrees = columns[3].as_numpy().reshape(-1)
+            options = bytes_rows(columns[4].as_numpy()) if columns[4] is not None else [b""] * len(sources)
+            row_counts.append(len(sources))
+            rows.extend(FusionRequest(*row) for row in zip(sources, targets, face_degrees, profile_degrees, options))
+        # The whole batch goes through detection together; errors stay with their own request.
+        prepared = self.preprocessor.prepare_batch(rows)
+        responses, start = [], 0
+        for count in row_counts:
+            results = prepared[start:start + count]
+            start += count
+            failure = next((result for result in results if isinstance(result, FusionError)), None)
+            responses.append(error_response(pb_utils, failure) if failure else self._response(results))
+        return responses
+
+    @staticmethod
+    def _response(results):
+        def stack(attribute, dtype=np.float32):
+            return np.stack([np.asarray(getattr(result, attribute), dtype=dtype) for result in results])
+
+        tensors = {
+            "SOURCE_CROP": stack("source_crop"),
+            "TARGET_CROP": stack("target_crop"),
+            "SOURCE_LANDMARKS": stack("source_landmarks"),
+            "TARGET_LANDMARKS": stack("target_landmarks"),
+            "CHECKED_FACE_DEGREE": stack("face_degree").reshape(-1, 1),
+            "CHECKED_PROFILE_DEGREE": stack("profile_degree").reshape(-1, 1),
+            "TARGET_MATRIX": stack("target_matrix"),
+            "TARGET_PIXELS": bytes_tensor([result.target_rgb.tobytes() for result in results]),
+            "PRE_METADATA": bytes_tensor([json_bytes(result.metadata) for result in results]),
+        }
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+
+    def finalize(self):
+        self.preprocessor = None

@@ -1,0 +1,206 @@
+"""Static checks of docker-compose.yml, docker/Dockerfile and docker/requirements-server.txt.
+
+No docker engine (nor the compose plugin) runs on the development machines, so these read the files as data and
+check what would otherwise only fail on a GPU host: pins, the shared NGC release, ports, GPU access, shared memory,
+health, and that the `engine` service runs the same trtexec command as build.tensorrt.docker_build_command.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from build.tensorrt import NGC_RELEASE, docker_build_command, tensorrt_image, triton_image
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_PATH = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+REQUIREMENTS = ROOT / "docker" / "requirements-server.txt"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def triton(compose: dict) -> dict:
+    return compose["services"]["triton"]
+
+
+@pytest.fixture(scope="module")
+def engine(compose: dict) -> dict:
+    return compose["services"]["engine"]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
+    joined, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        joined.append(pending + stripped)
+        pending = ""
+    pairs = []
+    for statement in joined:
+        instruction, _, arguments = statement.partition(" ")
+        pairs.append((instruction.upper(), arguments.strip()))
+    return pairs
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """'registry/repo:tag' -> (repo part, tag); tag is '' when absent (a ':port' is not a tag)."""
+    name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, ""
+    return name, tag
+
+
+def assert_pinned(image: str) -> None:
+    _, tag = split_image(image)
+    assert tag, f"{image} has no tag; pin an exact one"
+    assert tag != "latest", f"{image} uses 'latest'; pin an exact tag"
+    assert "${" not in image, f"{image} is interpolated; pin it in the file"
+
+
+def test_compose_has_no_version_key(compose: dict) -> None:
+    assert "version" not in compose, "the compose specification dropped the top-level version key"
+
+
+def test_images_are_pinned_exact_tags(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        assert "image" in service, f"service {name} needs an image tag"
+        assert_pinned(service["image"])
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "FROM":
+            assert_pinned(arguments.split()[0])
+
+
+def test_triton_and_tensorrt_images_share_the_release(triton: dict, engine: dict) -> None:
+    froms = [arguments.split()[0] for instruction, arguments in dockerfile_instructions() if instruction == "FROM"]
+    assert froms == [triton_image(NGC_RELEASE)], "docker/Dockerfile must build FROM the pinned tritonserver image"
+    assert engine["image"] == tensorrt_image(NGC_RELEASE)
+    assert split_image(froms[0])[1] == split_image(engine["image"])[1] == f"{NGC_RELEASE}-py3"
+    # The locally built image is tagged with the release too, so `docker images` tells what it serves.
+    assert split_image(triton["image"])[1].startswith(NGC_RELEASE)
+
+
+def test_triton_is_built_from_the_dockerfile(triton: dict) -> None:
+    build = triton["build"]
+    assert (ROOT / build.get("context", ".") / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+
+
+def test_command_serves_the_mounted_repository_with_gpu_configs(triton: dict) -> None:
+    command = triton["command"]
+    assert isinstance(command, list) and command[0] == "tritonserver"
+    assert "--model-repository=/models" in command
+    assert "--model-config-name=gpu" in command
+    assert "--exit-timeout-secs=30" in command
+
+
+def test_model_repository_volume(triton: dict) -> None:
+    mounts = [volume.split(":") for volume in triton["volumes"]]
+    assert ["./model_repository", "/models", "ro"] in mounts
+
+
+@pytest.mark.parametrize(("variable", "port"), [("HTTP_PORT", 8000), ("GRPC_PORT", 8001), ("METRICS_PORT", 8002)])
+def test_ports_are_mapped_and_overridable(triton: dict, variable: str, port: int) -> None:
+    pattern = re.compile(r"^\$\{(?P<var>\w+):-(?P<default>\d+)\}:(?P<container>\d+)$")
+    parsed = [pattern.match(str(mapping)) for mapping in triton["ports"]]
+    assert all(parsed), f"ports must look like '${{VAR:-8000}}:8000', got {triton['ports']}"
+    mapping = {int(match["container"]): (match["var"], int(match["default"])) for match in parsed}
+    assert mapping[port] == (variable, port)
+
+
+def test_healthcheck_hits_readiness(triton: dict) -> None:
+    test = triton["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    assert "curl" in " ".join(str(part) for part in test[1:])
+    assert any(str(part).endswith("localhost:8000/v2/health/ready") for part in test)
+    for key in ("interval", "timeout", "retries", "start_period"):
+        assert key in triton["healthcheck"]
+
+
+@pytest.mark.parametrize("service_name", ["triton", "engine"])
+def test_gpu_reservation(compose: dict, service_name: str) -> None:
+    devices = compose["services"][service_name]["deploy"]["resources"]["reservations"]["devices"]
+    nvidia = [device for device in devices if device.get("driver") == "nvidia"]
+    assert nvidia, f"{service_name} reserves no NVIDIA device"
+    assert "gpu" in nvidia[0]["capabilities"]
+    count = str(nvidia[0]["count"])
+    assert count in ("all", "${GPU_COUNT:-all}") or count.isdigit()
+
+
+def test_shared_memory_and_ulimits(triton: dict) -> None:
+    size = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(triton["shm_size"]).lower())
+    assert size, f"unreadable shm_size {triton['shm_size']!r}"
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[size[2]]
+    assert int(size[1]) * scale >= 2**30, "the Python backend needs well above docker's 64 MiB /dev/shm"
+    ulimits = triton["ulimits"]
+    memlock = ulimits["memlock"]
+    assert memlock == -1 or memlock == {"soft": -1, "hard": -1}
+    assert ulimits["stack"] == 67108864
+
+
+def test_restart_policy(triton: dict, engine: dict) -> None:
+    assert triton["restart"] == "unless-stopped"
+    assert engine.get("restart", "no") == "no", "a one-shot build must not restart"
+
+
+def test_engine_is_a_build_profile_one_shot(engine: dict) -> None:
+    assert "build" in engine["profiles"]
+    assert ".:/workspace" in engine["volumes"]
+    assert engine["working_dir"] == "/workspace"
+
+
+def test_engine_command_matches_docker_build_command(engine: dict) -> None:
+    command = docker_build_command(ROOT)
+    image_at = command.index(engine["image"])
+    assert command[:3] == ["docker", "run", "--rm"]
+    assert command[command.index("--gpus") + 1] == "all"
+    assert f"{ROOT}:/workspace" in command
+    assert engine["command"] == command[image_at + 1 :], "compose `engine` and docker_build_command disagree"
+
+
+def test_dockerfile_copies_existing_files() -> None:
+    copies = [arguments for instruction, arguments in dockerfile_instructions() if instruction in ("COPY", "ADD")]
+    assert copies, "the Dockerfile copies nothing"
+    for arguments in copies:
+        parts = [part for part in arguments.split() if not part.startswith("--")]
+        assert "--from" not in arguments, "no multi-stage copies expected"
+        for source in parts[:-1]:
+            assert (ROOT / source).exists(), f"COPY source {source} does not exist (build context is the repo root)"
+
+
+def test_dockerfile_puts_facefuse_on_pythonpath() -> None:
+    instructions = dockerfile_instructions()
+    destinations = [args.split()[-1] for instruction, args in instructions if instruction == "COPY"
+                    and args.split()[0].rstrip("/") == "facefuse"]
+    assert destinations, "facefuse/ is not copied into the image"
+    package_parent = str(Path(destinations[0]).parent)
+    env = " ".join(args for instruction, args in instructions if instruction == "ENV")
+    assert re.search(rf"PYTHONPATH={re.escape(package_parent)}(\b|:|$)", env), "PYTHONPATH must reach facefuse"
+
+
+def test_server_requirements_are_pinned() -> None:
+    pins = {}
+    for line in REQUIREMENTS.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if not requirement:
+            continue
+        name, sep, version = requirement.partition("==")
+        assert sep, f"{requirement!r} is not pinned with =="
+        pins[name.lower()] = version
+    assert int(pins["numpy"].split(".")[0]) < 2, "numpy 2.x silently empties Python-backend outputs"
+    assert pins["opencv-python-headless"] == "4.10.0.84"
+    assert {"pillow", "torch"} <= set(pins)
+    instructions = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    assert "requirements-server.txt" in instructions
+    assert re.search(r"--no-deps\s+facenet-pytorch==2\.6\.0", instructions)

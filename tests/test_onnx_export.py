@@ -1,0 +1,45 @@
+"""ONNX export of the fusion network: named dynamic-batch tensors, parity with PyTorch through ONNX Runtime,
+and only operators TensorRT's ONNX parser supports."""
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from build.export_onnx import OPSET, example_inputs, export, simplify
+from build.trt_ops import unsupported_ops
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, FusionNetwork
+
+PARITY_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    return simplify(export(folder / "raw.onnx"), folder / "model.onnx")
+
+
+def test_graph_has_the_named_dynamic_batch_interface(onnx_path):
+    model = onnx.load(str(onnx_path))
+    assert [i.name for i in model.graph.input] == list(INPUT_NAMES)
+    assert [o.name for o in model.graph.output] == list(OUTPUT_NAMES)
+    for value in [*model.graph.input, *model.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")) >= OPSET >= 17
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_onnx_runtime_matches_pytorch(onnx_path, batch):
+    inputs = example_inputs(batch=batch, seed=batch)
+    with torch.inference_mode():
+        expected = FusionNetwork().eval()(*inputs)
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUT_NAMES), {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs)})
+    errors = [float(np.abs(e.numpy() - g).max()) for e, g in zip(expected, got)]
+    print(f"batch {batch}: max abs error {max(errors):.2e}")
+    assert max(errors) < PARITY_TOLERANCE
+
+
+def test_every_op_is_supported_by_tensorrt(onnx_path):
+    assert unsupported_ops(onnx.load(str(onnx_path))) == {}
