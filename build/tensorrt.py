@@ -370,7 +370,7 @@ def _build_with_python(
             if level <= 2:
                 log(f"[tensorrt] {'error' if level <= 1 else 'warning'}: {msg}")
 
-    class Progress(trt.IProgressMonitor):
+    class Progress(getattr(trt, "IProgressMonitor", object)):
         """Top-level phases as they start, plus a throttled step line; called from TensorRT's threads."""
 
         def __init__(self) -> None:
@@ -394,9 +394,10 @@ def _build_with_python(
             return None
 
     logger = Logger()
-    builder = trt.Builder(logger)
-    if builder is None:
-        raise TensorRTBuildError("TensorRT could not create a builder (is a CUDA GPU visible?)")
+    try:
+        builder = trt.Builder(logger)
+    except (RuntimeError, TypeError) as error:  # pybind reports a null builder as TypeError
+        raise TensorRTBuildError(f"TensorRT could not create a builder (is a CUDA GPU visible?): {error}") from error
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -425,8 +426,10 @@ def _build_with_python(
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         log(f"[tensorrt] timing cache {timing_cache} is from another GPU or TensorRT version; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    monitor = Progress()  # must outlive the build
-    config.progress_monitor = monitor
+    # The monitor must outlive the build; TensorRT before 10.0 has no progress interface.
+    monitor = Progress() if hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

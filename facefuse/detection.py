@@ -27,8 +27,11 @@ _NMS_PNET_SCALE = 0.5
 _NMS_PNET_ALL = 0.7
 _NMS_RNET = 0.7
 _NMS_ONET = 0.7
-_MAX_BATCH = 2048  # crops per R-/O-Net forward; bounds memory when a noisy image yields many proposals
-_PNET_STRIP_PIXELS = 1 << 17  # CPU only: P-Net input pixels per strip, sized to keep activations in cache
+_MAX_BATCH = 2048  # crops per R-/O-Net forward on GPU; bounds memory when a noisy image yields many proposals
+# CPU only: input pixels per forward, sized so the first layer's activations stay in cache (measured 1.5-2x faster
+# than one big pass on a 2-core EPYC): P-Net runs in horizontal strips, R-/O-Net in sub-batches.
+_CPU_PNET_PIXELS = 1 << 17
+_CPU_CROP_PIXELS = 1 << 16
 
 
 def _weights_dir() -> pathlib.Path:
@@ -250,9 +253,11 @@ class FaceDetector:
         self.min_face_size = int(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.max_side = int(max_side)
-        # On CPU, P-Net over a big level in one go spills its activations out of cache; horizontal strips (exact,
-        # the net is fully convolutional) run ~1.5-2x faster. A GPU wants one big launch instead.
-        self._strip_pixels = _PNET_STRIP_PIXELS if self.device.type == "cpu" else None
+        # On CPU one big pass spills activations out of cache, so work is cut into cache-sized pieces (exact for
+        # P-Net, which is fully convolutional). A GPU wants the biggest launches instead.
+        on_cpu = self.device.type == "cpu"
+        self._strip_pixels = _CPU_PNET_PIXELS if on_cpu else None
+        self._crop_pixels = _CPU_CROP_PIXELS if on_cpu else None
         self.pnet = _load(PNet(), "pnet", self.device)
         self.rnet = _load(RNet(), "rnet", self.device)
         self.onet = _load(ONet(), "onet", self.device)
@@ -375,7 +380,8 @@ class FaceDetector:
         for i in np.unique(ids):
             sel = np.flatnonzero(ids == i)
             crops[sel] = pyramids[i].crops(boxes[sel], size)
-        outs = [net(self._to_tensor(crops[s:s + _MAX_BATCH])) for s in range(0, len(crops), _MAX_BATCH)]
+        step = _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
+        outs = [net(self._to_tensor(crops[s:s + step])) for s in range(0, len(crops), step)]
         return [torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outs)]
 
     def _stage_rnet(self, pyramids: list[_Pyramid], boxes: np.ndarray,

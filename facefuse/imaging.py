@@ -99,8 +99,25 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _open_header(data: bytes, role: str) -> tuple[ImageFile.ImageFile, str]:
-    """Parse only the header of a supported image; INVALID_IMAGE for anything else."""
+def _webp_canvas_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from the first WebP chunk header (VP8 lossy, VP8L lossless or VP8X extended), or None."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _open_header(data: bytes, role: str, limits: ImageLimits | None = None) -> tuple[ImageFile.ImageFile, str]:
+    """Parse only the header of a supported image; INVALID_IMAGE for anything else.
+
+    With ``limits``, a WebP's size is checked before Pillow sees it: libwebp allocates the whole canvas when its
+    decoder object is created, i.e. already while Pillow "opens" the file.
+    """
     if not data:
         raise FusionError(INVALID_IMAGE, f"the {role} image is empty (0 bytes)")
     fmt = _sniff_format(data)
@@ -111,6 +128,11 @@ def _open_header(data: bytes, role: str) -> tuple[ImageFile.ImageFile, str]:
                                              f"send {_SUPPORTED_TEXT}")
         raise FusionError(INVALID_IMAGE, f"the {role} image is not a recognised image format; "
                                          f"send {_SUPPORTED_TEXT}")
+    if fmt == "WEBP" and limits is not None:
+        size = _webp_canvas_size(data)
+        if size is None:
+            raise FusionError(INVALID_IMAGE, f"the {role} image could not be read as WEBP (no size in its header)")
+        _check_limits(*size, limits, role)
     try:
         im = _OPENERS[fmt](io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # WebP's opener applies Pillow's hard limit itself
@@ -129,16 +151,44 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _ORIENTATION_TRANSPOSE else 1
 
 
+def _webp_orientation(data: bytes) -> int:
+    """EXIF orientation from a WebP's EXIF chunk, walking the RIFF chunks (no decoder, hence no canvas)."""
+    offset = 12
+    while offset + 8 <= len(data):
+        kind, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
+        if kind == b"EXIF":
+            exif = Image.Exif()
+            try:
+                exif.load(data[offset + 8:offset + 8 + size])
+                value = int(exif.get(_EXIF_ORIENTATION, 1))
+            except Exception:  # noqa: BLE001 - corrupt EXIF reads as upright
+                return 1
+            return value if value in _ORIENTATION_TRANSPOSE else 1
+        offset += 8 + size + (size & 1)
+    return 1
+
+
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), read from the header without decoding pixels."""
-    im, _ = _open_header(data, "image")
-    try:
-        width, height = im.size
-        if _orientation(im) in (5, 6, 7, 8):  # these orientations swap the axes
-            width, height = height, width
-        return width, height
-    finally:
-        im.close()
+    """(width, height) as displayed (EXIF orientation applied), read from the header without decoding pixels.
+
+    A PNG eXIf chunk placed after the image data is not seen here (decode_image does apply it).
+
+    Raises FusionError(INVALID_IMAGE) when the bytes are not a readable JPEG/PNG/WebP/BMP header.
+    """
+    data = b"" if data is None else bytes(data)
+    if _sniff_format(data) == "WEBP":
+        size = _webp_canvas_size(data)
+        if size is None:
+            raise FusionError(INVALID_IMAGE, "the image could not be read as WEBP (no size in its header)")
+        width, height = size
+        orientation = _webp_orientation(data)
+    else:
+        im, fmt = _open_header(data, "image")
+        with im:
+            width, height = im.size
+            # Pillow's PNG getexif() decodes the whole image when no eXIf chunk precedes IDAT: header-only here.
+            orientation = 1 if fmt == "PNG" and "exif" not in im.info else _orientation(im)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5-8 swap the axes
 
 
 def _check_limits(width: int, height: int, limits: ImageLimits, role: str) -> None:
@@ -183,46 +233,45 @@ def _to_rgb(im: Image.Image) -> Image.Image | np.ndarray:
 
 
 def decode_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, role: str = "image") -> np.ndarray:
-    """Decode untrusted image bytes to an upright HxWx3 uint8 RGB C-contiguous array.
+    """Decode untrusted image bytes to an upright HxWx3 uint8 RGB C-contiguous (writable) array.
 
     Raises FusionError: INVALID_IMAGE (empty, corrupt, truncated, unsupported format), IMAGE_TOO_LARGE (bytes,
     pixels or a side over the limits, checked before decoding), IMAGE_TOO_SMALL (a side under ``min_side``).
     """
-    if data is not None and len(data) > limits.max_bytes:
+    data = b"" if data is None else bytes(data)  # also accepts bytearray / memoryview / numpy bytes
+    if len(data) > limits.max_bytes:
         raise FusionError(IMAGE_TOO_LARGE, f"the {role} image is {len(data):,} bytes; "
                                            f"the limit is {limits.max_bytes:,} bytes")
-    im, fmt = _open_header(data or b"", role)
+    im, fmt = _open_header(data, role, limits)
     try:
         width, height = im.size
         _check_limits(width, height, limits, role)
         try:
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)  # animated WebP / APNG: the first frame
-            im.load()
-            orientation = _orientation(im)
-            rgb = _to_rgb(im)
-        except FusionError:
-            raise
+            return _decode_opened(im)
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces as many exception types
             text = _short(exc)
             detail = f"truncated {fmt} data" if "truncated" in text.lower() else f"corrupt {fmt} data: {text}"
             raise FusionError(INVALID_IMAGE, f"the {role} image could not be decoded ({detail})") from None
-        if isinstance(rgb, Image.Image):
-            if orientation != 1:
-                rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
-            arr = np.asarray(rgb)
-        else:
-            arr = rgb
-            if orientation != 1:
-                arr = np.asarray(Image.fromarray(arr).transpose(_ORIENTATION_TRANSPOSE[orientation]))
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:  # defensive: should be unreachable
-            raise FusionError(INVALID_IMAGE, f"the {role} image decoded to an unexpected layout {arr.shape}")
-        if not arr.flags.writeable or not arr.flags.c_contiguous:
-            # np.asarray of a Pillow image is a read-only view of its bytes; callers get a writable array.
-            arr = np.array(arr, dtype=np.uint8, order="C")
-        return arr
     finally:
         im.close()
+
+
+def _decode_opened(im: ImageFile.ImageFile) -> np.ndarray:
+    im.load()  # a freshly opened animated WebP / APNG is on its first frame: that one is decoded
+    orientation = _orientation(im)
+    rgb = _to_rgb(im)
+    if isinstance(rgb, np.ndarray):
+        rgb = Image.fromarray(rgb, "RGB") if orientation != 1 else rgb
+    if isinstance(rgb, Image.Image):
+        if orientation != 1:
+            rgb = rgb.transpose(_ORIENTATION_TRANSPOSE[orientation])
+        rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:  # defensive: should be unreachable
+        raise ValueError(f"unexpected decoded layout {rgb.dtype} {rgb.shape}")
+    if not rgb.flags.writeable or not rgb.flags.c_contiguous:
+        # np.asarray of a Pillow image is a read-only array over its bytes; callers get a writable one.
+        rgb = np.array(rgb, dtype=np.uint8, order="C")
+    return rgb
 
 
 def _insert_jpeg_app1(jpeg: bytes, xmp: bytes) -> bytes:

@@ -53,26 +53,26 @@ def build_xmp(watermark_id_hex: str, software: str, extra: dict[str, str] | None
 
 
 def _find_packet(data: bytes) -> bytes | None:
-    """The <x:xmpmeta> element from raw bytes (JPEG APP1, uncompressed PNG iTXt, WebP XMP chunk all store it
-    verbatim); otherwise ask Pillow, which also inflates compressed PNG iTXt."""
+    """The <x:xmpmeta> element. JPEG APP1, uncompressed PNG iTXt and the WebP XMP chunk store it verbatim, so a byte
+    search finds it; only a zlib-compressed PNG iTXt needs Pillow's PNG header parser to inflate it."""
     start = data.find(_XMP_START)
     if start >= 0:
         end = data.find(_XMP_END, start)
-        if end >= 0:
-            return data[start:end + len(_XMP_END)]
+        return data[start:end + len(_XMP_END)] if end >= 0 else None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
     try:
-        from PIL import Image
+        from PIL import PngImagePlugin
 
-        with Image.open(io.BytesIO(data)) as im:  # header only: never decode pixels to find metadata
-            value = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
-    except Exception:  # noqa: BLE001 - no readable image means no provenance
+        # The plugin class directly, not Image.open: header chunks only, no pixel decoding, no bomb warnings.
+        with PngImagePlugin.PngImageFile(io.BytesIO(data)) as im:
+            value = im.info.get("XML:com.adobe.xmp") or im.info.get("xmp")
+    except Exception:  # noqa: BLE001 - an unreadable PNG has no provenance
         return None
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if not value or _XMP_START not in value:
-        return None
-    start = value.find(_XMP_START)
-    end = value.find(_XMP_END, start)
+    start = value.find(_XMP_START) if value else -1
+    end = value.find(_XMP_END, start) if start >= 0 else -1
     return value[start:end + len(_XMP_END)] if end >= 0 else None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import cv2
@@ -35,11 +36,14 @@ _COEFFS = ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1))
 # the mean squared change per carrier is (STEP*strength)^2/12, giving ~42 dB PSNR at strength 1.
 _STEP = 20.0
 _KEY = b"facefuse-watermark-v1"
-# Detection threshold on the mean |z| of the per-bit vote sums (z ~ N(0,1) per bit on unmarked images, so
-# mean |z| there is 0.80 +- 0.07); marked images score >> 2 even after JPEG q75.
-_Z_THRESHOLD = 1.6
+# Detection threshold on the mean |z| of the per-bit vote sums: on unmarked images z ~ N(0,1) per bit, so mean |z|
+# is 0.80 +- 0.07 (measured max 0.99 over 600 photos/noise/flat/gradient/JPEG images); 1.4 is ~9 sigma above.
+# Marked images score 3 (64x64) to 75 (1080p), and still >= 2.7 after JPEG q75 at 64x64.
+_Z_THRESHOLD = 1.4
+# Soft-decision (Chase) decoding: if the hard decision fails the CRC, also try flipping subsets of this many least
+# reliable bits. 2**3 candidates cost 3 bits of the CRC's 16 against false accepts, behind the z gate above.
+_CHASE_BITS = 3
 _MIN_REPEATS = 2  # fewer slots per bit than this: too small to carry the mark
-
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class WatermarkReading:
 def parse_watermark_id(text: str) -> int:
     """'0x1A2b' / '1a2b' / up to 16 hex digits -> int; ValueError on anything else."""
     if not isinstance(text, str):
-        raise TypeError("watermark id must be a string of hex digits")
+        raise ValueError("watermark id must be a string of hex digits")  # noqa: TRY004 - one error type for callers
     digits = text.strip()
     if digits[:2].lower() == "0x":
         digits = digits[2:]
@@ -158,7 +162,7 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got {arr.dtype} {arr.shape}")
-    return arr
+    return np.ascontiguousarray(arr)  # OpenCV needs packed pixels; a no-op for the usual C-contiguous input
 
 
 def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -> np.ndarray:
@@ -221,7 +225,22 @@ def extract_watermark(rgb: np.ndarray) -> WatermarkReading:
     z = np.abs(sums) / np.sqrt(0.5 * counts)
     if float(np.mean(z)) < _Z_THRESHOLD:
         return WatermarkReading(False, None, confidence)
-    value = _decode_bits((sums < 0).astype(np.uint8))
+    value = _chase_decode(sums, z)
     if value is None:
         return WatermarkReading(False, None, confidence)
     return WatermarkReading(True, format_watermark_id(value), confidence)
+
+
+def _chase_decode(sums: np.ndarray, z: np.ndarray) -> int | None:
+    """Hard decision first; then flip subsets of the least reliable bits, cheapest (lowest total |z|) first."""
+    hard = (sums < 0).astype(np.uint8)
+    weakest = np.argsort(z, kind="stable")[:_CHASE_BITS]
+    flips = sorted(itertools.product((0, 1), repeat=_CHASE_BITS),
+                   key=lambda mask: float(np.dot(mask, z[weakest])))
+    for mask in flips:  # the all-zero mask (no flip) sorts first
+        candidate = hard.copy()
+        candidate[weakest] ^= np.asarray(mask, dtype=np.uint8)
+        value = _decode_bits(candidate)
+        if value is not None:
+            return value
+    return None

@@ -1,0 +1,65 @@
+"""Shared fixtures: the sample photos, generated images, and one real local Triton server per test session."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facefuse.local_server import MODEL_REPOSITORY, Ports, start, stop_process
+from facefuse.samples import sample_image_path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def hanks_png() -> bytes:
+    return sample_image_path("Tom_Hanks_54745.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def group_jpg() -> bytes:
+    return sample_image_path("t1.jpg").read_bytes()
+
+
+def encode(rgb: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def faceless_png() -> bytes:
+    """A 320x240 smooth colour gradient with some texture and no face."""
+    y, x = np.mgrid[0:240, 0:320]
+    rgb = np.stack([x * 255 / 320, y * 255 / 240, (x + y) * 255 / 560], axis=-1)
+    rgb += np.random.default_rng(0).normal(0, 4, rgb.shape)
+    return encode(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    """The real Triton server from the nvidia-pytriton wheel on model_repository/, on free ports."""
+    onnx_path = MODEL_REPOSITORY / "fusion" / "1" / "model.onnx"
+    if not onnx_path.exists():
+        from build.export_onnx import export, simplify
+
+        raw = export(tmp_path_factory.mktemp("onnx") / "raw.onnx")
+        simplify(raw, onnx_path)
+    ports = Ports(_free_port(), _free_port(), _free_port())
+    log_path = REPO_ROOT / "out" / "test-triton.log"
+    log_path.parent.mkdir(exist_ok=True)
+    log_path.write_text("")
+    process = start(ports, log_path, quiet=True)
+    yield {"ports": ports, "log": log_path, "process": process}
+    stop_process(process)

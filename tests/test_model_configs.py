@@ -1,0 +1,76 @@
+"""Every config.pbtxt parses with Triton's own protobuf, the ensemble wires existing tensors, and the ensemble's
+interface is wire interface v1 exactly (DESIGN.md section 3)."""
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
+
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+CONFIG_FILES = sorted(REPOSITORY.glob("*/config.pbtxt")) + sorted(REPOSITORY.glob("*/configs/*.pbtxt"))
+
+
+def load(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def tensors(entries) -> dict[str, tuple[str, list[int]]]:
+    return {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in entries}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_config_parses_and_names_its_folder(path):
+    config = load(path)
+    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert config.name == model_dir.name
+    assert config.max_batch_size > 0
+
+
+def test_models_present():
+    assert {p.parent.name for p in REPOSITORY.glob("*/config.pbtxt")} == {
+        "preprocess", "fusion", "postprocess", "face_fusion"}
+
+
+def test_wire_interface_v1():
+    ensemble = load(REPOSITORY / "face_fusion" / "config.pbtxt")
+    assert ensemble.platform == "ensemble"
+    assert tensors(ensemble.input) == {
+        "SOURCE_IMAGE": ("TYPE_STRING", [1]), "TARGET_IMAGE": ("TYPE_STRING", [1]),
+        "FACE_DEGREE": ("TYPE_FP32", [1]), "PROFILE_DEGREE": ("TYPE_FP32", [1]), "OPTIONS": ("TYPE_STRING", [1])}
+    assert tensors(ensemble.output) == {"FUSED_IMAGE": ("TYPE_STRING", [1]), "METADATA": ("TYPE_STRING", [1])}
+
+
+def test_ensemble_steps_connect_real_tensors():
+    ensemble = load(REPOSITORY / "face_fusion" / "config.pbtxt")
+    available = {**tensors(ensemble.input)}
+    for step in ensemble.ensemble_scheduling.step:
+        model = load(REPOSITORY / step.model_name / "config.pbtxt")
+        model_inputs, model_outputs = tensors(model.input), tensors(model.output)
+        assert set(step.input_map) == set(model_inputs), step.model_name
+        for model_name, ensemble_name in step.input_map.items():
+            assert ensemble_name in available, f"{step.model_name}.{model_name} reads unknown {ensemble_name}"
+            assert available[ensemble_name] == model_inputs[model_name], (step.model_name, model_name)
+        for model_name, ensemble_name in step.output_map.items():
+            available[ensemble_name] = model_outputs[model_name]
+        assert model.max_batch_size >= ensemble.max_batch_size
+    for name, spec in tensors(ensemble.output).items():
+        assert available[name] == spec
+
+
+@pytest.mark.parametrize("model", ["preprocess", "fusion", "postprocess"])
+def test_dynamic_batching_on_every_batchable_model(model):
+    assert load(REPOSITORY / model / "config.pbtxt").HasField("dynamic_batching")
+
+
+def test_fusion_configs_share_tensors_and_match_the_network():
+    local = load(REPOSITORY / "fusion" / "config.pbtxt")
+    gpu = load(REPOSITORY / "fusion" / "configs" / "gpu.pbtxt")
+    assert local.backend == "python" and gpu.platform == "tensorrt_plan"
+    assert tensors(local.input) == tensors(gpu.input) and tensors(local.output) == tensors(gpu.output)
+    assert list(tensors(local.input)) == list(INPUT_NAMES)
+    assert list(tensors(local.output)) == list(OUTPUT_NAMES)
+    assert gpu.max_batch_size == local.max_batch_size == 32
+    assert gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
