@@ -151,10 +151,8 @@ def load_runtime(model_dir: Path, choice: str = "auto", device_id: int = 0,
         ("onnxruntime-cpu", lambda: OnnxRuntimeCpu(onnx_path)),
         ("torch-cpu", lambda: TorchRuntime("cpu")),
     ]
-    if choice != "auto":
-        attempts = [attempt for attempt in attempts if attempt[0] == choice]
-    else:
-        attempts = attempts[:3]  # torch-cpu is for tests and explicit choice only
+    # torch-cpu is for tests and explicit choice only.
+    attempts = [attempt for attempt in attempts if attempt[0] == choice] if choice != "auto" else attempts[:3]
     reasons = []
     for name, make in attempts:
         skip = None

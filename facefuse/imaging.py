@@ -321,6 +321,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 92, xmp: byt
         # Level 1: several times faster than the default 6 on photos, for a few percent more bytes.
         image.save(out, "PNG", pnginfo=info, compress_level=1)
         return out.getvalue()
-    # WebP: Pillow's xmp= writes the XMP chunk (VP8X container).
-    image.save(out, "WEBP", quality=int(quality), method=4, **({"xmp": xmp} if xmp else {}))
+    # WebP: Pillow's xmp= writes the XMP chunk (VP8X container). method=2 (effort, not quality): about half the
+    # time of libwebp's default 4 on 1080p photos for ~2% more bytes.
+    image.save(out, "WEBP", quality=int(quality), method=2, **({"xmp": xmp} if xmp else {}))
     return out.getvalue()

@@ -76,7 +76,8 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-def server_command(ports: Ports, model_repository: Path = MODEL_REPOSITORY, extra: list[str] | None = None) -> list[str]:
+def server_command(ports: Ports, model_repository: Path = MODEL_REPOSITORY,
+                   extra: list[str] | None = None) -> list[str]:
     binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
     return [
         str(binary), f"--model-repository={model_repository}", f"--backend-directory={backend_directory()}",

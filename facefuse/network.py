@@ -70,12 +70,11 @@ class LaplacianBlend(nn.Module):
         self.register_buffer("kernel1", kernel.expand(1, 1, 5, 5).clone(), persistent=False)
         self.levels = levels
 
-    def _blur(self, image: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel3 if image.shape[1] == 3 else self.kernel1
-        return F.conv2d(F.pad(image, (2, 2, 2, 2), mode="replicate"), kernel, groups=image.shape[1])
-
-    def _down(self, image: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(self._blur(image), 2)
+    @staticmethod
+    def _down(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """Blur with the 5-tap binomial kernel, then halve."""
+        blurred = F.conv2d(F.pad(image, (2, 2, 2, 2), mode="replicate"), kernel, groups=kernel.shape[0])
+        return F.avg_pool2d(blurred, 2)
 
     @staticmethod
     def _up(image: torch.Tensor) -> torch.Tensor:
@@ -85,8 +84,8 @@ class LaplacianBlend(nn.Module):
         detail_levels = [detail]
         mask_levels = [mask]
         for _ in range(self.levels - 1):
-            detail_levels.append(self._down(detail_levels[-1]))
-            mask_levels.append(self._down(mask_levels[-1]))
+            detail_levels.append(self._down(detail_levels[-1], self.kernel3))
+            mask_levels.append(self._down(mask_levels[-1], self.kernel1))
         blended = detail_levels[-1] * mask_levels[-1]
         for level in range(self.levels - 2, -1, -1):
             band = detail_levels[level] - self._up(detail_levels[level + 1])

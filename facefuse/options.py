@@ -82,7 +82,8 @@ def parse_options(raw: bytes | str | None) -> FusionOptions:
             raise FusionError(INVALID_OPTIONS, f"'watermark_id' must be 1-16 hex digits, got {text!r}") from None
     if "visible_label" in parsed:
         if not isinstance(parsed["visible_label"], bool):
-            raise FusionError(INVALID_OPTIONS, f"'visible_label' must be true or false, got {parsed['visible_label']!r}")
+            label = parsed["visible_label"]
+            raise FusionError(INVALID_OPTIONS, f"'visible_label' must be true or false, got {label!r}")
         values["visible_label"] = parsed["visible_label"]
     return FusionOptions(**values)
 

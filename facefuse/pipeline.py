@@ -96,9 +96,9 @@ def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code:
 class Preprocessor:
     """Decodes, detects and aligns a batch of requests; each row succeeds or fails on its own."""
 
-    def __init__(self, detector: FaceDetector, limits: ImageLimits = ImageLimits(), crop_size: int = CROP_SIZE):
+    def __init__(self, detector: FaceDetector, limits: ImageLimits | None = None, crop_size: int = CROP_SIZE):
         self.detector = detector
-        self.limits = limits
+        self.limits = limits or ImageLimits()
         self.crop_size = crop_size
 
     def prepare_batch(self, requests: Sequence[FusionRequest]) -> list[PreparedFusion | FusionError]:

@@ -116,18 +116,19 @@ for _u, _v in _COEFFS:
 _CARRIER_F = _CARRIER.astype(np.float32)[None, :, None, :]  # broadcasts over (blocks_y, _R, blocks_x, _R)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=8)
 def _layout(blocks_y: int, blocks_x: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each coefficient of the (blocks_y, _R, blocks_x, _R) array: the codeword bit it carries (CODE_BITS for
     non-carriers), its dither in [0, 1); and the number of slots per bit.
 
-    Depends only on the block grid, so embedder and extractor agree; cached because the service sees few sizes.
+    Depends only on the block grid, so embedder and extractor agree; cached because the service sees few sizes
+    (1080p: 2.6 MB per entry; bit indices as uint8 keep even a 40-Mpixel entry under 30 MB).
     """
     shape = (blocks_y, _R, blocks_x, _R)
     carrier = np.broadcast_to(_CARRIER[None, :, None, :], shape)
     slots = int(carrier.sum())
     rng = _rng(b"layout")
-    bit_of_slot = np.full(shape, CODE_BITS, dtype=np.intp)
+    bit_of_slot = np.full(shape, CODE_BITS, dtype=np.uint8)
     # Keyed permutation then modulo: each bit gets slots//80 or +1 slots, scattered over the whole image.
     bit_of_slot[carrier] = rng.permutation(slots) % CODE_BITS
     dither = rng.random(shape, dtype=np.float32)

@@ -103,4 +103,4 @@ def test_outputs_have_the_wire_shapes(network):
     with torch.inference_mode():
         fused, mask = network(*example_inputs(batch=3))
     assert fused.shape == (3, 3, CROP_SIZE, CROP_SIZE) and mask.shape == (3, 1, CROP_SIZE, CROP_SIZE)
-    assert 0 <= fused.min() and fused.max() <= 1 and 0 <= mask.min() and mask.max() <= 1
+    assert fused.min() >= 0 and fused.max() <= 1 and mask.min() >= 0 and mask.max() <= 1
