@@ -4,8 +4,8 @@ The network definitions are our own; only the pretrained weights come from the `
 ``data/{pnet,rnet,onet}.pt`` are plain state dicts. ``facenet_pytorch`` itself is never imported because its
 ``__init__`` imports torchvision, which must not be installed beside this torch.
 
-Image handling (pyramid, crops) runs on the host with OpenCV on uint8 arrays; only the networks run on ``device``.
-That keeps the pipeline deterministic and identical on CPU and CUDA, and the host work is small next to P-Net.
+Image handling (pyramid, crops, NMS) runs on the host with OpenCV/numpy; only the networks run on ``device``. The
+algorithm is thus the same on CPU and CUDA (results agree to ~0.1 px) and deterministic for a given device.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _MAX_BATCH = 2048  # crops per R-/O-Net forward on GPU; bounds memory when a noi
 # than one big pass on a 2-core EPYC): P-Net runs in horizontal strips, R-/O-Net in sub-batches.
 _CPU_PNET_PIXELS = 1 << 17
 _CPU_CROP_PIXELS = 1 << 16
+_NMS_MAX_PAIRS = 1 << 22  # candidate pairs the vectorised NMS may materialise (~200 MiB of temporaries at most)
 
 
 def _weights_dir() -> pathlib.Path:
@@ -160,31 +161,78 @@ class DetectedFace:
         }
 
 
+def _overlap(box: np.ndarray, area: np.ndarray | float, boxes: np.ndarray, areas: np.ndarray,
+             mode: str) -> np.ndarray:
+    """IoU (or intersection / smaller area for ``mode="min"``) of ``box`` rows against ``boxes`` (broadcasting)."""
+    iw = np.maximum(np.minimum(box[..., 2], boxes[..., 2]) - np.maximum(box[..., 0], boxes[..., 0]), 0.0)
+    ih = np.maximum(np.minimum(box[..., 3], boxes[..., 3]) - np.maximum(box[..., 1], boxes[..., 1]), 0.0)
+    inter = iw * ih
+    denom = np.minimum(area, areas) if mode == "min" else area + areas - inter
+    return inter / np.maximum(denom, 1e-9)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
     """Greedy non-maximum suppression; returns kept indices, best score first.
 
     ``mode="min"`` divides the intersection by the smaller area, which also removes a small box nested in a large
     one (the last MTCNN stage uses it so a face is not reported twice at two sizes).
     """
+    if mode not in ("union", "min"):
+        raise ValueError(f"unknown NMS mode {mode!r}")
+    if not 0.0 <= threshold <= 1.0:  # >= 0 also makes skipping non-intersecting pairs exact
+        raise ValueError(f"NMS threshold must be in [0, 1], got {threshold}")
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    areas = np.maximum(x2 - x1, 0.0) * np.maximum(y2 - y1, 0.0)
     order = np.argsort(-scores, kind="stable")  # stable: ties resolve the same way every run
+    boxes = np.asarray(boxes, dtype=np.float64)[order]
+    areas = np.maximum(boxes[:, 2] - boxes[:, 0], 0.0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0)
+    keep = _greedy_sparse(boxes, areas, threshold, mode)
+    return order[keep if keep is not None else _greedy_loop(boxes, areas, threshold, mode)]
+
+
+def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: str) -> np.ndarray | None:
+    """Greedy NMS over boxes sorted best first, comparing only pairs that overlap along x.
+
+    P-Net yields hundreds to thousands of small proposals spread over the image; an all-pairs overlap is then
+    mostly zeros and costs tens of ms, so candidate pairs come from a sweep over x1 instead, all vectorised, and
+    only the final greedy pass is a Python loop. None when the pairs would be too many (then use the plain loop).
+    """
+    n = len(boxes)
+    by_x = np.argsort(boxes[:, 0], kind="stable")
+    x1_sorted = boxes[by_x, 0]
+    widest = float(np.max(boxes[:, 2] - boxes[:, 0]))
+    # Box j can only intersect box i if x1_i - widest < x1_j < x2_i; every other pair has zero overlap.
+    lo = np.searchsorted(x1_sorted, boxes[:, 0] - widest, side="right")
+    hi = np.searchsorted(x1_sorted, boxes[:, 2], side="left")
+    counts = np.maximum(hi - lo, 0)
+    total = int(counts.sum())
+    if total > _NMS_MAX_PAIRS:
+        return None
+    first = np.repeat(np.arange(n), counts)
+    within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    second = by_x[np.repeat(lo, counts) + within]
+    later = second > first  # a box can only be suppressed by a better-scored one
+    first, second = first[later], second[later]
+    hit = _overlap(boxes[first], areas[first], boxes[second], areas[second], mode) > threshold
+    first, second = first[hit], second[hit]
+    starts = np.searchsorted(first, np.arange(n + 1))  # ``first`` is sorted: CSR rows of suppressed boxes
+    suppressed = np.zeros(n, dtype=bool)
     keep = []
-    while order.size:
-        i = order[0]
+    for i in range(n):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed[second[starts[i]:starts[i + 1]]] = True
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _greedy_loop(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: str) -> np.ndarray:
+    # Reference algorithm, O(n) memory: the fallback when boxes are so large or many that pairs would explode.
+    remaining = np.arange(len(boxes))
+    keep = []
+    while remaining.size:
+        i, rest = remaining[0], remaining[1:]
         keep.append(i)
-        rest = order[1:]
-        iw = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0.0)
-        ih = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0.0)
-        inter = iw * ih
-        if mode == "min":
-            denom = np.minimum(areas[i], areas[rest])
-        else:
-            denom = areas[i] + areas[rest] - inter
-        overlap = inter / np.maximum(denom, 1e-9)
-        order = rest[overlap <= threshold]
+        remaining = rest[_overlap(boxes[i], areas[i], boxes[rest], areas[rest], mode) <= threshold]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -208,38 +256,68 @@ def _square(boxes: np.ndarray) -> np.ndarray:
     return np.stack([cx - side * 0.5, cy - side * 0.5, cx + side * 0.5, cy + side * 0.5], axis=1)
 
 
+def _shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to ``size`` (w, h) for the pyramid.
+
+    The 0.709 steps between pyramid levels use bilinear: ~5x cheaper than INTER_AREA and, at so mild a shrink,
+    nearly alias-free. Stronger reductions (the max_side cap, the first level) average with INTER_AREA.
+    """
+    ratio = min(size[0] / image.shape[1], size[1] / image.shape[0])
+    interpolation = cv2.INTER_LINEAR if ratio > 0.7 else cv2.INTER_AREA
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
 @dataclass
 class _Pyramid:
     """One image at several scales: the working image first (scale 1), then each P-Net level, shrinking."""
 
     levels: list[np.ndarray]
     scales: list[tuple[float, float]]  # (x, y) ratio level / working image, exact for the rounded level size
-    pnet_from: int = 1  # first level P-Net scans (0 only when min_face_size == 12 makes level 0 a P-Net level)
+    for_pnet: list[bool]  # False for the working image (unless min_face_size == 12) and crop-only octaves
+
+    def add(self, size: tuple[int, int], for_pnet: bool) -> None:
+        h, w = self.levels[0].shape[:2]
+        if size == (self.levels[-1].shape[1], self.levels[-1].shape[0]):
+            self.for_pnet[-1] = self.for_pnet[-1] or for_pnet  # same size twice: one level serves both
+            return
+        # Each level shrinks the previous one (not the full image): same quality, a fraction of the cost.
+        self.levels.append(_shrink(self.levels[-1], size))
+        self.scales.append((size[0] / w, size[1] / h))
+        self.for_pnet.append(for_pnet)
 
     def crops(self, boxes: np.ndarray, size: int) -> list[np.ndarray]:
         """``size``x``size`` crops of float boxes (outside the image is black, as in the original MTCNN).
 
-        Each crop is sampled from the smallest level that still has >= ``size`` pixels across the box, so bilinear
-        sampling never shrinks by more than 1/0.709 (no aliasing) and huge boxes cost no more than small ones.
+        Each crop is sampled from the smallest level that still has >= ``size`` pixels across the box; levels are at
+        most 2x apart, so bilinear sampling never shrinks by more than 2x (no aliasing) and huge boxes cost no more
+        than small ones.
         """
-        out = []
-        for x1, y1, x2, y2 in boxes:
-            bw, bh = max(x2 - x1, 1e-3), max(y2 - y1, 1e-3)
-            k = 0
-            while k + 1 < len(self.levels) and min(bw * self.scales[k + 1][0], bh * self.scales[k + 1][1]) >= size:
-                k += 1
-            sx, sy = self.scales[k]
-            ax, ay = size / (bw * sx), size / (bh * sy)
-            # Pixel-centre convention: level index i sits at (i + 0.5) / s in working-image coordinates.
-            m = np.array([[ax, 0.0, 0.5 * ax - x1 * size / bw - 0.5],
-                          [0.0, ay, 0.5 * ay - y1 * size / bh - 0.5]])
-            out.append(cv2.warpAffine(self.levels[k], m, (size, size), flags=cv2.INTER_LINEAR,
-                                      borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)))
-        return out
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        bw = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-3)
+        bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-3)
+        scales = np.asarray(self.scales)  # (L, 2), decreasing
+        # Number of smaller levels still >= size across the box (monotone in the level index) = the level to use.
+        fits = np.minimum(bw[:, None] * scales[None, 1:, 0], bh[:, None] * scales[None, 1:, 1]) >= size
+        level = fits.sum(axis=1)
+        ax = size / (bw * scales[level, 0])
+        ay = size / (bh * scales[level, 1])
+        # Pixel-centre convention: level pixel i sits at (i + 0.5) / s in working-image coordinates.
+        matrices = np.zeros((len(boxes), 2, 3))
+        matrices[:, 0, 0] = ax
+        matrices[:, 0, 2] = 0.5 * ax - boxes[:, 0] * size / bw - 0.5
+        matrices[:, 1, 1] = ay
+        matrices[:, 1, 2] = 0.5 * ay - boxes[:, 1] * size / bh - 0.5
+        return [cv2.warpAffine(self.levels[k], m, (size, size), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+                for k, m in zip(level.tolist(), matrices)]
 
 
 class FaceDetector:
-    """MTCNN face detector; one instance holds the three nets on ``device`` and is reusable across calls."""
+    """MTCNN face detector; one instance holds the three nets on ``device`` and is reusable across calls.
+
+    Images whose longest side exceeds ``max_side`` are first shrunk to it, and ``min_face_size`` (the smallest face
+    searched for) counts pixels of that shrunk working image; results are always in input-image pixels.
+    """
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280) -> None:
@@ -269,7 +347,8 @@ class FaceDetector:
         return self.detect_batch([rgb])[0]
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
-        """Faces per image; R-Net and O-Net each run once over the crops of all images together."""
+        """Faces per image. R-Net and O-Net each see the crops of all images as one batch (split into cache-sized
+        sub-batches on CPU), so a batch costs less than separate calls."""
         pyramids, back_scales = [], []
         for rgb in images:
             work, scale = self._prepare(rgb)
@@ -300,7 +379,7 @@ class FaceDetector:
         # Bound the cost on huge photos: the pyramid's work grows with pixel count.
         ratio = self.max_side / max(h, w)
         size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small = _shrink(rgb, size)
         return small, (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
 
     def _pnet_scales(self, h: int, w: int) -> list[float]:
@@ -313,22 +392,27 @@ class FaceDetector:
 
     def _pyramid(self, work: np.ndarray) -> _Pyramid:
         h, w = work.shape[:2]
-        pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)])
-        for scale in self._pnet_scales(h, w):
-            size = (math.ceil(w * scale), math.ceil(h * scale))
-            if size == (w, h):
-                pyramid.pnet_from = 0  # min_face_size == 12: P-Net scans the working image itself
-                continue
-            # Each level shrinks the previous one (not the full image): same quality, a fraction of the cost.
-            pyramid.levels.append(cv2.resize(pyramid.levels[-1], size, interpolation=cv2.INTER_AREA))
-            pyramid.scales.append((size[0] / w, size[1] / h))
+        pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
+        pnet_scales = self._pnet_scales(h, w)
+        if not pnet_scales:
+            return pyramid
+        # Crop-only octaves keep levels <= 2x apart even when a large min_face_size puts the first P-Net level far
+        # below the working image (see _Pyramid.crops).
+        octave = 1.0
+        while pnet_scales[0] < octave * 0.5:
+            octave *= 0.5
+            pyramid.add((math.ceil(w * octave), math.ceil(h * octave)), for_pnet=False)
+        for scale in pnet_scales:
+            pyramid.add((math.ceil(w * scale), math.ceil(h * scale)), for_pnet=True)
         return pyramid
 
     def _to_tensor(self, batch: np.ndarray) -> torch.Tensor:
         # uint8 travels to the device (4x less than float) and is normalised there. The NHWC->NCHW permute is a
         # view, i.e. a channels-last tensor, which oneDNN also runs fastest on CPU.
+        if not batch.flags.writeable:  # e.g. np.asarray(PIL image); torch warns on read-only memory
+            batch = batch.copy()
         t = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
-        return (t - 127.5) * 0.0078125
+        return t.sub_(127.5).mul_(0.0078125)  # in place: no extra full-size temporaries
 
     # -- stages ---------------------------------------------------------------------------------------------------
 
@@ -351,7 +435,9 @@ class FaceDetector:
         all_boxes, all_ids = [], []
         for idx, pyramid in enumerate(pyramids):
             per_level = []
-            for level, (sx, sy) in zip(pyramid.levels[pyramid.pnet_from:], pyramid.scales[pyramid.pnet_from:]):
+            for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
+                if not for_pnet:
+                    continue
                 prob, offsets = self._run_pnet(self._to_tensor(level[None]))
                 mask = prob[0] >= self.thresholds[0]
                 rows_cols = mask.nonzero().cpu().numpy()
