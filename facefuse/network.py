@@ -93,16 +93,29 @@ class LaplacianBlend(nn.Module):
         return base + blended
 
 
+# RGB <-> YCbCr (full range, offsets dropped: only means and spreads are moved, so they cancel).
+_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCBCR_TO_RGB = torch.linalg.inv(_RGB_TO_YCBCR)
+# Luma keeps at least half its contrast (texture); chroma may shrink to nothing (a grayscale target).
+_MIN_GAIN = torch.tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)
+_MAX_GAIN = 2.0
+
+
 def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Shift and scale the source's per-channel statistics inside the mask to the target's."""
+    """Move the source's per-channel mean and spread inside the mask to the target's, in YCbCr."""
+    to_ycbcr = _RGB_TO_YCBCR.to(source)[:, :, None, None]
+    to_rgb = _YCBCR_TO_RGB.to(source)[:, :, None, None]
+    source_ycc, target_ycc = F.conv2d(source, to_ycbcr), F.conv2d(target, to_ycbcr)
     total = weights.sum(dim=(2, 3), keepdim=True) + 1e-6
-    source_mean = (source * weights).sum(dim=(2, 3), keepdim=True) / total
-    target_mean = (target * weights).sum(dim=(2, 3), keepdim=True) / total
-    source_std = torch.sqrt(((source - source_mean) ** 2 * weights).sum(dim=(2, 3), keepdim=True) / total + 1e-6)
-    target_std = torch.sqrt(((target - target_mean) ** 2 * weights).sum(dim=(2, 3), keepdim=True) / total + 1e-6)
+    source_mean = (source_ycc * weights).sum(dim=(2, 3), keepdim=True) / total
+    target_mean = (target_ycc * weights).sum(dim=(2, 3), keepdim=True) / total
+    source_var = ((source_ycc - source_mean) ** 2 * weights).sum(dim=(2, 3), keepdim=True) / total
+    target_var = ((target_ycc - target_mean) ** 2 * weights).sum(dim=(2, 3), keepdim=True) / total
     # Bounded gain: a dark or washed-out source must not blow up noise.
-    gain = torch.clamp(target_std / source_std, 0.5, 2.0)
-    return torch.clamp((source - source_mean) * gain + target_mean, 0.0, 1.0)
+    gain = torch.sqrt((target_var + 1e-6) / (source_var + 1e-6))
+    gain = torch.minimum(torch.maximum(gain, _MIN_GAIN.to(source)), torch.full_like(gain, _MAX_GAIN))
+    matched = F.conv2d((source_ycc - source_mean) * gain + target_mean, to_rgb)
+    return torch.clamp(matched, 0.0, 1.0)
 
 
 class FusionNetwork(nn.Module):

@@ -104,30 +104,42 @@ class Preprocessor:
     def prepare_batch(self, requests: Sequence[FusionRequest]) -> list[PreparedFusion | FusionError]:
         results: list[PreparedFusion | FusionError | None] = [None] * len(requests)
         decoded: dict[int, tuple[np.ndarray, np.ndarray, FusionOptions, float, float, dict[str, float]]] = {}
+        # Identical encoded images (a source and target cut from one photo, a repeated template) are decoded and
+        # detected once.
+        unique_images: dict[bytes, int] = {}
+        images: list[np.ndarray] = []
+        image_index: dict[int, tuple[int, int]] = {}
         for row, request in enumerate(requests):
             try:
                 started = time.perf_counter()
                 options = parse_options(request.options)
                 face_degree = validate_degree(request.face_degree, "FACE_DEGREE")
                 profile_degree = validate_degree(request.profile_degree, "PROFILE_DEGREE")
-                source_rgb = decode_image(request.source_image, self.limits, role="source")
-                target_rgb = decode_image(request.target_image, self.limits, role="target")
-                decoded[row] = (source_rgb, target_rgb, options, face_degree, profile_degree,
+                indices = []
+                for data, role in ((request.source_image, "source"), (request.target_image, "target")):
+                    if data not in unique_images:
+                        images.append(decode_image(data, self.limits, role=role))
+                        unique_images[data] = len(images) - 1
+                    indices.append(unique_images[data])
+                image_index[row] = (indices[0], indices[1])
+                decoded[row] = (images[indices[0]], images[indices[1]], options, face_degree, profile_degree,
                                 {"decode": _elapsed_ms(started)})
             except FusionError as error:
                 results[row] = error
         # One detector call for every image of the batch: the cascade's later stages batch across images.
-        rows = sorted(decoded)
         started = time.perf_counter()
-        detections = self.detector.detect_batch([image for row in rows for image in decoded[row][:2]])
-        detect_ms = round(_elapsed_ms(started) / max(1, len(rows)), 2)
-        for position, row in enumerate(rows):
-            source_faces, target_faces = detections[2 * position], detections[2 * position + 1]
+        used = sorted({index for row in decoded for index in image_index[row]})
+        detections = dict(zip(used, self.detector.detect_batch([images[index] for index in used])))
+        detect_ms = round(_elapsed_ms(started) / max(1, len(decoded)), 2)
+        for row in sorted(decoded):
+            source_index, target_index = image_index[row]
             try:
-                results[row] = self._align(*decoded[row], source_faces, target_faces, detect_ms)
+                results[row] = self._align(*decoded[row], detections[source_index], detections[target_index],
+                                           detect_ms)
             except FusionError as error:
                 results[row] = error
-        return [result for result in results if result is not None]
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
 
     def _align(
         self, source_rgb: np.ndarray, target_rgb: np.ndarray, options: FusionOptions, face_degree: float,

@@ -59,17 +59,30 @@ def test_laplacian_blend_leaves_no_seam():
     assert torch.diff(out).abs().max() < 0.1  # hard paste would jump by 0.5 in one pixel
 
 
+def _ycbcr(image):
+    return torch.einsum("ij,bjhw->bihw", torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                                                       [0.5, -0.418688, -0.081312]]), image)
+
+
 def test_colour_match_moves_statistics_to_the_target():
     generator = torch.Generator().manual_seed(0)
     target = 0.2 + 0.1 * torch.rand(1, 3, 64, 64, generator=generator)
-    source = 0.6 + 0.15 * torch.rand(1, 3, 64, 64, generator=generator)  # gain 0.67, within bounds
+    source = 0.5 + 0.15 * torch.rand(1, 3, 64, 64, generator=generator)  # luma gain ~0.67, within bounds
     weights = torch.ones(1, 1, 64, 64)
     matched = masked_colour_match(source, target, weights)
-    assert torch.allclose(matched.mean(dim=(2, 3)), target.mean(dim=(2, 3)), atol=2e-3)
-    assert torch.allclose(matched.std(dim=(2, 3)), target.std(dim=(2, 3)), rtol=0.05)
-    # A much flatter target: the gain is bounded at 0.5 rather than crushing the source's texture.
-    flat = masked_colour_match(source, 0.3 + 0.01 * torch.rand(1, 3, 64, 64, generator=generator), weights)
-    assert torch.allclose(flat.std(dim=(2, 3)), 0.5 * source.std(dim=(2, 3)), rtol=0.05)
+    assert torch.allclose(_ycbcr(matched).mean(dim=(2, 3)), _ycbcr(target).mean(dim=(2, 3)), atol=2e-3)
+    assert torch.allclose(_ycbcr(matched).std(dim=(2, 3))[:, 0], _ycbcr(target).std(dim=(2, 3))[:, 0], rtol=0.05)
+
+
+def test_colour_match_to_a_grayscale_target_drops_the_colour_but_keeps_texture():
+    generator = torch.Generator().manual_seed(1)
+    source = torch.rand(1, 3, 64, 64, generator=generator) * torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1) + 0.3
+    gray = 0.3 + 0.01 * torch.rand(1, 1, 64, 64, generator=generator).repeat(1, 3, 1, 1)
+    matched = masked_colour_match(source, gray, torch.ones(1, 1, 64, 64))
+    chroma = _ycbcr(matched)[:, 1:]
+    assert chroma.abs().max() < 0.02  # no tint left
+    # The luma gain is bounded below at 0.5: the source's texture survives a flat target.
+    assert float(_ycbcr(matched)[:, 0].std()) == pytest.approx(0.5 * float(_ycbcr(source)[:, 0].std()), rel=0.05)
 
 
 def test_degree_zero_returns_the_target_exactly(network):

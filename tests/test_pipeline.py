@@ -1,0 +1,71 @@
+"""The preprocess/postprocess logic in-process with the real detector: per-row errors, face choice, paste-back."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from facefuse import errors
+from facefuse.detection import FaceDetector
+from facefuse.engine import LocalFusion
+from facefuse.errors import FusionError
+from facefuse.imaging import decode_image
+from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
+from facefuse.watermark import extract_watermark
+from tests.conftest import encode
+
+
+@pytest.fixture(scope="module")
+def preprocessor():
+    return Preprocessor(FaceDetector())
+
+
+def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_jpg, faceless_png):
+    rows = [
+        FusionRequest(hanks_png, group_jpg, 100, 100, b"{}"),
+        FusionRequest(b"junk", group_jpg, 100, 100, b"{}"),
+        FusionRequest(hanks_png, group_jpg, 100, 100, b'{"target_face": 3}'),
+        FusionRequest(faceless_png, group_jpg, 100, 100, b"{}"),
+        FusionRequest(hanks_png, group_jpg, 101, 100, b"{}"),
+        FusionRequest(hanks_png, group_jpg, 50, 50, b'{"target_face": 9}'),
+    ]
+    results = preprocessor.prepare_batch(rows)
+    assert [r.code if isinstance(r, FusionError) else "ok" for r in results] == [
+        "ok", errors.INVALID_IMAGE, "ok", errors.NO_FACE_IN_SOURCE, errors.INVALID_DEGREE,
+        errors.FACE_INDEX_OUT_OF_RANGE]
+    first, third = results[0], results[2]
+    assert isinstance(first, PreparedFusion) and isinstance(third, PreparedFusion)
+    assert first.metadata["target"]["chosen_face"] == 0 and third.metadata["target"]["chosen_face"] == 3
+    assert first.source_crop.shape == (3, 256, 256) and first.source_crop.dtype == np.float32
+    assert first.target_rgb.shape == (886, 1280, 3)
+
+
+def test_aligned_landmarks_sit_near_the_template(preprocessor, group_jpg):
+    from facefuse.alignment import TEMPLATE
+
+    results = preprocessor.prepare_batch([FusionRequest(group_jpg, group_jpg, 50, 50, b'{"source_face": 5}')])
+    prepared = results[0]
+    assert isinstance(prepared, PreparedFusion)
+    for landmarks in (prepared.source_landmarks, prepared.target_landmarks):
+        assert np.abs(landmarks - TEMPLATE).max() < 20  # a least-squares fit of 5 points, not exact
+
+
+def test_a_tiny_face_is_face_too_small(preprocessor, hanks_png, group_jpg):
+    hanks = decode_image(hanks_png)
+    canvas = np.full((400, 400, 3), 200, np.uint8)
+    canvas[100:130, 100:130] = cv2.resize(hanks, (30, 30), interpolation=cv2.INTER_AREA)
+    result = preprocessor.prepare_batch([FusionRequest(encode(canvas), group_jpg, 50, 50, b"{}")])[0]
+    if isinstance(result, FusionError) and result.code == errors.NO_FACE_IN_SOURCE:
+        pytest.skip("MTCNN did not detect the 30 px face at all, so the size rule was not reached")
+    assert isinstance(result, FusionError) and result.code == errors.FACE_TOO_SMALL
+
+
+def test_local_pipeline_end_to_end(hanks_png, group_jpg):
+    engine = LocalFusion(runtime="torch-cpu")
+    image, metadata = engine.fuse(hanks_png, group_jpg, 100, 100, {"format": "png", "watermark_id": "1234"})
+    fused, target = decode_image(image), decode_image(group_jpg)
+    assert fused.shape == target.shape
+    assert extract_watermark(fused).watermark_id == "0000000000001234"
+    assert json.dumps(metadata)  # serialisable
+    assert metadata["timings_ms"]["fusion"] > 0
