@@ -56,7 +56,7 @@ stop:
 demo: build
 	$(PY) -m client.demo --out out
 
-test: build
+test: build lint
 	$(PY) -m pytest -q tests
 
 test-unit: $(STAMP)
