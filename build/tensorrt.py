@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 import onnx
 
 from build.trt_ops import TENSORRT_VERSION as PARSER_TABLE_VERSION
+from facefuse.network import INPUT_SHAPES
 from build.trt_ops import unsupported_ops
 
 Log = Callable[[str], None]
@@ -55,14 +56,7 @@ TIMING_CACHE_RELDIR = PurePosixPath(".cache/tensorrt")  # git-ignored
 
 # The fusion model's inputs without the batch axis (the wire contract of model_repository/fusion). The docker and
 # compose commands are static, so they use this table; build_plan reads the shapes from the ONNX itself.
-FUSION_INPUTS: dict[str, tuple[int, ...]] = {
-    "SOURCE_CROP": (3, 256, 256),
-    "TARGET_CROP": (3, 256, 256),
-    "SOURCE_LANDMARKS": (5, 2),
-    "TARGET_LANDMARKS": (5, 2),
-    "FACE_DEGREE": (1,),
-    "PROFILE_DEGREE": (1,),
-}
+FUSION_INPUTS: dict[str, tuple[int, ...]] = dict(INPUT_SHAPES)
 MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 32  # max matches max_batch_size 32 in the fusion config
 WORKSPACE_MIB = 4096
 

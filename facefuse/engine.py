@@ -14,6 +14,7 @@ import numpy as np
 
 from facefuse.detection import FaceDetector
 from facefuse.errors import FusionError
+from facefuse.face_mesh import FaceMesh
 from facefuse.fusion_runtime import FusionRuntime, TorchRuntime, load_runtime
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
 from facefuse.options import parse_options
@@ -23,22 +24,15 @@ FUSION_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_repository" /
 
 
 def network_inputs(prepared: list[PreparedFusion]) -> dict[str, np.ndarray]:
-    """Stack prepared requests into the fusion network's named inputs (the preprocess model's outputs)."""
-    return {
-        "SOURCE_CROP": np.stack([p.source_crop for p in prepared]),
-        "TARGET_CROP": np.stack([p.target_crop for p in prepared]),
-        "SOURCE_LANDMARKS": np.stack([p.source_landmarks for p in prepared]),
-        "TARGET_LANDMARKS": np.stack([p.target_landmarks for p in prepared]),
-        "FACE_DEGREE": np.array([[p.face_degree] for p in prepared], np.float32),
-        "PROFILE_DEGREE": np.array([[p.profile_degree] for p in prepared], np.float32),
-    }
+    """Stack prepared requests into the fusion network's named batched inputs."""
+    return {name: np.stack([row.network_inputs[name] for row in prepared]) for name in INPUT_NAMES}
 
 
 class LocalFusion:
     """Preprocess -> fusion -> postprocess in this process. `runtime` as in the fusion model's parameter."""
 
     def __init__(self, runtime: str = "auto", device: str = "cpu", model_dir: Path = FUSION_MODEL_DIR) -> None:
-        self.preprocessor = Preprocessor(FaceDetector(device=device))
+        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device))
         if runtime == "torch-cpu":
             self.runtime: FusionRuntime = TorchRuntime("cpu")
         else:

@@ -1,8 +1,10 @@
-"""Fusion network v1: colour-matched cross-dissolve of the aligned source face into the target crop,
-blended through a Laplacian pyramid so no seam shows.
+"""Fusion network v2: both aligned crops are warped onto the intermediate face shape (thin-plate splines
+evaluated on a sampling grid), the source is colour-matched to the target inside a brows-to-chin mask drawn
+from the dense landmarks, cross-dissolved by the face degree and blended through a Laplacian pyramid.
 
-One definition serves ONNX export (and so TensorRT), PyTorch on CUDA and the tests. Tensor ops only:
-depthwise convolutions, pooling, bilinear resize and element-wise math, all in TensorRT's ONNX parser.
+One definition serves ONNX export (and so TensorRT), PyTorch on CUDA and the tests. Tensor ops only
+(convolutions, pooling, resize, grid sampling, element-wise math), all in TensorRT's ONNX parser; the small
+spline solves happen in preprocess (facefuse.geometry).
 """
 
 from __future__ import annotations
@@ -12,50 +14,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefuse.alignment import CROP_SIZE
+from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS
 
-INPUT_NAMES = ("SOURCE_CROP", "TARGET_CROP", "SOURCE_LANDMARKS", "TARGET_LANDMARKS", "FACE_DEGREE", "PROFILE_DEGREE")
-OUTPUT_NAMES = ("FUSED_CROP", "BLEND_MASK")
-VERSION = "fusion-v1"
+# Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these.
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "SOURCE_CROP": (3, CROP_SIZE, CROP_SIZE),
+    "TARGET_CROP": (3, CROP_SIZE, CROP_SIZE),
+    "CONTROL_POINTS": (CONTROL_COUNT, 2),
+    "WARP_COEFFICIENTS": (CONTROL_COUNT + 3, 4),
+    "FUSED_OUTLINE": (OUTLINE_POINTS, 2),
+    "TARGET_OUTLINE": (OUTLINE_POINTS, 2),
+    "FACE_DEGREE": (1,),
+    "PROFILE_DEGREE": (1,),
+}
+OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {"FUSED_CROP": (3, CROP_SIZE, CROP_SIZE), "BLEND_MASK": (1, CROP_SIZE, CROP_SIZE)}
+INPUT_NAMES = tuple(INPUT_SHAPES)
+OUTPUT_NAMES = tuple(OUTPUT_SHAPES)
+VERSION = "fusion-v2"
+WARP_GRID = 64  # splines are evaluated on a 64x64 grid and upsampled: the warp is smooth
 
 
-def _smoothstep(edge0: float, edge1: float, value: torch.Tensor) -> torch.Tensor:
-    t = torch.clamp((value - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-class FaceEllipseMask(nn.Module):
-    """Soft elliptical face mask (brows to chin, cheek to cheek) placed by 5 landmarks in crop pixels."""
-
-    def __init__(self, crop_size: int = CROP_SIZE) -> None:
-        super().__init__()
-        coords = torch.arange(crop_size, dtype=torch.float32) + 0.5
-        grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
-        self.register_buffer("grid_x", grid_x[None, None], persistent=False)
-        self.register_buffer("grid_y", grid_y[None, None], persistent=False)
-
-    def normalised_radius(self, landmarks: torch.Tensor, scale: float) -> torch.Tensor:
-        """(B,5,2) landmarks -> (B,1,H,W) elliptical radius, 1.0 on the face outline times `scale`."""
-        eyes = 0.5 * (landmarks[:, 0] + landmarks[:, 1])
-        mouth = 0.5 * (landmarks[:, 3] + landmarks[:, 4])
-        eye_vector = landmarks[:, 1] - landmarks[:, 0]
-        eye_distance = torch.sqrt((eye_vector**2).sum(-1) + 1e-6)
-        down = mouth - eyes
-        eye_mouth = torch.sqrt((down**2).sum(-1) + 1e-6)
-        cos = (eye_vector[:, 0] / eye_distance)[:, None, None, None]
-        sin = (eye_vector[:, 1] / eye_distance)[:, None, None, None]
-        # Centre a little below the eye-mouth midpoint: the chin reaches further than the brows.
-        centre = eyes + down * 0.55
-        half_width = (0.95 * eye_distance * scale)[:, None, None, None]
-        half_height = (1.12 * eye_mouth * scale)[:, None, None, None]
-        dx = self.grid_x - centre[:, 0, None, None, None]
-        dy = self.grid_y - centre[:, 1, None, None, None]
-        along = (dx * cos + dy * sin) / half_width
-        across = (-dx * sin + dy * cos) / half_height
-        return torch.sqrt(along * along + across * across + 1e-8)
-
-    def forward(self, landmarks: torch.Tensor, scale: float = 1.0, feather: float = 0.25) -> torch.Tensor:
-        radius = self.normalised_radius(landmarks, scale)
-        return 1.0 - _smoothstep(1.0 - feather, 1.0, radius)
+def polygon_distance(outline: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> torch.Tensor:
+    """Signed distance (pixels, > 0 inside) from every grid point to a convex polygon (B,P,2), as (B,1,H,W):
+    the smallest distance to the lines of its edges, oriented by the polygon's winding."""
+    following = torch.roll(outline, shifts=-1, dims=1)
+    edge = following - outline
+    length = torch.sqrt((edge**2).sum(-1) + 1e-6)
+    winding = torch.sign((outline[..., 0] * following[..., 1] - following[..., 0] * outline[..., 1]).sum(1))
+    # cross(edge, point - start) / |edge| for every edge (B,P) and grid point (H,W): (B,P,H,W).
+    ex, ey = (edge[..., 0] / length)[..., None, None], (edge[..., 1] / length)[..., None, None]
+    sx, sy = outline[..., 0, None, None], outline[..., 1, None, None]
+    distance = ex * (grid_y - sy) - ey * (grid_x - sx)
+    distance = distance * winding[:, None, None, None]
+    return torch.amin(distance, dim=1, keepdim=True)
 
 
 class LaplacianBlend(nn.Module):
@@ -119,37 +110,82 @@ def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: tor
 
 
 class FusionNetwork(nn.Module):
-    """Inputs: aligned crops (B,3,H,W) in [0,1], their 5 landmarks in crop pixels (B,5,2), degrees (B,1) in 0..100.
-    Outputs: the fused crop (B,3,H,W) and the paste-back mask (B,1,H,W) of the region that changed."""
+    """Inputs (batch first): the aligned crops (3,S,S) in [0,1]; the spline control points (K,2) of the intermediate
+    shape and coefficients (K+3,4) mapping it to target (x,y) and source (x,y) crop pixels; the brows-to-chin
+    outlines (P,2) of the intermediate and the target face; the degrees (1) in 0..100.
+    Outputs: the fused crop (3,S,S) and the paste-back mask (1,S,S) of the region that changed."""
 
-    def __init__(self, crop_size: int = CROP_SIZE, pyramid_levels: int = 5) -> None:
+    def __init__(self, crop_size: int = CROP_SIZE, pyramid_levels: int = 5, warp_grid: int = WARP_GRID) -> None:
         super().__init__()
-        self.face_mask = FaceEllipseMask(crop_size)
+        self.crop_size = crop_size
         self.blend = LaplacianBlend(pyramid_levels)
+        pixels = torch.arange(crop_size, dtype=torch.float32)  # pixel centres at integers, as OpenCV warps
+        grid_y, grid_x = torch.meshgrid(pixels, pixels, indexing="ij")
+        self.register_buffer("grid_x", grid_x[None, None], persistent=False)
+        self.register_buffer("grid_y", grid_y[None, None], persistent=False)
+        # Coarse points on the first and last pixel centres, so corner-aligned upsampling reproduces any affine
+        # map exactly, borders included.
+        coarse = torch.linspace(0.0, crop_size - 1.0, warp_grid)
+        coarse_y, coarse_x = torch.meshgrid(coarse, coarse, indexing="ij")
+        # (1, G*G, 2) in the unit-crop coordinates the splines were fitted in.
+        self.register_buffer("coarse_points", torch.stack([coarse_x, coarse_y], -1).reshape(1, -1, 2) / crop_size,
+                             persistent=False)
+        self.warp_grid = warp_grid
         edge = torch.clamp((torch.arange(crop_size, dtype=torch.float32) + 0.5) / 8.0, 0.0, 1.0)
         edge = torch.minimum(edge, edge.flip(0))
         # Keep the paste-back off the crop border, where warping had to invent pixels.
         self.register_buffer("border_fade", (edge[:, None] * edge[None, :])[None, None], persistent=False)
 
+    def _sampling_grids(self, control_points: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """Evaluate both splines on the coarse grid and upsample: (B,4,S,S) = target x,y and source x,y pixels."""
+        centres = control_points / self.crop_size
+        offsets = self.coarse_points[:, :, None, :] - centres[:, None, :, :]
+        distance_squared = (offsets**2).sum(-1)
+        kernel = 0.5 * distance_squared * torch.log(torch.clamp(distance_squared, min=1e-12))
+        count = control_points.shape[1]
+        mapped = torch.matmul(kernel, coefficients[:, :count]) + coefficients[:, count:count + 1]
+        mapped = mapped + torch.matmul(self.coarse_points.expand(centres.shape[0], -1, -1),
+                                       coefficients[:, count + 1:count + 3])
+        mapped = mapped.transpose(1, 2).reshape(-1, 4, self.warp_grid, self.warp_grid)
+        return F.interpolate(mapped, size=(self.crop_size, self.crop_size), mode="bilinear", align_corners=True)
+
+    def _sample(self, image: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale = 2.0 / self.crop_size
+        grid = torch.stack([(x + 0.5) * scale - 1.0, (y + 0.5) * scale - 1.0], dim=-1)
+        return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
     def forward(
         self,
         source_crop: torch.Tensor,
         target_crop: torch.Tensor,
-        source_landmarks: torch.Tensor,
-        target_landmarks: torch.Tensor,
+        control_points: torch.Tensor,
+        warp_coefficients: torch.Tensor,
+        fused_outline: torch.Tensor,
+        target_outline: torch.Tensor,
         face_degree: torch.Tensor,
         profile_degree: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = torch.clamp(face_degree, 0.0, 100.0)[:, :, None, None] / 100.0
-        profile = torch.clamp(profile_degree, 0.0, 100.0)[:, :, None] / 100.0
-        # v1 moves no pixels; the profile degree only shapes the mask between the two outlines.
-        mask_landmarks = target_landmarks + profile * (source_landmarks - target_landmarks)
-        face_mask = torch.minimum(self.face_mask(mask_landmarks), self.face_mask(target_landmarks, scale=1.05))
-        core = self.face_mask(target_landmarks, scale=0.85, feather=0.1)
-        matched_source = masked_colour_match(source_crop, target_crop, core * self.face_mask(source_landmarks, 0.85))
-        detail = alpha * (matched_source - target_crop)
-        fused = torch.clamp(self.blend(target_crop, detail, face_mask), 0.0, 1.0)
-        # The pyramid spreads change a little past the face mask; the paste mask covers that reach.
-        reach = self.face_mask(target_landmarks, scale=1.45, feather=0.3)
-        paste_mask = reach * self.border_fade * torch.clamp(alpha * 50.0, 0.0, 1.0)
+        profile = torch.clamp(profile_degree, 0.0, 100.0)[:, :, None, None] / 100.0
+        grids = self._sampling_grids(control_points, warp_coefficients)
+        target_warped = self._sample(target_crop, grids[:, 0], grids[:, 1])
+        source_warped = self._sample(source_crop, grids[:, 2], grids[:, 3])
+        face_width = (fused_outline[..., 0].amax(1) - fused_outline[..., 0].amin(1))[:, None, None, None]
+        feather = 0.07 * face_width
+        fused_distance = polygon_distance(fused_outline, self.grid_x, self.grid_y)
+        face_mask = _smoothstep_tensor(torch.zeros_like(feather), feather, fused_distance)
+        core = _smoothstep_tensor(feather, 2.0 * feather, fused_distance)
+        matched_source = masked_colour_match(source_warped, target_warped, core)
+        detail = alpha * (matched_source - target_warped)
+        fused = torch.clamp(self.blend(target_warped, detail, face_mask), 0.0, 1.0)
+        # What changed: the union of both outlines, grown by the pyramid's and the warp's reach.
+        union = torch.maximum(fused_distance, polygon_distance(target_outline, self.grid_x, self.grid_y))
+        reach = 0.25 * face_width
+        paste_mask = _smoothstep_tensor(-reach, -0.3 * reach, union) * self.border_fade
+        paste_mask = paste_mask * torch.clamp((alpha + profile) * 50.0, 0.0, 1.0)
         return fused, paste_mask
+
+
+def _smoothstep_tensor(edge0: torch.Tensor, edge1: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    t = torch.clamp((value - edge0) / (edge1 - edge0 + 1e-6), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)

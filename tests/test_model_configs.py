@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
+from facefuse.network import INPUT_NAMES, INPUT_SHAPES, OUTPUT_NAMES, OUTPUT_SHAPES
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 CONFIG_FILES = sorted(REPOSITORY.glob("*/config.pbtxt")) + sorted(REPOSITORY.glob("*/configs/*.pbtxt"))
@@ -72,5 +72,7 @@ def test_fusion_configs_share_tensors_and_match_the_network():
     assert tensors(local.input) == tensors(gpu.input) and tensors(local.output) == tensors(gpu.output)
     assert list(tensors(local.input)) == list(INPUT_NAMES)
     assert list(tensors(local.output)) == list(OUTPUT_NAMES)
+    assert {name: tuple(dims) for name, (_, dims) in tensors(local.input).items()} == INPUT_SHAPES
+    assert {name: tuple(dims) for name, (_, dims) in tensors(local.output).items()} == OUTPUT_SHAPES
     assert gpu.max_batch_size == local.max_batch_size == 32
     assert gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU

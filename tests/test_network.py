@@ -1,12 +1,13 @@
-"""Fusion network v1: mask, colour match, multi-band blend, degree behaviour."""
+"""Fusion network v2: spline warps, polygon masks, colour match, multi-band blend, degree behaviour."""
 
 import numpy as np
 import pytest
 import torch
 
 from build.export_onnx import example_inputs
-from facefuse.alignment import CROP_SIZE, TEMPLATE
-from facefuse.network import FaceEllipseMask, FusionNetwork, LaplacianBlend, masked_colour_match
+from facefuse.alignment import CROP_SIZE
+from facefuse.geometry import FACE_OVAL, evaluate_tps, fit_tps, fusion_geometry, synthetic_mesh
+from facefuse.network import FusionNetwork, LaplacianBlend, masked_colour_match, polygon_distance
 
 
 @pytest.fixture(scope="module")
@@ -14,30 +15,95 @@ def network():
     return FusionNetwork().eval()
 
 
-def _landmarks(batch=1):
-    return torch.from_numpy(TEMPLATE)[None].repeat(batch, 1, 1)
-
-
 def _degrees(value, batch=1):
     return torch.full((batch, 1), float(value))
 
 
-def test_face_mask_covers_the_face_and_fades_out():
-    mask = FaceEllipseMask()(_landmarks())[0, 0].numpy()
-    nose_x, nose_y = TEMPLATE[2].round().astype(int)
-    assert mask[nose_y, nose_x] == pytest.approx(1.0)
-    for eye in TEMPLATE[:2].round().astype(int):
-        assert mask[eye[1], eye[0]] > 0.99
-    assert mask[0, 0] == 0 and mask[-1, -1] == 0 and mask[5, CROP_SIZE // 2] == 0
-    # Feathered: a ray from the nose outwards passes through intermediate values, never increasing.
-    ray = mask[nose_y, nose_x:]
-    assert np.all(np.diff(ray) <= 1e-6) and ((ray > 0.05) & (ray < 0.95)).sum() >= 5
+def _geometry_tensors(source_mesh, target_mesh, profile):
+    geometry = fusion_geometry(source_mesh, target_mesh, profile)
+    return [torch.from_numpy(geometry[name])[None] for name in
+            ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")], geometry
 
 
-def test_face_mask_follows_the_landmarks():
-    shifted = _landmarks() + torch.tensor([30.0, 0.0])
-    base, moved = FaceEllipseMask()(_landmarks())[0, 0], FaceEllipseMask()(shifted)[0, 0]
-    assert torch.allclose(moved[:, 60:200], base[:, 30:170], atol=1e-4)
+def test_polygon_distance_is_signed_and_metric():
+    square = torch.tensor([[[10.0, 10.0], [50.0, 10.0], [50.0, 50.0], [10.0, 50.0]]])
+    pixels = torch.arange(64, dtype=torch.float32)
+    grid_y, grid_x = torch.meshgrid(pixels, pixels, indexing="ij")
+    distance = polygon_distance(square, grid_x[None, None], grid_y[None, None])[0, 0]
+    assert distance[30, 30] == pytest.approx(20.0)  # centre: 20 px from every edge
+    assert distance[30, 12] == pytest.approx(2.0) and distance[30, 5] == pytest.approx(-5.0)
+    # The winding of the outline does not matter.
+    reversed_distance = polygon_distance(square.flip(1), grid_x[None, None], grid_y[None, None])[0, 0]
+    assert torch.allclose(distance, reversed_distance)
+
+
+def test_tps_interpolates_its_control_points():
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(20, 236, size=(40, 2))
+    values = np.hstack([centres * 1.05 + 3.0 + rng.normal(0, 2, centres.shape), centres])
+    coefficients = fit_tps(centres, values, regularisation=0.0)
+    np.testing.assert_allclose(evaluate_tps(centres, coefficients, centres), values, atol=1e-6)
+
+
+def test_synthetic_warp_lands_where_expected(network):
+    """Draw isolated dots at source mesh points; at profile 100 and face 100 each must appear at its
+    intermediate (= similarity-aligned source) position in the fused crop, and nowhere near the old one."""
+    source_mesh, target_mesh = synthetic_mesh(3), synthetic_mesh(4)
+    (control, coefficients, fused_outline, target_outline), geometry = _geometry_tensors(source_mesh, target_mesh, 100)
+    fused_mesh = geometry["FUSED_MESH"]
+    face = polygon_distance(fused_outline, network.grid_x, network.grid_y)[0, 0].numpy()
+    probes: list[int] = []
+    for index in range(468):
+        x, y = np.round(fused_mesh[index]).astype(int)
+        isolated = all(np.linalg.norm(source_mesh[index] - source_mesh[other]) > 12 for other in probes)
+        moved = np.linalg.norm(source_mesh[index] - fused_mesh[index]) > 3  # a dot that barely moves proves nothing
+        if index not in FACE_OVAL and face[y, x] > 25 and isolated and moved:
+            probes.append(index)
+    assert len(probes) >= 5
+    source = np.full((CROP_SIZE, CROP_SIZE, 3), 0.5, np.float32)
+    for index in probes:
+        x, y = np.round(source_mesh[index]).astype(int)
+        source[y - 1:y + 2, x - 1:x + 2] = 1.0
+    source_crop = torch.from_numpy(source.transpose(2, 0, 1))[None]
+    with torch.inference_mode():
+        fused, _ = network(source_crop, torch.full_like(source_crop, 0.5), control, coefficients, fused_outline,
+                           target_outline, _degrees(100), _degrees(100))
+    brightness = fused[0, 0].numpy()
+    background = np.median(brightness)
+    for index in probes:
+        x, y = np.round(fused_mesh[index]).astype(int)
+        window = np.clip(brightness[y - 6:y + 7, x - 6:x + 7] - background, 0, None)
+        assert window.max() > 0.1, index
+        weights_y, weights_x = np.mgrid[-6:7, -6:7]
+        found = np.array([x + (window * weights_x).sum() / window.sum(), y + (window * weights_y).sum() / window.sum()])
+        # The dot was drawn at the rounded source position: carry that rounding along.
+        expected = fused_mesh[index] + (np.round(source_mesh[index]) - source_mesh[index])
+        assert np.linalg.norm(found - expected) <= 1.0, (index, found, expected)
+
+
+def test_degree_zero_zero_returns_the_target_crop(network):
+    inputs = list(example_inputs(batch=2))
+    (control, coefficients, fused_outline, target_outline), _ = _geometry_tensors(synthetic_mesh(5),
+                                                                                   synthetic_mesh(6), 0)
+    target = inputs[1][:1]
+    with torch.inference_mode():
+        fused, mask = network(inputs[0][:1], target, control, coefficients, fused_outline, target_outline,
+                              _degrees(0), _degrees(0))
+    # Bilinear sampling at the pixel centres the identity spline returns: equal to float rounding.
+    assert (fused - target).abs().max() < 1e-3
+    assert mask.abs().max() == 0
+
+
+def test_profile_only_moves_the_target_towards_the_source_shape(network):
+    source_mesh, target_mesh = synthetic_mesh(7), synthetic_mesh(8)
+    inputs = list(example_inputs(batch=1))
+    for profile, expect_change in ((0, False), (100, True)):
+        (control, coefficients, fused_outline, target_outline), _ = _geometry_tensors(source_mesh, target_mesh, profile)
+        with torch.inference_mode():
+            fused, mask = network(inputs[0], inputs[1], control, coefficients, fused_outline, target_outline,
+                                  _degrees(0), _degrees(profile))
+        changed = (fused - inputs[1]).abs().mean().item()
+        assert (changed > 0.01) == expect_change, (profile, changed)
 
 
 def test_laplacian_blend_extremes():
@@ -79,37 +145,38 @@ def test_colour_match_to_a_grayscale_target_drops_the_colour_but_keeps_texture()
     source = torch.rand(1, 3, 64, 64, generator=generator) * torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1) + 0.3
     gray = 0.3 + 0.01 * torch.rand(1, 1, 64, 64, generator=generator).repeat(1, 3, 1, 1)
     matched = masked_colour_match(source, gray, torch.ones(1, 1, 64, 64))
-    chroma = _ycbcr(matched)[:, 1:]
-    assert chroma.abs().max() < 0.02  # no tint left
+    assert _ycbcr(matched)[:, 1:].abs().max() < 0.02  # no tint left
     # The luma gain is bounded below at 0.5: the source's texture survives a flat target.
     assert float(_ycbcr(matched)[:, 0].std()) == pytest.approx(0.5 * float(_ycbcr(source)[:, 0].std()), rel=0.05)
 
 
-def test_degree_zero_returns_the_target_exactly(network):
-    source, target, source_lm, target_lm, _, _ = example_inputs(batch=2)
-    with torch.inference_mode():
-        fused, mask = network(source, target, source_lm, target_lm, _degrees(0, 2), _degrees(100, 2))
-    assert torch.equal(fused, torch.clamp(target, 0, 1))
-    assert mask.abs().max() == 0
-
-
 def test_change_grows_with_face_degree(network):
-    source, target, source_lm, target_lm, _, _ = example_inputs(batch=1)
-    changes = []
+    inputs = list(example_inputs(batch=1))
+    outputs = []
     with torch.inference_mode():
         for degree in (0, 25, 50, 75, 100):
-            fused, mask = network(source, target, source_lm, target_lm, _degrees(degree), _degrees(50))
-            changes.append((fused - target).abs().mean().item())
+            inputs[6] = _degrees(degree)
+            outputs.append(network(*inputs)[0])
+    changes = [(fused - outputs[0]).abs().mean().item() for fused in outputs]
     assert all(a < b for a, b in zip(changes, changes[1:]))
 
 
 def test_change_stays_inside_the_paste_mask(network):
-    source, target, source_lm, target_lm, _, _ = example_inputs(batch=2)
+    inputs = list(example_inputs(batch=2))
+    # Photo-like (smooth) crops: on pixel noise any sub-pixel warp would look like a change.
+    for position in (0, 1):
+        inputs[position] = torch.nn.functional.interpolate(inputs[position][..., ::16, ::16], size=(256, 256),
+                                                           mode="bicubic", align_corners=False).clamp(0, 1)
+    inputs[6], inputs[7] = _degrees(100, 2), _degrees(100, 2)
     with torch.inference_mode():
-        fused, mask = network(source, target, source_lm, target_lm, _degrees(100, 2), _degrees(100, 2))
+        fused, mask = network(*inputs)
+        grids = network._sampling_grids(inputs[2], inputs[3])
     outside = mask < 1e-3
     assert outside.float().mean() > 0.2  # the corners and background are untouched
-    assert ((fused - target).abs() * outside).max() < 0.02
+    # Outside the paste mask the warp has died down to a pixel or two (the target is pasted back there anyway).
+    displacement = torch.hypot(grids[:, 0] - network.grid_x[:, 0], grids[:, 1] - network.grid_y[:, 0])
+    assert (displacement * outside[:, 0]).max() < 2.0
+    assert ((fused - inputs[1]).abs() * outside).max() < 0.1
 
 
 def test_outputs_have_the_wire_shapes(network):

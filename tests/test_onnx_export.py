@@ -7,11 +7,10 @@ import onnxruntime
 import pytest
 import torch
 
-from build.export_onnx import OPSET, example_inputs, export, simplify
+from build.export_onnx import OPSET, PARITY_TOLERANCE, example_inputs, export, simplify
 from build.trt_ops import unsupported_ops
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, FusionNetwork
 
-PARITY_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ import pytest
 
 from facefuse import errors
 from facefuse.detection import FaceDetector
+from facefuse.face_mesh import FaceMesh
 from facefuse.engine import LocalFusion
 from facefuse.errors import FusionError
+from facefuse.network import INPUT_SHAPES
 from facefuse.imaging import decode_image
 from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
 from facefuse.watermark import extract_watermark
@@ -18,7 +20,7 @@ from tests.conftest import encode
 
 @pytest.fixture(scope="module")
 def preprocessor():
-    return Preprocessor(FaceDetector())
+    return Preprocessor(FaceDetector(), FaceMesh())
 
 
 def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_jpg, faceless_png):
@@ -37,18 +39,27 @@ def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_
     first, third = results[0], results[2]
     assert isinstance(first, PreparedFusion) and isinstance(third, PreparedFusion)
     assert first.metadata["target"]["chosen_face"] == 0 and third.metadata["target"]["chosen_face"] == 3
-    assert first.source_crop.shape == (3, 256, 256) and first.source_crop.dtype == np.float32
+    assert first.network_inputs["SOURCE_CROP"].shape == (3, 256, 256)
+    assert first.network_inputs["SOURCE_CROP"].dtype == np.float32
+    assert set(first.network_inputs) == set(INPUT_SHAPES)
+    for name, shape in INPUT_SHAPES.items():
+        assert first.network_inputs[name].shape == shape, name
     assert first.target_rgb.shape == (886, 1280, 3)
+    assert first.metadata["source"]["mesh_presence"] > 0.5 and first.metadata["target"]["mesh_presence"] > 0.5
 
 
-def test_aligned_landmarks_sit_near_the_template(preprocessor, group_jpg):
+def test_dense_landmarks_of_aligned_faces_sit_on_the_template(preprocessor, group_jpg):
     from facefuse.alignment import TEMPLATE
+    from facefuse.face_mesh import LEFT_EYE, LIPS_OUTER, RIGHT_EYE
 
     results = preprocessor.prepare_batch([FusionRequest(group_jpg, group_jpg, 50, 50, b'{"source_face": 5}')])
     prepared = results[0]
     assert isinstance(prepared, PreparedFusion)
-    for landmarks in (prepared.source_landmarks, prepared.target_landmarks):
-        assert np.abs(landmarks - TEMPLATE).max() < 20  # a least-squares fit of 5 points, not exact
+    mesh = preprocessor.mesh.crop_landmarks(prepared.target_crop[None])[0]
+    # Image-left eye is the subject's right eye; template order: image-left eye, image-right eye, nose, mouth.
+    assert np.linalg.norm(mesh[list(RIGHT_EYE)].mean(0) - TEMPLATE[0]) < 12
+    assert np.linalg.norm(mesh[list(LEFT_EYE)].mean(0) - TEMPLATE[1]) < 12
+    assert np.linalg.norm(mesh[list(LIPS_OUTER)].mean(0) - TEMPLATE[3:].mean(0)) < 12
 
 
 def test_a_tiny_face_is_face_too_small(preprocessor, hanks_png, group_jpg):

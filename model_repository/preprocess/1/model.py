@@ -13,10 +13,16 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.detection import FaceDetector  # noqa: E402
+from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
+from facefuse.network import INPUT_NAMES  # noqa: E402
 from facefuse.pipeline import FusionRequest, Preprocessor  # noqa: E402
 from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, guarded, json_bytes, model_parameters  # noqa: E402,E501
+
+
+# The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
+NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
 
 
 class TritonPythonModel:
@@ -29,8 +35,8 @@ class TritonPythonModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
                              max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)))
-        self.preprocessor = Preprocessor(FaceDetector(device=device), limits)
-        pb_utils.Logger.log_info(f"preprocess: MTCNN detector on {device}, limits {limits}")
+        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits)
+        pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}")
 
     def execute(self, requests):
         return guarded(pb_utils, requests, self._execute)
@@ -58,20 +64,12 @@ class TritonPythonModel:
 
     @staticmethod
     def _response(results):
-        def stack(attribute, dtype=np.float32):
-            return np.stack([np.asarray(getattr(result, attribute), dtype=dtype) for result in results])
-
-        tensors = {
-            "SOURCE_CROP": stack("source_crop"),
-            "TARGET_CROP": stack("target_crop"),
-            "SOURCE_LANDMARKS": stack("source_landmarks"),
-            "TARGET_LANDMARKS": stack("target_landmarks"),
-            "CHECKED_FACE_DEGREE": stack("face_degree").reshape(-1, 1),
-            "CHECKED_PROFILE_DEGREE": stack("profile_degree").reshape(-1, 1),
-            "TARGET_MATRIX": stack("target_matrix"),
-            "TARGET_PIXELS": bytes_tensor([result.target_rgb.tobytes() for result in results]),
-            "PRE_METADATA": bytes_tensor([json_bytes(result.metadata) for result in results]),
-        }
+        tensors = {name: np.stack([result.network_inputs[name] for result in results]) for name in NETWORK_OUTPUTS}
+        tensors["CHECKED_FACE_DEGREE"] = np.stack([result.network_inputs["FACE_DEGREE"] for result in results])
+        tensors["CHECKED_PROFILE_DEGREE"] = np.stack([result.network_inputs["PROFILE_DEGREE"] for result in results])
+        tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
+        tensors["TARGET_PIXELS"] = bytes_tensor([result.target_rgb.tobytes() for result in results])
+        tensors["PRE_METADATA"] = bytes_tensor([json_bytes(result.metadata) for result in results])
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
 
     def finalize(self):
