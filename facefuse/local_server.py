@@ -5,7 +5,8 @@
     python -m facefuse.local_server stop
 
 Ports default to 8000 (HTTP), 8001 (gRPC), 8002 (metrics); override with --http-port/--grpc-port/--metrics-port
-or HTTP_PORT/GRPC_PORT/METRICS_PORT.
+or HTTP_PORT/GRPC_PORT/METRICS_PORT. With TRITON_ADMIN_KEY set, the restricted APIs (RESTRICTED_APIS) need the
+header `admin-key: $TRITON_ADMIN_KEY`, as in docker compose behind the gateway (gateway/).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CACHE_DIR = REPO_ROOT / ".cache" / "triton"
 PID_FILE = CACHE_DIR / "server.pid"
 DEFAULT_LOG = REPO_ROOT / "out" / "triton.log"
+# Triton APIs that only the operator needs: loading/unloading models, configs, statistics, logging, tracing and
+# shared-memory registration. Health, metadata and inference stay open to Triton (the gateway checks API keys).
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "logging", "trace", "statistics")
+ADMIN_HEADER = "admin-key"  # over gRPC Triton reads it as metadata `triton-grpc-protocol-admin-key`
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,18 @@ def backend_directory() -> Path:
 
 
 def server_environment() -> dict[str, str]:
-    """The stub imports our package and the venv's packages; the binary needs the wheel's bundled libraries."""
+    """The stub imports our package and this interpreter's packages; the binary needs the wheel's bundled libraries.
+
+    PYTHONPATH: the repository, the pytriton wheel's folder, what the caller already had on PYTHONPATH (e.g. a
+    numpy<2 overlay on a GPU host), then this interpreter's site-packages.
+    """
     root = pytriton_root()
-    site_packages = str(root.parent)
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         part for part in (str(root.parent / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH", "")) if part)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), site_packages])
+    site_packages = [path for path in sys.path if path.endswith("site-packages")]
+    entries = [str(REPO_ROOT), str(root.parent), *env.get("PYTHONPATH", "").split(os.pathsep), *site_packages]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(entry for entry in entries if entry))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -84,6 +94,13 @@ def server_command(ports: Ports, model_repository: Path = MODEL_REPOSITORY,
         f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}",
         "--exit-timeout-secs=30", "--log-verbose=0", *(extra or []),
     ]
+
+
+def restricted_api_args(admin_secret: str, header: str = ADMIN_HEADER) -> list[str]:
+    """Triton 2.51 flags that make RESTRICTED_APIS require `<header>: <admin_secret>` over HTTP and gRPC."""
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{header}={admin_secret}",
+            f"--grpc-restricted-protocol={apis}:{header}={admin_secret}"]
 
 
 def is_ready(ports: Ports) -> bool:
@@ -176,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         os.killpg(pid, signal.SIGKILL)
         print(f"[serve] killed server pid {pid} after 45 s")
         return 0
+    admin_secret = os.environ.get("TRITON_ADMIN_KEY")
+    extra = restricted_api_args(admin_secret) if admin_secret else None
     try:
-        process = start(ports, args.log)
+        process = start(ports, args.log, extra=extra)
     except RuntimeError as error:
         print(f"[serve] {error}", file=sys.stderr)
         return 1

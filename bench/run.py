@@ -1,0 +1,230 @@
+"""`make bench`: perf_analyzer against the face_fusion ensemble and each composing model on the real local Triton
+server, with 1080p JPEG inputs; a concurrency sweep; the classic landmark-morph baseline on the same images in the
+same run; CSV, a PNG plot and a markdown summary under bench/results/.
+
+    python -m bench.run [--concurrency 1,2,4] [--measurement-ms 4000] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.inputs import benchmark_pair, write_input_data, write_tensor_data
+from facefuse.local_server import MODEL_REPOSITORY, REPO_ROOT, Ports, pytriton_root, start, stop_process
+
+PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
+
+
+def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:
+    """The perf_analyzer binary of the tritonclient 2.51.0 wheel, with the two libraries it lacks here (libb64,
+    libcudart) taken from the pytriton wheel's bundled copies (FACTS.md)."""
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    if not binary.exists() and shutil.which("perf_analyzer"):
+        binary = Path(shutil.which("perf_analyzer"))
+    if not binary.exists():
+        raise RuntimeError(f"{binary} not found: tritonclient==2.51.0 (manylinux1 wheel) carries it; run make venv")
+    bundled = pytriton_root().parent / "nvidia_pytriton.libs"
+    PERF_LIBS.mkdir(parents=True, exist_ok=True)
+    for pattern, soname in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
+        link = PERF_LIBS / soname
+        if not link.exists():
+            link.symlink_to(next(bundled.glob(pattern)))
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(PERF_LIBS), str(bundled), env.get("LD_LIBRARY_PATH", "")])
+    return [str(binary)], env
+
+
+def machine_tag() -> str:
+    gpu = ""
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True)
+        names = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+        if names:
+            gpu = f"{len(names)}x{names[0].replace('NVIDIA ', '').replace(' ', '')}"
+    return gpu or f"cpu{os.cpu_count()}"
+
+
+def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measurement_ms: int,
+             out_csv: Path, protocol: str = "grpc") -> tuple[dict[str, float], str]:
+    """One perf_analyzer measurement; returns throughput and latency percentiles (ms) plus the console text."""
+    command, env = perf_analyzer_command()
+    url = f"localhost:{ports.grpc if protocol == 'grpc' else ports.http}"
+    command += ["-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
+                "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(measurement_ms),
+                "--stability-percentage", "25", "--max-trials", "6", "-f", str(out_csv), "--verbose-csv"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    with open(out_csv) as handle:
+        row = next(csv.DictReader(handle))
+    figures = {
+        "concurrency": concurrency,
+        "throughput_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000.0,
+        "p90_ms": float(row["p90 latency"]) / 1000.0,
+        "p99_ms": float(row["p99 latency"]) / 1000.0,
+    }
+    return figures, result.stdout
+
+
+def composing_breakdown(console: str) -> dict[str, float]:
+    """Average server compute time (ms) per composing model, from perf_analyzer's ensemble report."""
+    breakdown = {}
+    for block in re.split(r"\n\s*(?=\w+:\n\s+Inference count)", console):
+        name = re.match(r"\s*(\w+):", block)
+        compute = re.search(r"Compute infer (\d+) usec", block)
+        queue = re.search(r"Queue (\d+) usec", block)
+        if name and compute:
+            breakdown[f"{name.group(1)}_infer_ms"] = int(compute.group(1)) / 1000.0
+            breakdown[f"{name.group(1)}_queue_ms"] = int(queue.group(1)) / 1000.0 if queue else float("nan")
+    return breakdown
+
+
+def composing_inputs(source: bytes, target: bytes, folder: Path) -> dict[str, Path]:
+    """Real intermediate tensors for fusion and postprocess, made by the same code in this process."""
+    from facefuse.engine import LocalFusion, network_inputs
+    from facefuse.network import OUTPUT_NAMES
+    from facefuse.pipeline import FusionRequest
+    from facefuse.triton_glue import bytes_tensor, json_bytes
+
+    engine = LocalFusion(runtime="torch-cpu")
+    prepared = engine.preprocessor.prepare_batch([FusionRequest(source, target, 100.0, 100.0, b"{}")])[0]
+    inputs = network_inputs([prepared])
+    outputs = engine.runtime.run(inputs)
+    post = {name: outputs[name] for name in OUTPUT_NAMES}
+    post["TARGET_PIXELS"] = bytes_tensor([prepared.target_rgb.tobytes()])
+    post["TARGET_MATRIX"] = prepared.target_matrix[None].astype(np.float32)
+    post["PRE_METADATA"] = bytes_tensor([json_bytes(prepared.metadata)])
+    post["OPTIONS"] = bytes_tensor([b"{}"])
+    return {"fusion": write_tensor_data(folder / "fusion.json", inputs),
+            "postprocess": write_tensor_data(folder / "postprocess.json", post)}
+
+
+def classic_baseline(source: bytes, target: bytes, repeats: int = 5) -> dict[str, float]:
+    """The classic landmark morph end to end (decode, dlib detection, 68 points, Delaunay warp, dissolve,
+    seamlessClone, JPEG encode), single process, on the same pair."""
+    from evaluation.baseline import classic_fuse
+    from evaluation.dlib_models import detect_faces
+    from facefuse.imaging import decode_image, encode_image
+
+    def once() -> None:
+        source_rgb, target_rgb = decode_image(source), decode_image(target)
+        source_faces, target_faces = detect_faces(source_rgb), detect_faces(target_rgb)
+        largest = max(source_faces, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        target_box = max(target_faces, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        fused, _ = classic_fuse(source_rgb, target_rgb, 100.0, 100.0, largest, target_box)
+        encode_image(fused, "jpeg", 92)
+
+    once()  # warm-up: model loading
+    started = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    seconds = (time.perf_counter() - started) / repeats
+    return {"classic_images_per_s": 1.0 / seconds, "classic_ms_per_image": seconds * 1000.0}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+        axis.plot([r[key] for r in rows], [r["throughput_per_s"] for r in rows], style, label=key.split("_")[0])
+    for row in rows:
+        axis.annotate(f"c={row['concurrency']}", (row["p50_ms"], row["throughput_per_s"]), fontsize=8,
+                      textcoords="offset points", xytext=(4, -10))
+    axis.set_xlabel("latency (ms)")
+    axis.set_ylabel("fused images / s")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,2,4", help="comma-separated concurrency levels")
+    parser.add_argument("--measurement-ms", type=int, default=4000)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--models", default="face_fusion,preprocess,fusion,postprocess")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                        help="serve this repository (e.g. a copy with other instance counts)")
+    parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
+    args = parser.parse_args(argv)
+    levels = [int(level) for level in args.concurrency.split(",")]
+    tag = f"{datetime.date.today().isoformat()}_{args.machine or machine_tag()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = REPO_ROOT / ".cache" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] machine {tag}; building 1080p JPEG inputs", flush=True)
+    source, target = benchmark_pair()
+    inputs = {"face_fusion": write_input_data(work / "ensemble.json", source, target, options={"target_face": 0}),
+              "preprocess": work / "ensemble.json"}
+    inputs.update(composing_inputs(source, target, work))
+    ports = Ports(_free_port(), _free_port(), _free_port())
+    server = start(ports, REPO_ROOT / "out" / "bench-triton.log", model_repository=args.model_repository)
+    rows: list[dict] = []
+    try:
+        for model in args.models.split(","):
+            for level in levels:
+                print(f"[bench] perf_analyzer {model} concurrency {level} ...", flush=True)
+                figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
+                                            work / f"{model}_{level}.csv")
+                if model == "face_fusion":
+                    figures.update(composing_breakdown(console))
+                    (work / f"face_fusion_{level}.txt").write_text(console)
+                rows.append({"model": model, **figures})
+                print(f"[bench]   {figures['throughput_per_s']:.2f}/s  p50 {figures['p50_ms']:.1f} ms  "
+                      f"p99 {figures['p99_ms']:.1f} ms", flush=True)
+    finally:
+        stop_process(server)
+    baseline = {} if args.skip_baseline else classic_baseline(source, target)
+    csv_path = args.out / f"{tag}_perf.csv"
+    columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k != "concurrency", k))
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    ensemble = [row for row in rows if row["model"] == "face_fusion"]
+    plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
+    summary = {"machine": tag, "python": platform.python_version(), "rows": rows, **baseline}
+    if baseline and ensemble:
+        best = max(ensemble, key=lambda row: row["throughput_per_s"])
+        summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]
+        print(f"[bench] classic baseline {baseline['classic_images_per_s']:.2f} images/s "
+              f"({baseline['classic_ms_per_image']:.0f} ms each, one process); face_fusion best "
+              f"{best['throughput_per_s']:.2f}/s at concurrency {best['concurrency']}: "
+              f"{summary['ratio_vs_classic']:.2f}x", flush=True)
+    (args.out / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[bench] wrote {csv_path}, {args.out / f'{tag}_ensemble.png'}, {args.out / f'{tag}_summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
