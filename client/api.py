@@ -13,6 +13,7 @@ from facefuse.errors import split_error_message
 MODEL_NAME = "face_fusion"
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+API_KEY_HEADER = "x-api-key"  # what the gateway (gateway/) checks: an HTTP header, or gRPC metadata
 
 
 class FusionServerError(Exception):
@@ -42,14 +43,19 @@ def _float_input(module: Any, name: str, value: float) -> Any:
 
 
 class FusionClient:
-    """One connection to the service. `protocol` is "grpc" (default) or "http"."""
+    """One connection to the service. `protocol` is "grpc" (default) or "http".
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 120.0) -> None:
+    `api_key` is sent as `x-api-key` with every call, for the gateway in front of Triton; a bare Triton ignores it.
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", timeout_s: float = 120.0,
+                 api_key: str | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
+        self._headers = {API_KEY_HEADER: api_key} if api_key else None
         if protocol == "grpc":
             import tritonclient.grpc as module
             self._client = module.InferenceServerClient(self.url)
@@ -61,7 +67,7 @@ class FusionClient:
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client.is_server_ready())
+            return bool(self._client.is_server_ready(headers=self._headers))
         except Exception:  # noqa: BLE001 - unreachable counts as not ready
             return False
 
@@ -82,9 +88,10 @@ class FusionClient:
 
         try:
             if self.protocol == "grpc":
-                result = self._client.infer(MODEL_NAME, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                result = self._client.infer(MODEL_NAME, inputs, outputs=outputs, headers=self._headers,
+                                            client_timeout=self.timeout_s)
             else:
-                result = self._client.infer(MODEL_NAME, inputs, outputs=outputs)
+                result = self._client.infer(MODEL_NAME, inputs, outputs=outputs, headers=self._headers)
         except InferenceServerException as error:
             raw = error.message() or str(error)
             code, message = split_error_message(raw)

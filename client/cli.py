@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ def _fuse(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"error: cannot read input: {error}", file=sys.stderr)
         return 1
-    client = FusionClient(args.url, args.protocol, args.timeout)
+    client = FusionClient(args.url, args.protocol, args.timeout, api_key=args.api_key)
     started = time.perf_counter()
     try:
         result = client.fuse(source, target, args.face_degree, args.profile_degree, options)
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--options", help="raw OPTIONS JSON object, merged under the flags above")
     fuse.add_argument("--metadata", type=Path, help="also write the METADATA JSON here")
     fuse.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
+    fuse.add_argument("--api-key", default=os.environ.get("FACEFUSE_API_KEY") or None,
+                      help="API key for the gateway, sent as x-api-key (default: $FACEFUSE_API_KEY)")
     fuse.set_defaults(handler=_fuse)
     verify = commands.add_parser("verify", help="check an image for the service's watermark and provenance")
     verify.add_argument("image", type=Path)

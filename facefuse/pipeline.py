@@ -107,6 +107,13 @@ class Preprocessor:
         self.limits = limits or ImageLimits()
         self.crop_size = crop_size
 
+    def warm_up(self) -> None:
+        """Run the detector and the mesh once, so the first request does not pay for kernel selection and
+        allocator growth (seconds on a GPU)."""
+        blank = np.full((480, 640, 3), 128, np.uint8)
+        self.detector.detect_batch([blank, blank])
+        self.mesh.landmarks_and_presence(np.full((2, self.crop_size, self.crop_size, 3), 128, np.uint8))
+
     def prepare_batch(self, requests: Sequence[FusionRequest]) -> list[PreparedFusion | FusionError]:
         results: list[PreparedFusion | FusionError | None] = [None] * len(requests)
         decoded: dict[int, tuple[np.ndarray, np.ndarray, FusionOptions, float, float, dict[str, float]]] = {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facefuse.local_server import MODEL_REPOSITORY, Ports, start, stop_process
+from facefuse.local_server import MODEL_REPOSITORY, Ports, restricted_api_args, start, stop_process
 from facefuse.samples import sample_image_path
+from gateway.render import find_nginx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +52,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory):
-    """The real Triton server from the nvidia-pytriton wheel on model_repository/, on free ports."""
+    """The real Triton server from the nvidia-pytriton wheel on model_repository/, on free ports.
+
+    Started as in docker compose: the restricted APIs need the admin header (`admin_secret`); health, metadata and
+    inference do not, so the other live tests are unaffected and tests/test_gateway.py reuses this one server.
+    """
     onnx_path = MODEL_REPOSITORY / "fusion" / "1" / "model.onnx"
     if not onnx_path.exists():
         from build.export_onnx import export, simplify
@@ -60,6 +67,18 @@ def triton_server(tmp_path_factory):
     log_path = REPO_ROOT / "out" / "test-triton.log"
     log_path.parent.mkdir(exist_ok=True)
     log_path.write_text("")
-    process = start(ports, log_path, quiet=True)
-    yield {"ports": ports, "log": log_path, "process": process}
+    admin_secret = secrets.token_urlsafe(24)
+    process = start(ports, log_path, quiet=True, extra=restricted_api_args(admin_secret))
+    yield {"ports": ports, "log": log_path, "process": process, "admin_secret": admin_secret}
     stop_process(process)
+
+
+def require_nginx() -> str:
+    """Debian's nginx for the gateway tests: a clear failure if missing, a skip only with FACEFUSE_ALLOW_NO_NGINX=1."""
+    nginx = find_nginx()
+    if nginx is None:
+        if os.environ.get("FACEFUSE_ALLOW_NO_NGINX") == "1":
+            pytest.skip("nginx is not installed and FACEFUSE_ALLOW_NO_NGINX=1: the gateway is not tested")
+        pytest.fail("nginx is not installed; the gateway tests need Debian's nginx: `apt-get install nginx-light` "
+                    "(.ci/run installs it). Set FACEFUSE_ALLOW_NO_NGINX=1 to skip these tests instead.")
+    return nginx

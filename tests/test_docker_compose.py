@@ -1,8 +1,9 @@
-"""Static checks of docker-compose.yml, docker/Dockerfile and docker/requirements-server.txt.
+"""Static checks of docker-compose.yml, docker/Dockerfile, docker/gateway.Dockerfile and docker/requirements-server.txt.
 
 No docker engine (nor the compose plugin) runs on the development machines, so these read the files as data and
-check what would otherwise only fail on a GPU host: pins, the shared NGC release, ports, GPU access, shared memory,
-health, and that the `engine` service runs the same trtexec command as build.tensorrt.docker_build_command.
+check what would otherwise only fail on a GPU host: pins, the shared NGC release, ports (only the gateway's are
+published), Triton's restricted APIs, GPU access, shared memory, health, and that the `engine` service runs the same
+trtexec command as build.tensorrt.docker_build_command.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import pytest
 import yaml
 
 from build.tensorrt import NGC_RELEASE, docker_build_command, tensorrt_image, triton_image
+from facefuse.local_server import ADMIN_HEADER, RESTRICTED_APIS
+from gateway.render import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_PATH = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+GATEWAY_DOCKERFILE = ROOT / "docker" / "gateway.Dockerfile"
 REQUIREMENTS = ROOT / "docker" / "requirements-server.txt"
 
 
@@ -36,10 +40,15 @@ def engine(compose: dict) -> dict:
     return compose["services"]["engine"]
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
+@pytest.fixture(scope="module")
+def gateway(compose: dict) -> dict:
+    return compose["services"]["gateway"]
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs with line continuations joined and comments dropped."""
     joined, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         stripped = line.strip()
         if not pending and (not stripped or stripped.startswith("#")):
             continue
@@ -78,9 +87,10 @@ def test_images_are_pinned_exact_tags(compose: dict) -> None:
     for name, service in compose["services"].items():
         assert "image" in service, f"service {name} needs an image tag"
         assert_pinned(service["image"])
-    for instruction, arguments in dockerfile_instructions():
-        if instruction == "FROM":
-            assert_pinned(arguments.split()[0])
+    for path in (DOCKERFILE, GATEWAY_DOCKERFILE):
+        for instruction, arguments in dockerfile_instructions(path):
+            if instruction == "FROM":
+                assert_pinned(arguments.split()[0])
 
 
 def test_triton_and_tensorrt_images_share_the_release(triton: dict, engine: dict) -> None:
@@ -110,13 +120,60 @@ def test_model_repository_volume(triton: dict) -> None:
     assert ["./model_repository", "/models", "ro"] in mounts
 
 
-@pytest.mark.parametrize(("variable", "port"), [("HTTP_PORT", 8000), ("GRPC_PORT", 8001), ("METRICS_PORT", 8002)])
-def test_ports_are_mapped_and_overridable(triton: dict, variable: str, port: int) -> None:
+@pytest.mark.parametrize(("variable", "port"), [("HTTP_PORT", 8000), ("GRPC_PORT", 8001)])
+def test_gateway_ports_are_mapped_and_overridable(gateway: dict, variable: str, port: int) -> None:
     pattern = re.compile(r"^\$\{(?P<var>\w+):-(?P<default>\d+)\}:(?P<container>\d+)$")
-    parsed = [pattern.match(str(mapping)) for mapping in triton["ports"]]
-    assert all(parsed), f"ports must look like '${{VAR:-8000}}:8000', got {triton['ports']}"
+    parsed = [pattern.match(str(mapping)) for mapping in gateway["ports"]]
+    assert all(parsed), f"ports must look like '${{VAR:-8000}}:8000', got {gateway['ports']}"
     mapping = {int(match["container"]): (match["var"], int(match["default"])) for match in parsed}
     assert mapping[port] == (variable, port)
+
+
+def test_only_the_gateway_publishes_ports(compose: dict, triton: dict, gateway: dict) -> None:
+    published = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert published == {"gateway"}, "Triton must be reachable through the gateway only"
+    assert len(gateway["ports"]) == 2, "the gateway publishes HTTP and gRPC, not Triton's metrics"
+    assert "8002" not in " ".join(str(mapping) for mapping in gateway["ports"])
+    assert {"8000", "8001"} <= {str(port) for port in triton.get("expose", [])}
+
+
+@pytest.mark.parametrize("flag", ["--http-restricted-api", "--grpc-restricted-protocol"])
+def test_triton_restricts_the_admin_apis(triton: dict, flag: str) -> None:
+    """Same APIs and header as facefuse.local_server.restricted_api_args, the secret from TRITON_ADMIN_KEY."""
+    values = [part.split("=", 1)[1] for part in triton["command"] if part.startswith(f"{flag}=")]
+    assert len(values) == 1, f"tritonserver needs exactly one {flag}"
+    apis, _, setting = values[0].partition(":")
+    assert set(apis.split(",")) == set(RESTRICTED_APIS)
+    assert re.fullmatch(rf"{ADMIN_HEADER}=\$\{{TRITON_ADMIN_KEY:\?[^}}]+\}}", setting), \
+        "the admin secret must come from TRITON_ADMIN_KEY and be required (${VAR:?message})"
+
+
+def test_gateway_runs_debian_nginx_on_the_rendered_config(gateway: dict) -> None:
+    build = gateway["build"]
+    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == GATEWAY_DOCKERFILE.resolve()
+    instructions = dockerfile_instructions(GATEWAY_DOCKERFILE)
+    froms = [arguments.split()[0] for instruction, arguments in instructions if instruction == "FROM"]
+    assert len(froms) == 1 and re.fullmatch(r"debian:12\.\d+-slim", froms[0]), "Debian bookworm, as tested"
+    runs = " ".join(arguments for instruction, arguments in instructions if instruction == "RUN")
+    assert re.search(r"apt-get install .*nginx-light", runs)
+    assert not any(instruction in ("COPY", "ADD") for instruction, _ in instructions), "keys are never baked in"
+    (mount,) = gateway["volumes"]
+    command = [arguments for instruction, arguments in instructions if instruction == "CMD"][0]
+    assert mount["type"] == "bind" and mount["source"] == "./gateway/nginx.conf" and mount["read_only"] is True
+    assert mount["bind"]["create_host_path"] is False, "a missing config must fail, not become a directory"
+    assert f'"{mount["target"]}"' in command, "the image's CMD must read the mounted config"
+    assert gateway["depends_on"]["triton"]["condition"] in ("service_started", "service_healthy")
+    assert gateway["restart"] == "unless-stopped"
+
+
+def test_renderer_defaults_fit_the_compose_network(triton: dict, gateway: dict) -> None:
+    defaults = GatewaySettings(admin_secret="")
+    # Compose's service name is the host name on its network; Triton listens on its default ports there.
+    assert defaults.triton_http == "triton:8000" and defaults.triton_grpc == "triton:8001"
+    assert not any(part.startswith(("--http-port", "--grpc-port")) for part in triton["command"])
+    containers = {int(str(mapping).rsplit(":", 1)[1]) for mapping in gateway["ports"]}
+    assert containers == {int(defaults.http_listen), int(defaults.grpc_listen)}
+    assert defaults.user == "www-data", "Debian's nginx package runs workers as www-data"
 
 
 def test_healthcheck_hits_readiness(triton: dict) -> None:

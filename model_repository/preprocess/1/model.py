@@ -36,6 +36,7 @@ class TritonPythonModel:
         limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
                              max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)))
         self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits)
+        self.preprocessor.warm_up()
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}")
 
     def execute(self, requests):
