@@ -320,7 +320,8 @@ class FaceDetector:
     """
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
-                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280) -> None:
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280,
+                 min_face_fraction: float = 0.0) -> None:
         if min_face_size < _PNET_CELL:
             raise ValueError(f"min_face_size must be >= {_PNET_CELL}, got {min_face_size}")
         if max_side < _PNET_CELL:
@@ -329,6 +330,11 @@ class FaceDetector:
             raise ValueError(f"thresholds must be three probabilities, got {thresholds!r}")
         self.device = torch.device(device)
         self.min_face_size = int(min_face_size)
+        if not 0.0 <= min_face_fraction < 1.0:
+            raise ValueError(f"min_face_fraction must be in [0, 1), got {min_face_fraction}")
+        # Faces smaller than this fraction of the (working) image's shorter side are not searched for: the
+        # pyramid's finest, costliest levels exist only for them.
+        self.min_face_fraction = float(min_face_fraction)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.max_side = int(max_side)
         # On CPU one big pass spills activations out of cache, so work is cut into cache-sized pieces (exact for
@@ -384,7 +390,8 @@ class FaceDetector:
 
     def _pnet_scales(self, h: int, w: int) -> list[float]:
         scales = []
-        scale = _PNET_CELL / self.min_face_size  # a min_face_size face becomes one 12 px P-Net window
+        min_face = max(self.min_face_size, self.min_face_fraction * min(h, w))
+        scale = _PNET_CELL / min_face  # a min_face-pixel face becomes one 12 px P-Net window
         while min(h, w) * scale >= _PNET_CELL:
             scales.append(scale)
             scale *= _PYRAMID_FACTOR

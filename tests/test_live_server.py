@@ -67,7 +67,8 @@ def test_real_fusion_changes_the_face_and_nothing_far_from_it(client, hanks_png,
 
 def test_degree_zero_leaves_the_target_unchanged(client, hanks_png, group_jpg):
     result = client.fuse(hanks_png, group_jpg, 0, 0, {"format": "png"})
-    fused, target = (cv2.GaussianBlur(decode_image(data).astype(float), (0, 0), 4) for data in (result.image, group_jpg))
+    fused, target = (cv2.GaussianBlur(decode_image(data).astype(float), (0, 0), 4)
+                     for data in (result.image, group_jpg))
     change = np.abs(fused - target)
     assert change.mean() < 1.0 and change.max() < 8
 

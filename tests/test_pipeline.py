@@ -8,11 +8,11 @@ import pytest
 
 from facefuse import errors
 from facefuse.detection import FaceDetector
-from facefuse.face_mesh import FaceMesh
 from facefuse.engine import LocalFusion
 from facefuse.errors import FusionError
-from facefuse.network import INPUT_SHAPES
+from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import decode_image
+from facefuse.network import INPUT_SHAPES
 from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
 from facefuse.watermark import extract_watermark
 from tests.conftest import encode

@@ -13,13 +13,12 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.detection import FaceDetector  # noqa: E402
-from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
+from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
 from facefuse.pipeline import FusionRequest, Preprocessor  # noqa: E402
 from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, guarded, json_bytes, model_parameters  # noqa: E402,E501
-
 
 # The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
 NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
