@@ -83,3 +83,11 @@ bench-network: $(STAMP)
 
 gateway-config: $(STAMP)
 	$(PY) -m gateway.render
+
+# Configuration for a host with several GPUs (deploy/multi_gpu.py, README "Several GPUs"): per-GPU instance groups
+# in a copy of model_repository under .cache/multi_gpu/. Render again after `make build` (the copy holds the plan).
+# One Triton per GPU instead: $(PY) -m deploy.multi_gpu --gpus N --mode replicas
+.PHONY: multi-gpu-config
+GPUS ?= 1
+multi-gpu-config: $(STAMP)
+	$(PY) -m deploy.multi_gpu --gpus $(GPUS)

@@ -61,3 +61,14 @@ def guarded(pb_utils: Any, requests: list[Any], handle_batch: Callable[[list[Any
             except Exception as error:  # noqa: BLE001
                 responses.append(error_response(pb_utils, error))
         return responses
+
+
+def limit_threads(parameters: dict[str, str], default: int = 2) -> int:
+    """Cap torch's and OpenCV's thread pools for this model instance (parameter `cpu_threads`)."""
+    import cv2
+    import torch
+
+    threads = max(1, int(parameters.get("cpu_threads", default) or default))
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads

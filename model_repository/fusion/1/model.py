@@ -5,6 +5,12 @@ import os
 import sys
 from pathlib import Path
 
+# Every model instance is its own process: left alone, each would start one math thread per core and a host
+# with several instances would drown in threads (seen on a 16-core GPU host: load 67, GPU idle). Cap them before
+# numpy, OpenCV and torch load; the `cpu_threads` parameter can raise it per model.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "2")
+
 # The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
 for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
@@ -15,12 +21,13 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
-from facefuse.triton_glue import guarded, model_parameters  # noqa: E402
+from facefuse.triton_glue import guarded, limit_threads, model_parameters  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(json.loads(args["model_config"]))
+        limit_threads(parameters)
         model_dir = Path(args["model_repository"]) / args["model_version"]
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,

@@ -5,6 +5,12 @@ import os
 import sys
 import time
 
+# Every model instance is its own process: left alone, each would start one math thread per core and a host
+# with several instances would drown in threads (seen on a 16-core GPU host: load 67, GPU idle). Cap them before
+# numpy, OpenCV and torch load; the `cpu_threads` parameter can raise it per model.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "2")
+
 # The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
 for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
@@ -15,12 +21,13 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish  # noqa: E402
-from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes  # noqa: E402
+from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes, limit_threads, model_parameters  # noqa: E402,E501
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
+        limit_threads(model_parameters(self.model_config))
 
     def execute(self, requests):
         # Paste-back, watermark and encode are per image; each request answers for itself.

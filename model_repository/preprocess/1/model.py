@@ -4,6 +4,12 @@ import json
 import os
 import sys
 
+# Every model instance is its own process: left alone, each would start one math thread per core and a host
+# with several instances would drown in threads (seen on a 16-core GPU host: load 67, GPU idle). Cap them before
+# numpy, OpenCV and torch load; the `cpu_threads` parameter can raise it per model.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "2")
+
 # The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
 for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
@@ -17,8 +23,16 @@ from facefuse.errors import FusionError  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
-from facefuse.pipeline import FusionRequest, Preprocessor  # noqa: E402
-from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, guarded, json_bytes, model_parameters  # noqa: E402,E501
+from facefuse.pipeline import MIN_EYE_DISTANCE, FusionRequest, Preprocessor  # noqa: E402
+from facefuse.triton_glue import (  # noqa: E402,E501
+    bytes_rows,
+    bytes_tensor,
+    error_response,
+    guarded,
+    json_bytes,
+    limit_threads,
+    model_parameters,
+)
 
 # The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
 NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
@@ -27,16 +41,22 @@ NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
 class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(json.loads(args["model_config"]))
+        limit_threads(parameters)
         device = parameters.get("detector_device", "auto")
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
-                             max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)))
-        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits)
+                             max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)),
+                             max_side=int(parameters.get("max_image_side", ImageLimits.max_side)),
+                             min_side=int(parameters.get("min_image_side", ImageLimits.min_side)))
+        min_eye_distance = float(parameters.get("min_face_eye_distance", MIN_EYE_DISTANCE))
+        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits,
+                                         min_eye_distance=min_eye_distance)
         self.preprocessor.warm_up()
-        pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}")
+        pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}, "
+                                 f"min_face_eye_distance {min_eye_distance}")
 
     def execute(self, requests):
         return guarded(pb_utils, requests, self._execute)

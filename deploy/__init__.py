@@ -1,0 +1,1 @@
+"""Deployment helpers: configuration for hosts with several GPUs (deploy.multi_gpu)."""
