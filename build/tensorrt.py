@@ -36,8 +36,8 @@ from pathlib import Path, PurePosixPath
 import onnx
 
 from build.trt_ops import TENSORRT_VERSION as PARSER_TABLE_VERSION
-from facefuse.network import INPUT_SHAPES
 from build.trt_ops import unsupported_ops
+from facefuse.network import INPUT_SHAPES
 
 Log = Callable[[str], None]
 

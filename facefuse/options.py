@@ -54,6 +54,11 @@ def parse_options(raw: bytes | str | None) -> FusionOptions:
         raise FusionError(INVALID_OPTIONS, "OPTIONS is not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise FusionError(INVALID_OPTIONS, f"OPTIONS is not valid JSON ({error.msg} at char {error.pos})") from None
+    except (RecursionError, ValueError) as error:
+        # Valid JSON that Python refuses to build: nesting deeper than the recursion limit, or an integer longer
+        # than sys.get_int_max_str_digits(). Both are the caller's input, not a fault of the service.
+        reason = "nested too deeply" if isinstance(error, RecursionError) else "has a number too long to parse"
+        raise FusionError(INVALID_OPTIONS, f"OPTIONS {reason}") from None
     if not isinstance(parsed, dict):
         raise FusionError(INVALID_OPTIONS, f"OPTIONS must be a JSON object, got {type(parsed).__name__}")
     unknown = sorted(set(parsed) - set(_KNOWN_KEYS))

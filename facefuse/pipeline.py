@@ -79,7 +79,8 @@ class PreparedFusion:
     network_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # per row, no batch axis; see network.py
 
 
-def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code: str) -> DetectedFace:
+def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code: str,
+                 min_eye_distance: float = MIN_EYE_DISTANCE) -> DetectedFace:
     if not faces:
         raise FusionError(no_face_code, f"no face found in the {role} image")
     if index >= len(faces):
@@ -89,10 +90,10 @@ def _choose_face(faces: list[DetectedFace], index: int, role: str, no_face_code:
         )
     face = faces[index]
     eye_distance = float(np.linalg.norm(face.landmarks[1] - face.landmarks[0]))
-    if eye_distance < MIN_EYE_DISTANCE:
+    if eye_distance < min_eye_distance:
         raise FusionError(
             errors.FACE_TOO_SMALL,
-            f"the chosen {role} face is too small (eyes {eye_distance:.0f} px apart, need >= {MIN_EYE_DISTANCE:.0f})",
+            f"the chosen {role} face is too small (eyes {eye_distance:.0f} px apart, need >= {min_eye_distance:.0f})",
         )
     return face
 
@@ -101,11 +102,12 @@ class Preprocessor:
     """Decodes, detects and aligns a batch of requests; each row succeeds or fails on its own."""
 
     def __init__(self, detector: FaceDetector, mesh: FaceMesh, limits: ImageLimits | None = None,
-                 crop_size: int = CROP_SIZE):
+                 crop_size: int = CROP_SIZE, min_eye_distance: float = MIN_EYE_DISTANCE):
         self.detector = detector
         self.mesh = mesh
         self.limits = limits or ImageLimits()
         self.crop_size = crop_size
+        self.min_eye_distance = float(min_eye_distance)  # FACE_TOO_SMALL below this (preprocess parameter)
 
     def warm_up(self) -> None:
         """Run the detector and the mesh once, so the first request does not pay for kernel selection and
@@ -183,8 +185,10 @@ class Preprocessor:
         target_faces: list[DetectedFace], detect_ms: float,
     ) -> PreparedFusion:
         started = time.perf_counter()
-        source_face = _choose_face(source_faces, options.source_face, "source", errors.NO_FACE_IN_SOURCE)
-        target_face = _choose_face(target_faces, options.target_face, "target", errors.NO_FACE_IN_TARGET)
+        source_face = _choose_face(source_faces, options.source_face, "source", errors.NO_FACE_IN_SOURCE,
+                                   self.min_eye_distance)
+        target_face = _choose_face(target_faces, options.target_face, "target", errors.NO_FACE_IN_TARGET,
+                                   self.min_eye_distance)
         source_matrix = alignment_matrix(source_face.landmarks, self.crop_size)
         target_matrix = alignment_matrix(target_face.landmarks, self.crop_size)
         source_crop = warp_to_crop(source_rgb, source_matrix, self.crop_size)

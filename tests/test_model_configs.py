@@ -76,3 +76,24 @@ def test_fusion_configs_share_tensors_and_match_the_network():
     assert {name: tuple(dims) for name, (_, dims) in tensors(local.output).items()} == OUTPUT_SHAPES
     assert gpu.max_batch_size == local.max_batch_size == 32
     assert gpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+BATCHING_CONFIGS = [REPOSITORY / "preprocess" / "config.pbtxt", REPOSITORY / "fusion" / "config.pbtxt",
+                    REPOSITORY / "fusion" / "configs" / "gpu.pbtxt", REPOSITORY / "postprocess" / "config.pbtxt"]
+
+
+@pytest.mark.parametrize("path", BATCHING_CONFIGS, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_overload_is_refused_not_queued_forever(path):
+    """Every batching model bounds its queue and its queueing time, and refuses (REJECT) beyond them."""
+    policy = load(path).dynamic_batching.default_queue_policy
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert 0 < policy.max_queue_size <= 1024
+    assert 0 < policy.default_timeout_microseconds <= 120_000_000  # below the client's default 120 s timeout
+    assert policy.allow_timeout_override
+
+
+def test_preprocess_limits_are_parameters():
+    parameters = {key: value.string_value for key, value in load(REPOSITORY / "preprocess" / "config.pbtxt")
+                  .parameters.items()}
+    for key in ("max_image_bytes", "max_image_pixels", "max_image_side", "min_image_side", "min_face_eye_distance"):
+        assert float(parameters[key]) > 0, key

@@ -12,7 +12,6 @@ from build.trt_ops import unsupported_ops
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, FusionNetwork
 
 
-
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")

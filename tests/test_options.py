@@ -21,7 +21,9 @@ def test_all_keys_parse():
 @pytest.mark.parametrize("raw", [b"{", b"[]", b'"x"', b"\xff\xfe", b'{"source_face": -1}', b'{"source_face": 1.5}',
                                  b'{"format": "gif"}', b'{"quality": 0}', b'{"quality": true}', b'{"nope": 1}',
                                  b'{"watermark_id": "xyz"}', b'{"watermark_id": "1234567890abcdef0"}',
-                                 b'{"visible_label": "yes"}', b"{" + b" " * 20000 + b"}"])
+                                 b'{"visible_label": "yes"}', b"{" + b" " * 20000 + b"}",
+                                 # Valid JSON that json.loads cannot build (RecursionError, ValueError).
+                                 b"[" * 5000 + b"]" * 5000, b'{"target_face": ' + b"9" * 5000 + b"}"])
 def test_bad_options_are_invalid_options(raw):
     with pytest.raises(FusionError) as caught:
         parse_options(raw)
