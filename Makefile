@@ -91,3 +91,24 @@ gateway-config: $(STAMP)
 GPUS ?= 1
 multi-gpu-config: $(STAMP)
 	$(PY) -m deploy.multi_gpu --gpus $(GPUS)
+
+# Identity blocklist (README "Safety"): every photo in DIR (its largest face, named after the file's stem) ->
+# BLOCKLIST (default .cache/blocklist.npz, git-ignored); serve it with preprocess parameter `blocklist_path`.
+# `make blocklist-report` measures the threshold's false rejects and hit rate on the sample faces.
+.PHONY: blocklist blocklist-report
+BLOCKLIST ?= .cache/blocklist.npz
+blocklist: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make blocklist DIR=<folder of photos> [BLOCKLIST=$(BLOCKLIST)] [THRESHOLD=0.5]"; exit 2; }
+	$(PY) -m facefuse.blocklist "$(DIR)" --out "$(BLOCKLIST)" $(if $(THRESHOLD),--threshold $(THRESHOLD))
+
+blocklist-report: $(STAMP)
+	$(PY) -m build.blocklist_report
+
+# Soak (README "Reliability"): valid and hostile requests mixed for SOAK_MINUTES against a server of its own, with
+# SOAK_CONCURRENCY clients; CSV, PNG and summary under bench/results/. Fails if a valid request failed, a hostile
+# one got another code, or a Python stub died.
+.PHONY: soak
+SOAK_MINUTES ?= 10
+SOAK_CONCURRENCY ?= 8
+soak: build
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --concurrency $(SOAK_CONCURRENCY)

@@ -12,7 +12,8 @@ from pathlib import Path
 from client.api import DEFAULT_URLS, PROTOCOLS, FusionClient, FusionServerError
 
 
-def _fuse(args: argparse.Namespace) -> int:
+def fuse_options(args: argparse.Namespace) -> dict:
+    """The OPTIONS object the `fuse` flags ask for (--options first, the flags over it)."""
     options = json.loads(args.options) if args.options else {}
     for key in ("source_face", "target_face", "format", "quality", "watermark_id"):
         value = getattr(args, key)
@@ -20,8 +21,18 @@ def _fuse(args: argparse.Namespace) -> int:
             options[key] = value
     if args.visible_label:
         options["visible_label"] = True
+    # The source person's consent, for deployments that require it (preprocess parameter `consent`).
+    if args.consent_token:
+        options["consent"] = args.consent_token
+    elif args.consent:
+        options["consent"] = True
     if "format" not in options and args.out.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg"):
         options["format"] = args.out.suffix.lower().lstrip(".").replace("jpg", "jpeg")
+    return options
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    options = fuse_options(args)
     try:
         source, target = args.source.read_bytes(), args.target.read_bytes()
     except OSError as error:
@@ -87,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100")
     fuse.add_argument("--watermark-id", help="hex id to embed (default: random 64-bit)")
     fuse.add_argument("--visible-label", action="store_true", help="draw an 'AI-generated' label")
+    consent = fuse.add_mutually_exclusive_group()
+    consent.add_argument("--consent", action="store_true",
+                         help="assert that the person in the source image consented (OPTIONS consent: true)")
+    consent.add_argument("--consent-token", default=os.environ.get("FACEFUSE_CONSENT_TOKEN") or None,
+                         help="consent token of a deployment with consent=token:... "
+                              "(default: $FACEFUSE_CONSENT_TOKEN)")
     fuse.add_argument("--options", help="raw OPTIONS JSON object, merged under the flags above")
     fuse.add_argument("--metadata", type=Path, help="also write the METADATA JSON here")
     fuse.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")

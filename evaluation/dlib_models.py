@@ -1,64 +1,46 @@
 """dlib's face models as the evaluation's independent judge: HOG detector, 68/5-point shapes, ResNet descriptor.
 
-The model files come from the ``face-recognition-models`` wheel. Its ``__init__`` imports ``pkg_resources`` (gone
-from recent setuptools), so only its package folder is located, never imported.
+The model files and their loaders are facefuse/identity.py's (the service's identity blocklist uses the same ResNet).
 
 Boxes are ``(x1, y1, x2, y2)`` in image pixels, typically our MTCNN boxes. dlib's shape predictors were trained on
 the boxes of dlib's own HOG detector, which are tighter and lower than MTCNN's (no forehead), so a box is first
 turned into a dlib-style rectangle: the HOG detection, run on a small rescaled window around the box, that overlaps
-it best; failing that, a fixed conversion calibrated on the sample photos.
+it best; failing that, the fixed conversion the service uses (facefuse.identity.dlib_rectangle).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
-from collections.abc import Sequence
 
 import cv2
 import dlib
 import numpy as np
 
-Box = Sequence[float] | np.ndarray
+from facefuse.identity import (  # one definition of the model files and loaders, shared with the service
+    MODEL_FILES,
+    SAME_PERSON_THRESHOLD,
+    Box,
+    descriptor_distance,
+    dlib_rectangle,
+    face_recognizer,
+    model_path,
+    models_dir,
+    shape_predictor_5,
+)
 
-MODEL_FILES = {
-    "shape68": "shape_predictor_68_face_landmarks.dat",
-    "shape5": "shape_predictor_5_face_landmarks.dat",
-    "resnet": "dlib_face_recognition_resnet_model_v1.dat",
-    "mmod": "mmod_human_face_detector.dat",
-}
-SAME_PERSON_THRESHOLD = 0.6  # dlib's documented operating point for the ResNet descriptor (Euclidean distance)
+__all__ = ["MODEL_FILES", "SAME_PERSON_THRESHOLD", "Box", "NoFaceError", "box_iou", "descriptor",
+           "descriptor_distance", "detect_faces", "face_rectangle", "face_recognizer", "landmarks5", "landmarks68",
+           "model_path", "models_dir", "shape_predictor_5", "shape_predictor_68"]
 
 # The HOG detector's window is 80x80; the local search rescales the box to about this width so that faces of any
 # size are found at one pyramid level (cheap: a ~250 px window instead of the whole photo).
 _LOCAL_FACE_WIDTH = 120.0
 _LOCAL_MARGIN = 0.5  # search window = box grown by this fraction of its size on every side
 _MIN_IOU = 0.3  # a HOG detection overlapping the box less than this is another face
-# Fallback MTCNN box -> dlib rectangle, measured on the 7 sample faces: dlib's square is ~1.08x the MTCNN width,
-# ~0.83x its height, and centred ~7% of the height lower.
-_FALLBACK_WIDTH, _FALLBACK_HEIGHT, _FALLBACK_DROP = 1.08, 0.83, 0.07
 
 
 class NoFaceError(ValueError):
     """dlib found no face where one was asked for."""
-
-
-def models_dir() -> pathlib.Path:
-    """Folder holding the ``.dat`` files of the installed face-recognition-models wheel."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("face-recognition-models is not installed (pip install --no-deps "
-                                "face-recognition-models==0.3.0)")
-    root = pathlib.Path(next(iter(spec.submodule_search_locations)))
-    for folder in (root / "models", root):
-        if (folder / MODEL_FILES["resnet"]).is_file():
-            return folder
-    raise FileNotFoundError(f"dlib model files not found under {root}")
-
-
-def model_path(key: str) -> pathlib.Path:
-    return models_dir() / MODEL_FILES[key]
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,16 +51,6 @@ def frontal_detector() -> dlib.fhog_object_detector:
 @functools.lru_cache(maxsize=1)
 def shape_predictor_68() -> dlib.shape_predictor:
     return dlib.shape_predictor(str(model_path("shape68")))
-
-
-@functools.lru_cache(maxsize=1)
-def shape_predictor_5() -> dlib.shape_predictor:
-    return dlib.shape_predictor(str(model_path("shape5")))
-
-
-@functools.lru_cache(maxsize=1)
-def face_recognizer() -> dlib.face_recognition_model_v1:
-    return dlib.face_recognition_model_v1(str(model_path("resnet")))
 
 
 def _as_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -137,9 +109,7 @@ def face_rectangle(rgb: np.ndarray, box: Box) -> tuple[dlib.rectangle, bool]:
                 best, best_iou = candidate, iou
         if best is not None:
             return _rect(*best), True
-    centre_x, centre_y = (x1 + x2) / 2.0, (y1 + y2) / 2.0 + _FALLBACK_DROP * height
-    side = (_FALLBACK_WIDTH * width + _FALLBACK_HEIGHT * height) / 2.0
-    return _rect(centre_x - side / 2, centre_y - side / 2, centre_x + side / 2, centre_y + side / 2), False
+    return dlib_rectangle(box), False
 
 
 def _resolve(rgb: np.ndarray, box: Box | None) -> dlib.rectangle:
@@ -176,7 +146,3 @@ def descriptor(rgb: np.ndarray, box: Box | None = None) -> np.ndarray:
     shape = shape_predictor_5()(rgb, _resolve(rgb, box))
     return np.asarray(face_recognizer().compute_face_descriptor(rgb, shape, 0, 0.25), dtype=np.float64)
 
-
-def descriptor_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Euclidean distance between two descriptors; < 0.6 means 'same person' for dlib."""
-    return float(np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64)))

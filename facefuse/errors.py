@@ -25,6 +25,10 @@ SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 UNIMPLEMENTED = "UNIMPLEMENTED"
 GATEWAY_CODES = (UNAUTHENTICATED, PERMISSION_DENIED, RATE_LIMITED, REQUEST_TOO_LARGE, SERVICE_UNAVAILABLE,
                  UNIMPLEMENTED)
+# Safety refusals by preprocess (README "Safety"): the source face matches the identity blocklist; the deployment
+# requires the caller to assert the source person's consent (OPTIONS `consent`) and it was missing or wrong.
+BLOCKED_IDENTITY = "BLOCKED_IDENTITY"
+CONSENT_REQUIRED = "CONSENT_REQUIRED"
 
 ALL_CODES = (
     INVALID_IMAGE,
@@ -38,6 +42,8 @@ ALL_CODES = (
     INVALID_OPTIONS,
     INTERNAL_ERROR,
     *GATEWAY_CODES,
+    BLOCKED_IDENTITY,
+    CONSENT_REQUIRED,
 )
 
 

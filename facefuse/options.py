@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from facefuse.errors import INVALID_DEGREE, INVALID_OPTIONS, FusionError
@@ -13,7 +13,8 @@ from facefuse.imaging import OUTPUT_FORMATS
 from facefuse.watermark import parse_watermark_id
 
 MAX_OPTIONS_BYTES = 16 * 1024
-_KNOWN_KEYS = ("source_face", "target_face", "format", "quality", "watermark_id", "visible_label")
+_KNOWN_KEYS = ("source_face", "target_face", "format", "quality", "watermark_id", "visible_label", "consent")
+MAX_CONSENT_CHARS = 256  # a consent token is a short secret (facefuse/consent.py)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class FusionOptions:
     quality: int = 92
     watermark_id: str = ""  # 16 hex digits; empty means "draw a random one"
     visible_label: bool = False
+    # true, or a token string; what the deployment requires is preprocess's `consent` parameter (consent.py)
+    consent: bool | str = field(default=False, repr=False)  # repr=False: may be a secret token
 
     def with_watermark_id(self) -> FusionOptions:
         """A copy whose watermark id is set, drawing a random 64-bit one when the caller gave none."""
@@ -90,6 +93,13 @@ def parse_options(raw: bytes | str | None) -> FusionOptions:
             label = parsed["visible_label"]
             raise FusionError(INVALID_OPTIONS, f"'visible_label' must be true or false, got {label!r}")
         values["visible_label"] = parsed["visible_label"]
+    if "consent" in parsed:
+        consent = parsed["consent"]
+        if not isinstance(consent, bool) and not (isinstance(consent, str) and 0 < len(consent) <= MAX_CONSENT_CHARS):
+            # The value may be a secret token: say what is wrong with it, never echo it.
+            raise FusionError(INVALID_OPTIONS, f"'consent' must be true, false or a token string of 1-"
+                                               f"{MAX_CONSENT_CHARS} characters, got a {type(consent).__name__}")
+        values["consent"] = consent
     return FusionOptions(**values)
 
 

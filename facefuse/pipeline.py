@@ -26,12 +26,14 @@ from facefuse.alignment import (
     transform_points,
     warp_to_crop,
 )
+from facefuse.blocklist import IdentityGuard
+from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry
 from facefuse.imaging import ImageLimits, decode_image, encode_image
-from facefuse.label import draw_label
+from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
 from facefuse.network import VERSION as NETWORK_VERSION
 from facefuse.options import FusionOptions, parse_options, validate_degree
 from facefuse.provenance import build_xmp
@@ -102,12 +104,15 @@ class Preprocessor:
     """Decodes, detects and aligns a batch of requests; each row succeeds or fails on its own."""
 
     def __init__(self, detector: FaceDetector, mesh: FaceMesh, limits: ImageLimits | None = None,
-                 crop_size: int = CROP_SIZE, min_eye_distance: float = MIN_EYE_DISTANCE):
+                 crop_size: int = CROP_SIZE, min_eye_distance: float = MIN_EYE_DISTANCE,
+                 consent: ConsentPolicy | None = None, identity_guard: IdentityGuard | None = None):
         self.detector = detector
         self.mesh = mesh
         self.limits = limits or ImageLimits()
         self.crop_size = crop_size
         self.min_eye_distance = float(min_eye_distance)  # FACE_TOO_SMALL below this (preprocess parameter)
+        self.consent = consent or ConsentPolicy()  # preprocess parameter `consent` (CONSENT_REQUIRED)
+        self.identity_guard = identity_guard  # preprocess parameter `blocklist_path` (BLOCKED_IDENTITY); None = off
 
     def warm_up(self) -> None:
         """Run the detector and the mesh once, so the first request does not pay for kernel selection and
@@ -128,6 +133,8 @@ class Preprocessor:
             try:
                 started = time.perf_counter()
                 options = parse_options(request.options)
+                # Before any image is decoded: no face is processed without the consent the deployment requires.
+                self.consent.check(options.consent)
                 face_degree = validate_degree(request.face_degree, "FACE_DEGREE")
                 profile_degree = validate_degree(request.profile_degree, "PROFILE_DEGREE")
                 indices = []
@@ -189,6 +196,11 @@ class Preprocessor:
                                    self.min_eye_distance)
         target_face = _choose_face(target_faces, options.target_face, "target", errors.NO_FACE_IN_TARGET,
                                    self.min_eye_distance)
+        if self.identity_guard is not None:  # only the SOURCE face is brought into the result
+            checked = time.perf_counter()
+            self.identity_guard.check(source_rgb, source_face)
+            timings = {**timings, "identity": _elapsed_ms(checked)}
+            started = time.perf_counter()
         source_matrix = alignment_matrix(source_face.landmarks, self.crop_size)
         target_matrix = alignment_matrix(target_face.landmarks, self.crop_size)
         source_crop = warp_to_crop(source_rgb, source_matrix, self.crop_size)
@@ -244,15 +256,19 @@ def paste_back(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.nd
 
 
 def finish(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.ndarray, target_matrix: np.ndarray,
-           options: FusionOptions, metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-    """Paste back, label, watermark and encode; returns the encoded image and the completed metadata."""
+           options: FusionOptions, metadata: dict[str, Any], label_text: str = DEFAULT_LABEL,
+           label_position: str = DEFAULT_POSITION) -> tuple[bytes, dict[str, Any]]:
+    """Paste back, label, watermark and encode; returns the encoded image and the completed metadata.
+
+    The label's text and corner are postprocess parameters (the operator's), drawn when OPTIONS visible_label asks.
+    """
     timings = metadata.setdefault("timings_ms", {})
     options = options.with_watermark_id()
     started = time.perf_counter()
     fused = paste_back(target_rgb, fused_crop, blend_mask, target_matrix)
     timings["paste"] = _elapsed_ms(started)
     if options.visible_label:
-        fused = draw_label(fused)
+        fused = draw_label(fused, label_text, label_position)
     started = time.perf_counter()
     fused = embed_watermark(fused, parse_watermark_id(options.watermark_id))
     timings["watermark"] = _elapsed_ms(started)

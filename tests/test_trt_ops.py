@@ -160,7 +160,10 @@ def test_docker_build_command() -> None:
     assert "--fp16" in container and "--skipInference" in container
     assert "--memPoolSize=workspace:4096" in container
     shapes = {arg.split("=", 1)[0]: arg.split("=", 1)[1] for arg in container if arg.endswith(("x1", "x2"))}
-    assert shapes["--minShapes"].startswith("SOURCE_CROP:1x3x256x256,TARGET_CROP:1x3x256x256,SOURCE_LANDMARKS:1x5x2")
+    from facefuse.network import INPUT_SHAPES
+
+    expected_min = ",".join(f"{name}:{'x'.join(map(str, (1, *shape)))}" for name, shape in INPUT_SHAPES.items())
+    assert shapes["--minShapes"] == expected_min
     assert "FACE_DEGREE:32x1,PROFILE_DEGREE:32x1" in shapes["--maxShapes"]
     assert "--int8" not in container
     int8 = trt_build.docker_build_command(ROOT, int8=True, calibration_cache="calib/fusion.cache")

@@ -19,6 +19,7 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish  # noqa: E402
 from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes, limit_threads, model_parameters  # noqa: E402,E501
@@ -27,7 +28,13 @@ from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_
 class TritonPythonModel:
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
-        limit_threads(model_parameters(self.model_config))
+        parameters = model_parameters(self.model_config)
+        limit_threads(parameters)
+        # The visible label is the operator's: OPTIONS can ask for it but not change its text or place. A bad value
+        # fails the load.
+        self.label_text = parameters.get("label_text") or DEFAULT_LABEL
+        self.label_position = parameters.get("label_position") or DEFAULT_POSITION
+        validate_label(self.label_text, self.label_position)
 
     def execute(self, requests):
         # Paste-back, watermark and encode are per image; each request answers for itself.
@@ -45,7 +52,8 @@ class TritonPythonModel:
                 target_rgb = np.frombuffer(bytes_rows(tensors["TARGET_PIXELS"][row])[0], np.uint8).reshape(shape)
                 started = time.perf_counter()
                 encoded, metadata = finish(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
-                                           tensors["TARGET_MATRIX"][row], options, metadata)
+                                           tensors["TARGET_MATRIX"][row], options, metadata, self.label_text,
+                                           self.label_position)
                 metadata["timings_ms"]["postprocess_total"] = round((time.perf_counter() - started) * 1000, 2)
                 images.append(encoded)
                 metadata_rows.append(json_bytes(metadata))

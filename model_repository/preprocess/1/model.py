@@ -18,6 +18,8 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from facefuse.blocklist import IdentityGuard  # noqa: E402
+from facefuse.consent import ConsentPolicy  # noqa: E402
 from facefuse.detection import FaceDetector  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
@@ -47,16 +49,29 @@ class TritonPythonModel:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cuda" and args.get("model_instance_kind") == "GPU":
+                # A KIND_GPU instance group names its GPU: several GPUs each get their own detector.
+                device = f"cuda:{int(args['model_instance_device_id'])}"
+                torch.cuda.set_device(device)
         limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
                              max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)),
                              max_side=int(parameters.get("max_image_side", ImageLimits.max_side)),
                              min_side=int(parameters.get("min_image_side", ImageLimits.min_side)))
         min_eye_distance = float(parameters.get("min_face_eye_distance", MIN_EYE_DISTANCE))
+        # Safety (README "Safety"): a bad value fails the model load rather than serving without the check.
+        consent = ConsentPolicy.parse(parameters.get("consent", "off"))
+        identity_guard = None
+        if parameters.get("blocklist_path", "").strip():  # dlib loads only then
+            identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits,
-                                         min_eye_distance=min_eye_distance)
+                                         min_eye_distance=min_eye_distance, consent=consent,
+                                         identity_guard=identity_guard)
         self.preprocessor.warm_up()
+        blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
+                     if identity_guard else "off")
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}, "
-                                 f"min_face_eye_distance {min_eye_distance}")
+                                 f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
+                                 f"blocklist {blocklist}")
 
     def execute(self, requests):
         return guarded(pb_utils, requests, self._execute)
