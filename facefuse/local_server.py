@@ -6,7 +6,8 @@
 
 Ports default to 8000 (HTTP), 8001 (gRPC), 8002 (metrics); override with --http-port/--grpc-port/--metrics-port
 or HTTP_PORT/GRPC_PORT/METRICS_PORT. With TRITON_ADMIN_KEY set, the restricted APIs (RESTRICTED_APIS) need the
-header `admin-key: $TRITON_ADMIN_KEY`, as in docker compose behind the gateway (gateway/).
+header `admin-key: $TRITON_ADMIN_KEY`, as in docker compose behind the gateway (gateway/). `serve` and `start` run the
+server with explicit model control and facefuse/watchdog.py, which reloads a model whose Python stub died.
 """
 
 from __future__ import annotations
@@ -193,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         os.killpg(pid, signal.SIGKILL)
         print(f"[serve] killed server pid {pid} after 45 s")
         return 0
+    from facefuse.watchdog import SELF_HEAL_ARGS, StubWatchdog
+
     admin_secret = os.environ.get("TRITON_ADMIN_KEY")
-    extra = restricted_api_args(admin_secret) if admin_secret else None
+    # Explicit model control lets the stub watchdog reload a model whose Python stub died (facefuse/watchdog.py).
+    extra = [*SELF_HEAL_ARGS, *(restricted_api_args(admin_secret) if admin_secret else [])]
     try:
         process = start(ports, args.log, extra=extra)
     except RuntimeError as error:
@@ -203,11 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(str(process.pid))
+        # The watchdog outlives this command and exits with the server; it logs into the server's log.
+        with open(args.log, "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "facefuse.watchdog", "--server-pid", str(process.pid),
+                              "--url", f"127.0.0.1:{ports.http}"], cwd=REPO_ROOT, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
         return 0
+    watchdog = StubWatchdog(process.pid, f"127.0.0.1:{ports.http}", admin_secret).start()
     try:
         return process.wait()
     except KeyboardInterrupt:
         return stop_process(process)
+    finally:
+        watchdog.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Find a Triton server's Python-backend stub processes and read their memory, from /proc (Linux only).
+
+The Python backend runs each model instance in its own `triton_python_backend_stub` child process. Its command line
+is `<stub> <repository>/<model>/<version>/model.py <shm region> <sizes> <parent pid> <backend dir> <ipc> <instance>
+...`; the model is read from the path and the instance name (e.g. `postprocess_0_0`) from the ninth argument.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+STUB_NAME = "triton_python_backend_stub"
+_INSTANCE_ARG = 8  # position of the instance name in the stub's argv (Triton 2.51 python backend)
+
+
+@dataclass(frozen=True)
+class Stub:
+    pid: int
+    model: str
+    instance: str
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses): state, ppid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def is_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a killed child stays a zombie until its parent reaps it)."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def stub_processes(server_pid: int) -> dict[str, Stub]:
+    """{instance name: Stub} for the live stubs whose parent is `server_pid`."""
+    stubs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        args = _cmdline(pid)
+        if len(args) < 2 or not args[0].endswith(STUB_NAME):
+            continue
+        fields = _stat_fields(pid)
+        if len(fields) < 2 or int(fields[1]) != server_pid or fields[0] == "Z":
+            continue
+        model = Path(args[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+        instance = args[_INSTANCE_ARG] if len(args) > _INSTANCE_ARG else f"{model}_{pid}"
+        stubs[instance] = Stub(pid, model, instance)
+    return stubs
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of `pid`, or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def find_server_pid(name: str = "tritonserver") -> int | None:
+    """The pid of the one live process whose executable is called `name` (None if there are none or several)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            args = _cmdline(int(entry))
+            if args and Path(args[0]).name == name and is_alive(int(entry)):
+                found.append(int(entry))
+    return found[0] if len(found) == 1 else None
