@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 from bench.inputs import benchmark_pair
-from facefuse.local_server import MODEL_REPOSITORY, REPO_ROOT, Ports, start, stop_process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from facefuse.local_server import MODEL_REPOSITORY, REPO_ROOT, free_ports, start, stop_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from client.api import FusionClient
 
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = free_ports()
     server = start(ports, REPO_ROOT / "out" / "diagnose-triton.log", model_repository=args.model_repository)
     try:
         with FusionClient(f"localhost:{ports.grpc}", "grpc") as client:

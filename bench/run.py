@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.inputs import benchmark_pair, write_input_data, write_tensor_data
-from facefuse.local_server import MODEL_REPOSITORY, REPO_ROOT, Ports, pytriton_root, start, stop_process
+from facefuse.local_server import (
+    MODEL_REPOSITORY,
+    REPO_ROOT,
+    Ports,
+    free_ports,
+    pytriton_root,
+    start,
+    stop_process,
+)
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
 
@@ -165,11 +172,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {"face_fusion": write_input_data(work / "ensemble.json", source, target, options={"target_face": 0}),
               "preprocess": work / "ensemble.json"}
     inputs.update(composing_inputs(source, target, work))
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = free_ports()
     server = start(ports, REPO_ROOT / "out" / "bench-triton.log", model_repository=args.model_repository)
     rows: list[dict] = []
     try:

@@ -33,7 +33,7 @@ import numpy as np
 from bench.hostile import OK, build_catalogue, hanks, preprocess_limits, scene
 from client.api import FusionClient, FusionServerError
 from facefuse.imaging import encode_image, image_size
-from facefuse.local_server import REPO_ROOT, Ports, start, stop_process
+from facefuse.local_server import REPO_ROOT, free_ports, start, stop_process
 from facefuse.procfs import rss_bytes, stub_processes
 from facefuse.samples import sample_image_path
 from facefuse.watchdog import SELF_HEAL_ARGS, StubWatchdog
@@ -119,14 +119,6 @@ def server_rss(pid: int) -> dict[str, int]:
     return sizes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def plot(records: list[Record], rss: list[tuple[float, dict[str, int]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -172,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     valid, invalid = valid_jobs(), invalid_jobs()
     every = max(1, round(1 / args.invalid_share)) if args.invalid_share > 0 else 0
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = free_ports()
     log = REPO_ROOT / "out" / "soak-triton.log"
     log.parent.mkdir(exist_ok=True)
     log.write_text("")

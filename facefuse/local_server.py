@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -104,12 +105,23 @@ def restricted_api_args(admin_secret: str, header: str = ADMIN_HEADER) -> list[s
             f"--grpc-restricted-protocol={apis}:{header}={admin_secret}"]
 
 
-def is_ready(ports: Ports) -> bool:
+def is_ready(ports: Ports, timeout_s: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=timeout_s) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for tests and benchmarks that start their own server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_ports() -> Ports:
+    return Ports(free_port(), free_port(), free_port())
 
 
 def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = MODEL_REPOSITORY,

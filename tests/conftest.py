@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 import os
 import secrets
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from facefuse.local_server import MODEL_REPOSITORY, Ports, restricted_api_args, start, stop_process
+from facefuse.local_server import MODEL_REPOSITORY, free_port, free_ports, restricted_api_args, start, stop_process
 from facefuse.samples import sample_image_path
 from gateway.render import find_nginx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_free_port = free_port  # the name other test modules import
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +44,6 @@ def faceless_png() -> bytes:
     return encode(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory):
@@ -63,7 +58,7 @@ def triton_server(tmp_path_factory):
 
         raw = export(tmp_path_factory.mktemp("onnx") / "raw.onnx")
         simplify(raw, onnx_path)
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = free_ports()
     log_path = REPO_ROOT / "out" / "test-triton.log"
     log_path.parent.mkdir(exist_ok=True)
     log_path.write_text("")

@@ -12,12 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from facefuse.local_server import MODEL_REPOSITORY, Ports, start
-from tests.conftest import _free_port
-
-
-def free_ports() -> Ports:
-    return Ports(_free_port(), _free_port(), _free_port())
+from facefuse.local_server import MODEL_REPOSITORY, Ports, free_ports, start
 
 
 def copy_repository(destination: Path, edits: dict[str, Callable[[str], str]] | None = None) -> Path:

@@ -24,9 +24,9 @@ from facefuse.detection import FaceDetector
 from facefuse.errors import FusionError
 from facefuse.imaging import decode_image
 from facefuse.label import label_layout
-from facefuse.local_server import MODEL_REPOSITORY, Ports, start, stop_process
+from facefuse.local_server import MODEL_REPOSITORY, Ports, free_ports, start, stop_process
 from facefuse.samples import sample_image_path
-from tests.conftest import REPO_ROOT, _free_port, encode
+from tests.conftest import REPO_ROOT, encode
 
 HANKS = "Tom_Hanks_54745.png"
 
@@ -202,7 +202,7 @@ def safety_server(tmp_path_factory, hanks_blocklist):
     text, consent = re.subn(r'(key: "consent" value: \{ string_value: )"off"', r'\1"required"', text)
     assert found == consent == 1, "preprocess/config.pbtxt has no blocklist_path / consent parameter to set"
     config.write_text(text)
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = free_ports()
     log = REPO_ROOT / "out" / "test-triton-safety.log"
     log.parent.mkdir(exist_ok=True)
     log.write_text("")
