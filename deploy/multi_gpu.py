@@ -53,6 +53,7 @@ TRITON_SERVICE = "triton"
 GATEWAY_SERVICE = "gateway"
 # In replica mode the single `triton` service of docker-compose.yml is moved behind this profile, so `up` skips it.
 SINGLE_TRITON_PROFILE = "single-triton"
+WATCHDOG_SERVICE = "watchdog"
 UPSTREAMS = ("triton_http", "triton_grpc")  # the upstream blocks of gateway/nginx.conf.template
 KEEPALIVE_PER_SERVER = 16  # idle connections per nginx worker, as the template keeps for its one server
 MARKER = ".rendered-by-deploy-multi-gpu"  # lets a re-render replace its own previous copy, and nothing else
@@ -244,6 +245,16 @@ def render_replica_compose(n_gpus: int, compose_file: Path = COMPOSE_FILE) -> di
         replica["deploy"] = _one_gpu(triton["deploy"], gpu)
         services[replica_name(gpu)] = replica
         services[GATEWAY_SERVICE]["depends_on"][replica_name(gpu)] = {"condition": condition}
+        if WATCHDOG_SERVICE in base:
+            # One stub watchdog per replica, in that replica's PID namespace.
+            watchdog = copy.deepcopy(base[WATCHDOG_SERVICE])
+            watchdog["pid"] = f"service:{replica_name(gpu)}"
+            watchdog["command"] = [f"{replica_name(gpu)}:8000" if part == f"{TRITON_SERVICE}:8000" else part
+                                   for part in watchdog["command"]]
+            watchdog["depends_on"] = {replica_name(gpu): {"condition": "service_healthy"}}
+            services[f"{WATCHDOG_SERVICE}-{gpu}"] = watchdog
+    if WATCHDOG_SERVICE in base:
+        services[WATCHDOG_SERVICE] = {"profiles": [SINGLE_TRITON_PROFILE]}
     return {"services": services}
 
 

@@ -261,3 +261,19 @@ def test_server_requirements_are_pinned() -> None:
     instructions = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
     assert "requirements-server.txt" in instructions
     assert re.search(r"--no-deps\s+facenet-pytorch==2\.6\.0", instructions)
+
+
+def test_stub_watchdog_runs_beside_triton(triton: dict) -> None:
+    """Triton 2.51 never restarts a dead Python stub: the watchdog service reloads the model (explicit model
+    control), seeing Triton's processes through the shared PID namespace."""
+    from facefuse.watchdog import SELF_HEAL_ARGS
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    watchdog = compose["services"]["watchdog"]
+    assert all(argument in triton["command"] for argument in SELF_HEAL_ARGS)
+    assert watchdog["image"] == triton["image"]
+    assert watchdog["pid"] == "service:triton"
+    assert watchdog["command"][:3] == ["python3", "-m", "facefuse.watchdog"]
+    assert "TRITON_ADMIN_KEY" in watchdog["environment"]
+    assert watchdog["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert "ports" not in watchdog

@@ -249,3 +249,14 @@ def test_cli_writes_both_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "fusion must be a whole number >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--gpus", "2", "--mode", "replicas", "--count-per-gpu", "2", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_replicas_get_one_stub_watchdog_each(gpus):
+    services = render_replica_compose(gpus)["services"]
+    assert services["watchdog"] == {"profiles": ["single-triton"]}
+    for gpu in range(gpus):
+        watchdog = services[f"watchdog-{gpu}"]
+        assert watchdog["pid"] == f"service:triton-{gpu}"
+        assert f"triton-{gpu}:8000" in watchdog["command"]
+        assert list(watchdog["depends_on"]) == [f"triton-{gpu}"]
