@@ -23,6 +23,7 @@ help:
 	@echo "make lint   - ruff"
 
 $(STAMP): requirements.txt requirements-nodeps.txt
+	@bash tools/system_deps.sh
 	@echo "[venv] creating $(VENV) with $(PYTHON_BIN) and installing pinned packages (first time: a few minutes)"
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the Triton stub links libpython3.11)"'
@@ -57,6 +58,7 @@ demo: build
 	$(PY) -m client.demo --out out
 
 test: build lint
+	@bash tools/system_deps.sh --gateway
 	$(PY) -m pytest -q tests
 
 test-unit: $(STAMP)

@@ -14,28 +14,11 @@ import numpy as np
 import onnx
 import torch
 
-from facefuse.alignment import CROP_SIZE
-from facefuse.geometry import fusion_geometry, synthetic_mesh
-from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, FusionNetwork
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, FusionNetwork, example_inputs
 
 OPSET = 17
 # A quarter of one 8-bit grey level: float32 rounding in the spline sums differs between runtimes.
 PARITY_TOLERANCE = 1e-3
-
-
-def example_inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Plausible inputs: random crops, geometry from jittered synthetic meshes, degrees across 0..100."""
-    generator = torch.Generator().manual_seed(seed)
-    source_crop = torch.rand(batch, 3, CROP_SIZE, CROP_SIZE, generator=generator)
-    target_crop = torch.rand(batch, 3, CROP_SIZE, CROP_SIZE, generator=generator)
-    face_degree = torch.linspace(0.0, 100.0, batch)[:, None]
-    profile_degree = torch.linspace(100.0, 0.0, batch)[:, None]
-    geometries = [fusion_geometry(synthetic_mesh(seed * 1000 + 2 * row), synthetic_mesh(seed * 1000 + 2 * row + 1),
-                                  float(profile_degree[row])) for row in range(batch)]
-    stacked = {name: torch.from_numpy(np.stack([g[name] for g in geometries]))
-               for name in ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")}
-    return (source_crop, target_crop, stacked["CONTROL_POINTS"], stacked["WARP_COEFFICIENTS"],
-            stacked["FUSED_OUTLINE"], stacked["TARGET_OUTLINE"], face_degree, profile_degree)
 
 
 def export(out_path: Path, opset: int = OPSET) -> Path:

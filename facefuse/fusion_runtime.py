@@ -170,7 +170,7 @@ class TensorRTRuntime(FusionRuntime):
 
 def warm_up(runtime: FusionRuntime, batch: int = 2) -> None:
     """One call at load time with plausible inputs: kernels are chosen and memory is reserved before traffic."""
-    from build.export_onnx import example_inputs
+    from facefuse.network import example_inputs
 
     runtime.run({name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, example_inputs(batch))})
 

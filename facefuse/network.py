@@ -9,12 +9,13 @@ spline solves happen in preprocess (facefuse.geometry).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facefuse.alignment import CROP_SIZE
-from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS
+from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS, fusion_geometry, synthetic_mesh
 
 # Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -219,3 +220,18 @@ class FusionNetwork(nn.Module):
 def _smoothstep_tensor(edge0: torch.Tensor, edge1: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     t = torch.clamp((value - edge0) / (edge1 - edge0 + 1e-6), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
+
+
+def example_inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Plausible inputs: random crops, geometry from jittered synthetic meshes, degrees across 0..100."""
+    generator = torch.Generator().manual_seed(seed)
+    source_crop = torch.rand(batch, 3, CROP_SIZE, CROP_SIZE, generator=generator)
+    target_crop = torch.rand(batch, 3, CROP_SIZE, CROP_SIZE, generator=generator)
+    face_degree = torch.linspace(0.0, 100.0, batch)[:, None]
+    profile_degree = torch.linspace(100.0, 0.0, batch)[:, None]
+    geometries = [fusion_geometry(synthetic_mesh(seed * 1000 + 2 * row), synthetic_mesh(seed * 1000 + 2 * row + 1),
+                                  float(profile_degree[row])) for row in range(batch)]
+    stacked = {name: torch.from_numpy(np.stack([g[name] for g in geometries]))
+               for name in ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")}
+    return (source_crop, target_crop, stacked["CONTROL_POINTS"], stacked["WARP_COEFFICIENTS"],
+            stacked["FUSED_OUTLINE"], stacked["TARGET_OUTLINE"], face_degree, profile_degree)

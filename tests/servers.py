@@ -8,11 +8,11 @@ import re
 import shutil
 import signal
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from facefuse.local_server import MODEL_REPOSITORY, Ports, free_ports, start
+from facefuse.local_server import is_ready as local_is_ready
 
 
 def copy_repository(destination: Path, edits: dict[str, Callable[[str], str]] | None = None) -> Path:
@@ -51,11 +51,7 @@ def _shm_regions(server_pid: int) -> list[str]:
 
 
 def is_ready(ports: Ports) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return local_is_ready(ports, timeout_s=5.0)
 
 
 class ManagedServer:

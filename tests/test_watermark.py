@@ -8,6 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
+from build.watermark_robustness import brightness as _brightness
+from build.watermark_robustness import crop as _crop
+from build.watermark_robustness import jpeg as _jpeg
+from build.watermark_robustness import resize as _resize
 from facefuse import watermark as wm
 from facefuse.imaging import decode_image, encode_image
 from facefuse.samples import sample_image_path
@@ -35,27 +39,6 @@ def marked(photo) -> np.ndarray:
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    return decode_image(encode_image(rgb, "jpeg", quality))
-
-
-def _resize(rgb: np.ndarray, factor: float) -> np.ndarray:
-    height, width = rgb.shape[:2]
-    size = (round(width * factor), round(height * factor))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_CUBIC)
-
-
-def _crop(rgb: np.ndarray, keep_y: float, keep_x: float, at_y: float, at_x: float) -> np.ndarray:
-    height, width = rgb.shape[:2]
-    new_h, new_w = round(height * keep_y), round(width * keep_x)
-    top, left = round((height - new_h) * at_y), round((width - new_w) * at_x)
-    return np.ascontiguousarray(rgb[top:top + new_h, left:left + new_w])
-
-
-def _brightness(rgb: np.ndarray, gain: float = 1.0, offset: float = 0.0) -> np.ndarray:
-    return np.clip(rgb.astype(np.float32) * gain + offset + 0.5, 0, 255).astype(np.uint8)
 
 
 def _assert_reads(rgb: np.ndarray, expected: int = WID, min_bit_accuracy: float = 0.99) -> WatermarkReading:
