@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
-# GPU benchmark on a host with the device tool's image (Python 3.12 + CUDA torch, no internet): unpacks the carried
-# Triton bundle (.device/triton_bundle.tar.xz: pytriton's tritonserver + 3.12 stub, its libraries, perf_analyzer,
-# the weight files and sample photos) and a numpy<2 overlay (FACTS.md: numpy 2 empties Python-backend outputs),
-# then runs bench.network and bench.run. Results go to ${OUT:-bench/results}.
+# GPU benchmark on the device tool's host: the network alone (bench.network), then the served ensemble (bench.run,
+# extra arguments passed on). Results go to ${OUT:-bench/results}.
 set -euo pipefail
-BUNDLE=/tmp/ffbundle
-mkdir -p "$BUNDLE" /tmp/ffsite
-tar -xJf .device/triton_bundle.tar.xz -C "$BUNDLE"
-python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl
-export PYTHONPATH="/tmp/ffsite:$BUNDLE/minipkgs:$BUNDLE:$PWD"
-export PATH="$BUNDLE/perf:$PATH"
-ln -sf "$BUNDLE/perf/perf_analyzer" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/perf_analyzer" 2>/dev/null || true
+source bench/device_env.sh
 RESULTS="${OUT:-bench/results}"
-python3 -c "import numpy, torch; print('numpy', numpy.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 python3 -m bench.network --out "$RESULTS"
 python3 -m bench.run --out "$RESULTS" "$@"

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.inputs import benchmark_pair, write_input_data, write_tensor_data
+from bench.repository import parse_assignments, tuned_repository
 from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -183,8 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability", type=int, default=25, help="perf_analyzer --stability-percentage")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="serve this repository (e.g. a copy with other instance counts)")
+    parser.add_argument("--instances", default="",
+                        help="instance counts to measure, e.g. preprocess=4,postprocess=4 (serves a tuned copy)")
+    parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     args = parser.parse_args(argv)
+    instances, delays = parse_assignments(args.instances), parse_assignments(args.queue_delay_us)
+    if instances or delays:
+        args.model_repository = tuned_repository(REPO_ROOT / ".cache" / "bench" / "repository", instances, delays,
+                                                 args.model_repository)
+        print(f"[bench] serving a copy with instances {instances or 'as configured'}, queue delays (us) "
+              f"{delays or 'as configured'}", flush=True)
     levels = [int(level) for level in args.concurrency.split(",")]
     tag = f"{datetime.date.today().isoformat()}_{args.machine or machine_tag()}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     ensemble = [row for row in rows if row["model"] == "face_fusion"]
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
-    summary = {"machine": tag, "python": platform.python_version(), "rows": rows, **baseline}
+    summary = {"machine": tag, "python": platform.python_version(), "instances": instances,
+               "queue_delays_us": delays, "rows": rows, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])
         summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]

@@ -4,8 +4,11 @@ The network definitions are our own; only the pretrained weights come from the `
 ``data/{pnet,rnet,onet}.pt`` are plain state dicts. ``facenet_pytorch`` itself is never imported because its
 ``__init__`` imports torchvision, which must not be installed beside this torch.
 
-Image handling (pyramid, crops, NMS) runs on the host with OpenCV/numpy; only the networks run on ``device``. The
-algorithm is thus the same on CPU and CUDA (results agree to ~0.1 px) and deterministic for a given device.
+Two image paths, one algorithm. On the CPU the pyramid and the R-/O-Net crops are made with OpenCV/numpy (fastest
+there). On CUDA (or when asked for, e.g. by the parity tests) they are made on the device: the pyramid with
+``F.interpolate``, the crops with ``grid_sample``, and P-Net's candidates of a whole batch reach the host in one
+copy; only the small box arrays and the NMS stay on the host. The two paths agree to about a pixel (OpenCV's
+fixed-point bilinear vs float); each is deterministic for a given device.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _PYRAMID_FACTOR = 0.709
@@ -286,30 +290,84 @@ class _Pyramid:
         self.for_pnet.append(for_pnet)
 
     def crops(self, boxes: np.ndarray, size: int) -> list[np.ndarray]:
-        """``size``x``size`` crops of float boxes (outside the image is black, as in the original MTCNN).
-
-        Each crop is sampled from the smallest level that still has >= ``size`` pixels across the box; levels are at
-        most 2x apart, so bilinear sampling never shrinks by more than 2x (no aliasing) and huge boxes cost no more
-        than small ones.
-        """
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        bw = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-3)
-        bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-3)
-        scales = np.asarray(self.scales)  # (L, 2), decreasing
-        # Number of smaller levels still >= size across the box (monotone in the level index) = the level to use.
-        fits = np.minimum(bw[:, None] * scales[None, 1:, 0], bh[:, None] * scales[None, 1:, 1]) >= size
-        level = fits.sum(axis=1)
-        ax = size / (bw * scales[level, 0])
-        ay = size / (bh * scales[level, 1])
-        # Pixel-centre convention: level pixel i sits at (i + 0.5) / s in working-image coordinates.
-        matrices = np.zeros((len(boxes), 2, 3))
-        matrices[:, 0, 0] = ax
-        matrices[:, 0, 2] = 0.5 * ax - boxes[:, 0] * size / bw - 0.5
-        matrices[:, 1, 1] = ay
-        matrices[:, 1, 2] = 0.5 * ay - boxes[:, 1] * size / bh - 0.5
+        """``size``x``size`` crops of float boxes (outside the image is black, as in the original MTCNN)."""
+        level, matrices = _crop_plan(boxes, self.scales, size)
         return [cv2.warpAffine(self.levels[k], m, (size, size), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
                 for k, m in zip(level.tolist(), matrices)]
+
+
+def _crop_plan(boxes: np.ndarray, scales: list[tuple[float, float]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each float box: the pyramid level to sample its ``size``x``size`` crop from and the 2x3 matrix taking
+    that level's pixels to crop pixels.
+
+    Each crop is sampled from the smallest level that still has >= ``size`` pixels across the box; levels are at
+    most 2x apart, so bilinear sampling never shrinks by more than 2x (no aliasing) and huge boxes cost no more
+    than small ones.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    bw = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-3)
+    bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-3)
+    level_scales = np.asarray(scales)  # (L, 2), decreasing
+    # Number of smaller levels still >= size across the box (monotone in the level index) = the level to use.
+    fits = np.minimum(bw[:, None] * level_scales[None, 1:, 0], bh[:, None] * level_scales[None, 1:, 1]) >= size
+    level = fits.sum(axis=1)
+    ax = size / (bw * level_scales[level, 0])
+    ay = size / (bh * level_scales[level, 1])
+    # Pixel-centre convention: level pixel i sits at (i + 0.5) / s in working-image coordinates.
+    matrices = np.zeros((len(boxes), 2, 3))
+    matrices[:, 0, 0] = ax
+    matrices[:, 0, 2] = 0.5 * ax - boxes[:, 0] * size / bw - 0.5
+    matrices[:, 1, 1] = ay
+    matrices[:, 1, 2] = 0.5 * ay - boxes[:, 1] * size / bh - 0.5
+    return level, matrices
+
+
+def _shrink_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``_shrink`` on the device: (1,3,H,W) float -> (1,3,h,w) for ``size`` (w, h); antialiased (a triangle filter,
+    close to INTER_AREA) for the strong reductions, plain bilinear for the mild pyramid steps."""
+    ratio = min(size[0] / image.shape[3], size[1] / image.shape[2])
+    return F.interpolate(image, size=(size[1], size[0]), mode="bilinear", align_corners=False,
+                         antialias=ratio <= 0.7)
+
+
+@dataclass
+class _TensorPyramid:
+    """``_Pyramid`` with (1,3,h,w) float levels (0..255) on the device; crops come from ``grid_sample``."""
+
+    levels: list[torch.Tensor]
+    scales: list[tuple[float, float]]
+    for_pnet: list[bool]
+
+    def add(self, size: tuple[int, int], for_pnet: bool) -> None:
+        h, w = self.levels[0].shape[2:]
+        if size == (self.levels[-1].shape[3], self.levels[-1].shape[2]):
+            self.for_pnet[-1] = self.for_pnet[-1] or for_pnet
+            return
+        self.levels.append(_shrink_tensor(self.levels[-1], size))
+        self.scales.append((size[0] / w, size[1] / h))
+        self.for_pnet.append(for_pnet)
+
+    def crops(self, boxes: np.ndarray, size: int) -> torch.Tensor:
+        """(N,3,size,size) float crops (0..255, black outside the image), same geometry as ``_Pyramid.crops``."""
+        level, matrices = _crop_plan(boxes, self.scales, size)
+        device = self.levels[0].device
+        out = torch.empty((len(level), 3, size, size), device=device)
+        # Crop pixel centres (i + 0.5) mapped back into level pixels, then into grid_sample's [-1, 1] (align_corners
+        # False: -1 and 1 are the outer edges of the border pixels).
+        centres = torch.arange(size, device=device, dtype=torch.float64)
+        for k in np.unique(level).tolist():
+            sel = np.flatnonzero(level == k)
+            m = torch.as_tensor(matrices[sel], device=device)
+            lh, lw = self.levels[k].shape[2:]
+            gx = ((centres[None, :] - m[:, 0, 2:3]) / m[:, 0, 0:1] + 0.5) * (2.0 / lw) - 1.0  # (n, size)
+            gy = ((centres[None, :] - m[:, 1, 2:3]) / m[:, 1, 1:2] + 0.5) * (2.0 / lh) - 1.0
+            grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1).float()
+            # All crops of one level as one tall grid over the single level image: no per-crop launches.
+            sampled = F.grid_sample(self.levels[k], grid.reshape(1, len(sel) * size, size, 2), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)
+            out[torch.as_tensor(sel, device=device)] = sampled.reshape(3, len(sel), size, size).transpose(0, 1)
+        return out
 
 
 class FaceDetector:
@@ -321,7 +379,7 @@ class FaceDetector:
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280,
-                 min_face_fraction: float = 0.0) -> None:
+                 min_face_fraction: float = 0.0, images_on_device: bool | None = None) -> None:
         if min_face_size < _PNET_CELL:
             raise ValueError(f"min_face_size must be >= {_PNET_CELL}, got {min_face_size}")
         if max_side < _PNET_CELL:
@@ -340,6 +398,8 @@ class FaceDetector:
         # On CPU one big pass spills activations out of cache, so work is cut into cache-sized pieces (exact for
         # P-Net, which is fully convolutional). A GPU wants the biggest launches instead.
         on_cpu = self.device.type == "cpu"
+        # Pyramid and crops on the device (default: on CUDA). The CPU does them faster with OpenCV.
+        self.images_on_device = (not on_cpu) if images_on_device is None else bool(images_on_device)
         self._strip_pixels = _CPU_PNET_PIXELS if on_cpu else None
         self._crop_pixels = _CPU_CROP_PIXELS if on_cpu else None
         self.pnet = _load(PNet(), "pnet", self.device)
@@ -352,16 +412,18 @@ class FaceDetector:
         """Faces in one HxWx3 uint8 RGB image, largest box first; [] when there are none."""
         return self.detect_batch([rgb])[0]
 
-    def detect_batch(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
-        """Faces per image. R-Net and O-Net each see the crops of all images as one batch (split into cache-sized
-        sub-batches on CPU), so a batch costs less than separate calls."""
+    def detect_batch(self, images: list[np.ndarray | torch.Tensor]) -> list[list[DetectedFace]]:
+        """Faces per image (HxWx3 uint8 RGB arrays, or tensors, e.g. decoded on the GPU). R-Net and O-Net each see
+        the crops of all images as one batch (split into cache-sized sub-batches on CPU), so a batch costs less
+        than separate calls."""
         pyramids, back_scales = [], []
-        for rgb in images:
-            work, scale = self._prepare(rgb)
-            pyramids.append(self._pyramid(work))
-            back_scales.append(scale)
         with torch.inference_mode():
-            boxes, ids = self._stage_pnet(pyramids)
+            for rgb in images:
+                work, scale = self._prepare_tensor(rgb) if self.images_on_device else self._prepare(rgb)
+                pyramids.append(self._pyramid(work))
+                back_scales.append(scale)
+            stage_pnet = self._stage_pnet_tensor if self.images_on_device else self._stage_pnet
+            boxes, ids = stage_pnet(pyramids)
             boxes, ids = self._stage_rnet(pyramids, boxes, ids)
             boxes, scores, landmarks, ids = self._stage_onet(pyramids, boxes, ids)
         results: list[list[DetectedFace]] = []
@@ -388,6 +450,22 @@ class FaceDetector:
         small = _shrink(rgb, size)
         return small, (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
 
+    def _prepare_tensor(self, rgb: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
+        """``_prepare`` on the device: (1,3,h,w) float32 (0..255) working image and the per-axis scale."""
+        if isinstance(rgb, np.ndarray):
+            self._prepare(rgb[:1, :1])  # the same validation and message as the host path
+            rgb = torch.from_numpy(np.ascontiguousarray(rgb))
+        if not isinstance(rgb, torch.Tensor) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
+            desc = f"{rgb.dtype} {tuple(rgb.shape)}" if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+            raise ValueError(f"expected an HxWx3 uint8 RGB tensor, got {desc}")
+        h, w = rgb.shape[:2]
+        work = rgb.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
+        if max(h, w) <= self.max_side:
+            return work, (1.0, 1.0)
+        ratio = self.max_side / max(h, w)
+        size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+        return _shrink_tensor(work, size), (size[0] / w, size[1] / h)
+
     def _pnet_scales(self, h: int, w: int) -> list[float]:
         scales = []
         min_face = max(self.min_face_size, self.min_face_fraction * min(h, w))
@@ -397,9 +475,13 @@ class FaceDetector:
             scale *= _PYRAMID_FACTOR
         return scales
 
-    def _pyramid(self, work: np.ndarray) -> _Pyramid:
-        h, w = work.shape[:2]
-        pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
+    def _pyramid(self, work: np.ndarray | torch.Tensor) -> _Pyramid | _TensorPyramid:
+        if isinstance(work, torch.Tensor):
+            h, w = work.shape[2:]
+            pyramid: _Pyramid | _TensorPyramid = _TensorPyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
+        else:
+            h, w = work.shape[:2]
+            pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
         pnet_scales = self._pnet_scales(h, w)
         if not pnet_scales:
             return pyramid
@@ -467,13 +549,61 @@ class FaceDetector:
             return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
         return np.concatenate(all_boxes), np.concatenate(all_ids)
 
-    def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid], boxes: np.ndarray, ids: np.ndarray,
-                   size: int) -> list[np.ndarray]:
+    def _stage_pnet_tensor(self, pyramids: list[_TensorPyramid]) -> tuple[np.ndarray, np.ndarray]:
+        """``_stage_pnet`` with the pyramid on the device: every level's candidates above the threshold are gathered
+        on the device and reach the host in one copy for the whole batch; the NMS runs on the host as before."""
+        picked, level_info = [], []  # level_info[k] = (image index, sx, sy, output width)
+        for idx, pyramid in enumerate(pyramids):
+            for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
+                if not for_pnet:
+                    continue
+                prob, offsets = self.pnet(level.sub(127.5).mul_(0.0078125))
+                flat = prob[0].reshape(-1)
+                keep = (flat >= self.thresholds[0]).nonzero().reshape(-1)
+                columns = [keep.double(), flat[keep].double(), *offsets[0].reshape(4, -1)[:, keep].double(),
+                           torch.full_like(keep, len(level_info), dtype=torch.float64)]
+                picked.append(torch.stack(columns, dim=1))
+                level_info.append((idx, sx, sy, prob.shape[2]))
+        if not picked:
+            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+        table = torch.cat(picked).cpu().numpy()  # (n, 7): flat index, score, 4 offsets, level number
+        all_boxes, all_ids = [], []
+        for idx in range(len(pyramids)):
+            per_level = []
+            for number, (image, sx, sy, width) in enumerate(level_info):
+                rows = table[table[:, 6] == number] if image == idx else table[:0]
+                if len(rows) == 0:
+                    continue
+                x1 = (rows[:, 0] % width) * (_PNET_STRIDE / sx)
+                y1 = (rows[:, 0] // width) * (_PNET_STRIDE / sy)
+                boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
+                keep = nms(boxes, rows[:, 1], _NMS_PNET_SCALE)
+                per_level.append((boxes[keep], rows[keep, 1], rows[keep, 2:6]))
+            if not per_level:
+                continue
+            boxes, score, reg = (np.concatenate(parts) for parts in zip(*per_level))
+            keep = nms(boxes, score, _NMS_PNET_ALL)
+            all_boxes.append(_square(_regress(boxes[keep], reg[keep])))
+            all_ids.append(np.full(len(keep), idx, dtype=np.int64))
+        if not all_boxes:
+            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+        return np.concatenate(all_boxes), np.concatenate(all_ids)
+
+    def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
+                   ids: np.ndarray, size: int) -> list[np.ndarray]:
+        step = _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
+        if self.images_on_device:
+            device_crops = torch.empty((len(boxes), 3, size, size), device=self.device)
+            for i in np.unique(ids):
+                sel = np.flatnonzero(ids == i)
+                device_crops[torch.as_tensor(sel, device=self.device)] = pyramids[i].crops(boxes[sel], size)
+            device_crops.sub_(127.5).mul_(0.0078125)
+            outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
+            return [torch.cat(parts).double().cpu().numpy() for parts in zip(*outs)]
         crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
         for i in np.unique(ids):
             sel = np.flatnonzero(ids == i)
             crops[sel] = pyramids[i].crops(boxes[sel], size)
-        step = _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
         outs = [net(self._to_tensor(crops[s:s + step])) for s in range(0, len(crops), step)]
         return [torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outs)]
 

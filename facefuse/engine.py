@@ -18,7 +18,7 @@ from facefuse.face_mesh import FaceMesh
 from facefuse.fusion_runtime import FusionRuntime, TorchRuntime, load_runtime
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
 from facefuse.options import parse_options
-from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor, finish
+from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE, FusionRequest, PreparedFusion, Preprocessor, finish
 
 FUSION_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_repository" / "fusion" / "1"
 
@@ -31,8 +31,10 @@ def network_inputs(prepared: list[PreparedFusion]) -> dict[str, np.ndarray]:
 class LocalFusion:
     """Preprocess -> fusion -> postprocess in this process. `runtime` as in the fusion model's parameter."""
 
-    def __init__(self, runtime: str = "auto", device: str = "cpu", model_dir: Path = FUSION_MODEL_DIR) -> None:
-        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device))
+    def __init__(self, runtime: str = "auto", device: str = "cpu", model_dir: Path = FUSION_MODEL_DIR,
+                 detector_max_side: int = SERVICE_DETECTOR_MAX_SIDE) -> None:
+        self.preprocessor = Preprocessor(FaceDetector(device=device, max_side=detector_max_side),
+                                         FaceMesh(device=device))
         if runtime == "torch-cpu":
             self.runtime: FusionRuntime = TorchRuntime("cpu")
         else:

@@ -25,7 +25,7 @@ from facefuse.errors import FusionError  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
-from facefuse.pipeline import MIN_EYE_DISTANCE, FusionRequest, Preprocessor  # noqa: E402
+from facefuse.pipeline import MIN_EYE_DISTANCE, SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preprocessor  # noqa: E402,E501
 from facefuse.triton_glue import (  # noqa: E402,E501
     bytes_rows,
     bytes_tensor,
@@ -63,13 +63,16 @@ class TritonPythonModel:
         identity_guard = None
         if parameters.get("blocklist_path", "").strip():  # dlib loads only then
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
-        self.preprocessor = Preprocessor(FaceDetector(device=device), FaceMesh(device=device), limits,
+        detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
+        detector = FaceDetector(device=device, max_side=detector_max_side)
+        self.preprocessor = Preprocessor(detector, FaceMesh(device=device), limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard)
         self.preprocessor.warm_up()
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
-        pb_utils.Logger.log_info(f"preprocess: MTCNN detector and face mesh on {device}, limits {limits}, "
+        pb_utils.Logger.log_info(f"preprocess: MTCNN detector (photos shrunk to {detector_max_side} px) and face "
+                                 f"mesh on {device}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}")
 

@@ -1,0 +1,164 @@
+"""The GPU path of preprocess (images as device tensors: pyramid, crops and alignment warp on the device), run here
+on the CPU device against the host (OpenCV) path it replaces on GPU hosts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.inputs import benchmark_pair
+from facefuse import errors
+from facefuse.alignment import alignment_matrix, invert_affine, transform_points, warp_to_crop
+from facefuse.detection import FaceDetector
+from facefuse.device_imaging import decode_on_device, nvjpeg_decoder, orient, warp_to_crops
+from facefuse.errors import FusionError
+from facefuse.face_mesh import FaceMesh
+from facefuse.imaging import _ORIENTATION_TRANSPOSE, ImageLimits, decode_image, encode_image
+from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
+from facefuse.samples import sample_image_path
+
+
+@pytest.fixture(scope="module")
+def group() -> np.ndarray:
+    return decode_image(sample_image_path("t1.jpg").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def host_detector() -> FaceDetector:
+    return FaceDetector(max_side=640)
+
+
+@pytest.fixture(scope="module")
+def device_detector() -> FaceDetector:
+    return FaceDetector(max_side=640, images_on_device=True)
+
+
+def test_cuda_detector_defaults_to_the_device_path_and_cpu_to_the_host_path(host_detector):
+    assert host_detector.images_on_device is False
+    assert FaceDetector.__init__.__defaults__ is not None  # the flag exists with an automatic default (None)
+    if torch.cuda.is_available():
+        assert FaceDetector(device="cuda").images_on_device is True
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillow_exif_transposes(orientation):
+    rng = np.random.default_rng(orientation)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).transpose(_ORIENTATION_TRANSPOSE[orientation])) \
+        if orientation != 1 else image
+    np.testing.assert_array_equal(orient(torch.from_numpy(image), orientation).numpy(), expected)
+
+
+def test_warp_to_crops_matches_opencv_including_mirrored_borders(group, host_detector):
+    faces = FaceDetector().detect(group)
+    matrices = np.stack([alignment_matrix(face.landmarks) for face in faces])
+    crops = warp_to_crops(torch.from_numpy(group), matrices).numpy()
+    differences = [np.abs(warp_to_crop(group, matrix).astype(int) - crop.astype(int))
+                   for matrix, crop in zip(matrices, crops)]
+    # One face of the group photo runs off the top edge, so the mirrored border (REFLECT101) is exercised.
+    corners = np.array([[0.0, 0.0], [255.0, 0.0], [0.0, 255.0], [255.0, 255.0]])
+    assert any(transform_points(invert_affine(matrix), corners).min() < 0 for matrix in matrices)
+    assert max(int(d.max()) for d in differences) <= 2  # OpenCV's fixed-point weights vs float
+    assert max(float(d.mean()) for d in differences) < 0.1
+
+
+def _match(host_faces, device_faces, min_score=0.95):
+    """Pairs of confident faces by box centre; asserts a one-to-one match."""
+    host = [f for f in host_faces if f.score >= min_score]
+    device = [f for f in device_faces if f.score >= min_score]
+    assert len(host) == len(device) > 0
+    pairs = []
+    for face in host:
+        centre = (face.box[:2] + face.box[2:]) / 2
+        distances = [np.linalg.norm((other.box[:2] + other.box[2:]) / 2 - centre) for other in device]
+        pairs.append((face, device[int(np.argmin(distances))]))
+    assert len({id(other) for _, other in pairs}) == len(pairs)
+    return pairs
+
+
+def _iou(a, b):
+    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
+
+
+def test_device_detector_finds_the_same_faces_as_the_host_path(group, host_detector, device_detector):
+    source, target = benchmark_pair()
+    images = [group, decode_image(source), decode_image(target),
+              decode_image(sample_image_path("Tom_Hanks_54745.png").read_bytes())]
+    host = host_detector.detect_batch(images)
+    device = device_detector.detect_batch([torch.from_numpy(image) for image in images])
+    worst_iou, worst_landmarks = 1.0, 0.0
+    for host_faces, device_faces in zip(host, device):
+        for a, b in _match(host_faces, device_faces):
+            eye_distance = float(np.linalg.norm(a.landmarks[1] - a.landmarks[0]))
+            worst_iou = min(worst_iou, float(_iou(a.box, b.box)))
+            worst_landmarks = max(worst_landmarks, float(np.abs(a.landmarks - b.landmarks).max()) / eye_distance)
+    # MTCNN keeps whichever proposal wins the NMS, so a slightly different pyramid (float resampling vs OpenCV's
+    # INTER_AREA) moves boxes and points a little; measured here: IoU >= 0.93, points within 6.4 % of the eye distance.
+    assert worst_iou > 0.8
+    assert worst_landmarks < 0.2
+
+
+def test_device_detector_accepts_arrays_and_rejects_bad_input(device_detector, group):
+    assert len(device_detector.detect(group)) == len(device_detector.detect(torch.from_numpy(group)))
+    with pytest.raises(ValueError, match="uint8"):
+        device_detector.detect(torch.zeros((10, 10, 3), dtype=torch.float32))
+    assert device_detector.detect(torch.full((64, 64, 3), 128, dtype=torch.uint8)) == []
+
+
+def test_decode_on_device_gives_decode_image_results_and_errors():
+    jpeg = sample_image_path("t1.jpg").read_bytes()
+    png = encode_image(decode_image(jpeg), "png")
+    items = [(jpeg, "source"), (png, "target"), (b"not an image", "source"), (jpeg[: len(jpeg) // 2], "target")]
+    results = decode_on_device(items, ImageLimits(), torch.device("cpu"))
+    np.testing.assert_array_equal(results[0].numpy(), decode_image(jpeg))
+    np.testing.assert_array_equal(results[1].numpy(), decode_image(png))
+    for result, (data, role) in zip(results[2:], items[2:]):
+        assert isinstance(result, FusionError)
+        with pytest.raises(FusionError) as expected:
+            decode_image(data, role=role)
+        assert str(result) == str(expected.value)
+    small = decode_on_device([(jpeg, "target")], ImageLimits(max_side=100), torch.device("cpu"))[0]
+    assert isinstance(small, FusionError) and small.code == errors.IMAGE_TOO_LARGE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or nvjpeg_decoder() is None,
+                    reason="nvJPEG decoding needs a CUDA device and torchvision (GPU hosts only)")
+def test_nvjpeg_decode_matches_pillow():
+    jpeg = sample_image_path("t1.jpg").read_bytes()
+    decoded = decode_on_device([(jpeg, "source")] * 3, ImageLimits(), torch.device("cuda"))
+    reference = decode_image(jpeg).astype(int)
+    for image in decoded:
+        assert image.is_cuda
+        assert np.abs(image.cpu().numpy().astype(int) - reference).mean() < 2.0  # IDCT implementations differ
+
+
+def test_preprocessor_device_path_matches_host_path(host_detector, device_detector):
+    source, target = benchmark_pair()
+    rows = [FusionRequest(source, target, 100.0, 50.0, b"{}"),
+            FusionRequest(source, target, 100.0, 50.0, b'{"target_face": 2}'),
+            FusionRequest(source, b"garbage", 100.0, 50.0, b"{}"),
+            FusionRequest(source, target, 170.0, 50.0, b"{}")]
+    mesh = FaceMesh()
+    host = Preprocessor(host_detector, mesh).prepare_batch(rows)
+    device = Preprocessor(device_detector, mesh).prepare_batch(rows)
+    for a, b in zip(host, device):
+        assert type(a) is type(b)
+        if isinstance(a, FusionError):
+            assert a.code == b.code and str(a) == str(b)
+            continue
+        assert isinstance(b, PreparedFusion)
+        assert b.target_rgb.shape == a.target_rgb.shape and isinstance(b.target_rgb, np.ndarray)
+        np.testing.assert_array_equal(a.target_rgb, b.target_rgb)
+        for name, value in a.network_inputs.items():
+            assert b.network_inputs[name].shape == value.shape and b.network_inputs[name].dtype == value.dtype
+        json.dumps(b.metadata)  # plain Python numbers, not tensors
+        # The same face was chosen: the two alignments put the face in nearly the same place.
+        corners = np.array([[0.0, 0.0, 1.0], [255.0, 255.0, 1.0]])
+        assert np.abs(corners @ np.linalg.pinv(np.vstack([a.target_matrix, [0, 0, 1]]))[:2].T -
+                      corners @ np.linalg.pinv(np.vstack([b.target_matrix, [0, 0, 1]]))[:2].T).max() < 25
+    assert [getattr(result, "code", None) for result in device[2:]] == [errors.INVALID_IMAGE, errors.INVALID_DEGREE]
