@@ -45,6 +45,13 @@ engine: $(ONNX)
 build: engine
 	@echo "[build] done: $(ONNX)$$(test -f $(PLAN) && echo " and $(PLAN)")"
 
+# Optional INT8 (build/int8.py), NEEDS TensorRT: a calibration set from the sample faces (out/int8/*.npz, CPU), then
+# INT8 and FP16 engines and their accuracy against ONNX Runtime FP32 (out/int8/report.md). Without the `tensorrt`
+# Python package it writes the set and exits 3; INT8_ARGS=--calibration-only stops after the set (exit 0).
+.PHONY: int8
+int8: $(ONNX)
+	$(PY) -m build.int8 --onnx $(ONNX) --out out/int8 $(INT8_ARGS)
+
 serve: build
 	$(PY) -m facefuse.local_server serve
 

@@ -32,24 +32,50 @@ def benchmark_pair() -> tuple[bytes, bytes]:
     return encode_image(np.ascontiguousarray(group[:, ::-1]), "jpeg", 90), encode_image(group, "jpeg", 90)
 
 
+def benchmark_pairs(count: int) -> list[tuple[bytes, bytes]]:
+    """``count`` different (source, target) 1080p JPEG pairs: the group photo at slightly different zooms and
+    offsets, each pair's source the mirror of another view.
+
+    Every request of a benchmark carries different bytes, because preprocess decodes and detects identical images
+    of a batch once: repeating one pair would measure that shortcut, not the service.
+    """
+    group = decode_image(sample_image_path("t1.jpg").read_bytes())
+    rng = np.random.default_rng(1080)
+    pairs = []
+    for _ in range(count):
+        views = []
+        for _ in range(2):
+            zoom = rng.uniform(1.0, 1.15)
+            large = full_hd(cv2.resize(group, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_CUBIC))
+            shift_x, shift_y = rng.integers(-40, 41, 2)
+            views.append(np.ascontiguousarray(np.roll(large, (int(shift_y), int(shift_x)), axis=(0, 1))))
+        pairs.append((encode_image(np.ascontiguousarray(views[0][:, ::-1]), "jpeg", 90),
+                      encode_image(views[1], "jpeg", 90)))
+    return pairs
+
+
 def _bytes_entry(data: bytes) -> dict[str, str]:
     # perf_analyzer reads a BYTES element given as b64 in Triton's serialised form: a 4-byte length, then the bytes.
     return {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode("ascii")}
 
 
-def write_input_data(path: Path, source: bytes, target: bytes, face_degree: float = 100.0,
+def write_input_data(path: Path, pairs: list[tuple[bytes, bytes]], face_degree: float = 100.0,
                      profile_degree: float = 100.0, options: dict | None = None) -> Path:
-    """perf_analyzer --input-data JSON for the face_fusion ensemble (and preprocess: same inputs)."""
-    entry = {
-        "SOURCE_IMAGE": _bytes_entry(source),
-        "TARGET_IMAGE": _bytes_entry(target),
-        "FACE_DEGREE": {"content": [face_degree], "shape": [1]},
-        "PROFILE_DEGREE": {"content": [profile_degree], "shape": [1]},
-        "OPTIONS": _bytes_entry(json.dumps(options or {}).encode()),
-    }
-    for name in ("SOURCE_IMAGE", "TARGET_IMAGE", "OPTIONS"):
-        entry[name]["shape"] = [1]
-    path.write_text(json.dumps({"data": [entry]}))
+    """perf_analyzer --input-data JSON for the face_fusion ensemble (and preprocess: same inputs); one entry per
+    pair, which perf_analyzer sends in turn."""
+    entries = []
+    for source, target in pairs:
+        entry = {
+            "SOURCE_IMAGE": _bytes_entry(source),
+            "TARGET_IMAGE": _bytes_entry(target),
+            "FACE_DEGREE": {"content": [face_degree], "shape": [1]},
+            "PROFILE_DEGREE": {"content": [profile_degree], "shape": [1]},
+            "OPTIONS": _bytes_entry(json.dumps(options or {}).encode()),
+        }
+        for name in ("SOURCE_IMAGE", "TARGET_IMAGE", "OPTIONS"):
+            entry[name]["shape"] = [1]
+        entries.append(entry)
+    path.write_text(json.dumps({"data": entries}))
     return path
 
 

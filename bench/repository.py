@@ -1,16 +1,14 @@
 """A copy of the model repository with other instance counts and batching delays, for measuring them
 (`python -m bench.run --instances preprocess=4,postprocess=4 --queue-delay-us preprocess=4000`).
 
-Configs are edited as protobuf (not text substitution); weights and ONNX/plan files are linked, not copied.
+Weights and ONNX/plan files are linked, not copied.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
-
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from facefuse.local_server import MODEL_REPOSITORY
 
@@ -45,13 +43,20 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             shutil.copy2(path, target)
     for name in set(instances) | set(queue_delays_us):
         config_path = destination / name / "config.pbtxt"
-        config = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
+        text = config_path.read_text()
         if name in instances:
             if instances[name] < 1:
                 raise ValueError(f"{name}: instance count must be >= 1")
-            for group in config.instance_group:
-                group.count = instances[name]
+            text = _replace_one(text, r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", instances[name], name)
         if name in queue_delays_us:
-            config.dynamic_batching.max_queue_delay_microseconds = queue_delays_us[name]
-        config_path.write_text(text_format.MessageToString(config))
+            text = _replace_one(text, r"(max_queue_delay_microseconds:\s*)\d+", queue_delays_us[name], name)
+        config_path.write_text(text)
     return destination
+
+
+def _replace_one(text: str, pattern: str, value: int, model: str) -> str:
+    # Plain text edits (the GPU host has no tritonclient protobufs); our configs name each setting exactly once.
+    edited, count = re.subn(pattern, rf"\g<1>{value}", text)
+    if count != 1:
+        raise ValueError(f"{model}/config.pbtxt: expected one match of {pattern!r}, found {count}")
+    return edited

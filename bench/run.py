@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.inputs import benchmark_pair, write_input_data, write_tensor_data
+from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
 from bench.repository import parse_assignments, tuned_repository
 from facefuse.local_server import (
     MODEL_REPOSITORY,
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability", type=int, default=25, help="perf_analyzer --stability-percentage")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="serve this repository (e.g. a copy with other instance counts)")
+    parser.add_argument("--distinct-pairs", type=int, default=64,
+                        help="different 1080p (source, target) pairs sent in turn (>= the largest batch, so that no "
+                             "batch holds the same image twice)")
     parser.add_argument("--instances", default="",
                         help="instance counts to measure, e.g. preprocess=4,postprocess=4 (serves a tuned copy)")
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"[bench] machine {tag}; building 1080p JPEG inputs", flush=True)
     source, target = benchmark_pair()
-    inputs = {"face_fusion": write_input_data(work / "ensemble.json", source, target, options={"target_face": 0}),
+    pairs = benchmark_pairs(args.distinct_pairs)
+    inputs = {"face_fusion": write_input_data(work / "ensemble.json", pairs, options={"target_face": 0}),
               "preprocess": work / "ensemble.json"}
     inputs.update(composing_inputs(source, target, work))
     ports = free_ports()
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
                                                 work / f"{model}_{level}.csv", stability=args.stability)
                 except RuntimeError as error:
-                    print(f"[bench]   no stable measurement: {str(error).splitlines()[0]}", flush=True)
+                    lines = [line for line in str(error).splitlines() if line.strip()]
+                    print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
                     continue
                 if model == "face_fusion":
                     figures.update(composing_breakdown(console))

@@ -1,0 +1,569 @@
+"""The postprocess hot path (paste back -> label -> watermark -> encode) on a torch device.
+
+Same results as ``pipeline.paste_back``, ``watermark.embed_watermark`` and ``pipeline.finish``, but every step that
+touches each pixel of the full-size image runs on the tensors' device (CUDA on a GPU host), so the host only does
+work on small arrays: the 2x3 matrix, the per-axis sampling tables, the 1/8-resolution amplitude mask, the folded
+tile of the re-marking check and the 33-chip watermark tile.
+
+Parity with the OpenCV code it replaces (opencv-python-headless 4.10, the pinned version; measured by
+tests/test_postprocess_torch.py, which allows 1 grey level on 0.1% of values):
+
+* the luma, the 5x5 Gaussian of the texture mask and the INTER_AREA downsamplings are OpenCV's fixed-point /
+  area arithmetic reproduced exactly (bit-identical, on any device);
+* ``paste_back_torch`` samples with ``grid_sample`` at the positions ``cv2.warpAffine`` uses, i.e. quantised to
+  1/32 px (INTER_BITS = 5) through its 10-bit fixed-point coordinate arithmetic, with the same bilinear weights,
+  so only a different float summation order (FMA, another CPU, CUDA) could flip a rounding: bit-identical in every
+  case measured on the CPU (without the 1/32 px quantisation edges differ by up to 3 grey levels);
+* the watermark's rounding, saturating add is cv2.add's (it rounds the float delta half to even, then adds); the
+  full-resolution amplitude follows cv2.resize INTER_LINEAR's tables but OpenCV's float weights differ in their
+  last bits (<= 1.2e-5 grey levels apart), so a rounding flips by 1 grey level on about one pixel in a million.
+
+``finish_torch`` encodes JPEG with nvJPEG (``torchvision.io.encode_jpeg``) when the image is on a CUDA device and
+torchvision is importable; PNG and WebP, and JPEG everywhere else, go through ``imaging.encode_image`` on the host.
+
+On a CPU-only host keep using pipeline.finish: torch's CPU kernels make one memory pass per elementwise operation
+where OpenCV fuses them, so this path is slower there (``benchmark()`` measures both). The torch CPU path exists
+for the tests and as a fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facefuse.alignment import invert_affine, transform_points
+from facefuse.imaging import _insert_jpeg_app1, encode_image
+from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
+from facefuse.options import FusionOptions
+from facefuse.pipeline import SOFTWARE
+from facefuse.provenance import build_xmp
+from facefuse.watermark import (
+    _BAND,
+    _MASK_GAIN,
+    _MASK_MAX,
+    _MASK_MIN,
+    _MIN_SIDE,
+    _N,
+    _PILOT_Z,
+    _RING,
+    _RMS_CAP,
+    PAYLOAD_BITS,
+    _band_of,
+    _decode_id,
+    _demodulate,
+    _period,
+    _tile,
+    parse_watermark_id,
+)
+
+__all__ = ["benchmark", "embed_watermark_torch", "encode_jpeg_torch", "finish_torch", "jpeg_encoder_for",
+           "paste_back_torch"]
+
+# cv2.warpAffine: source positions in 10-bit fixed point (AB_BITS), rounded to 1/32 px (INTER_BITS) for the
+# bilinear weight tables.
+_AB_BITS = 10
+_INTER_BITS = 5
+# cv2.cvtColor(RGB2GRAY) on 8-bit: BT.601 weights in 15-bit fixed point, rounded (exact over all 2^24 colours).
+_GRAY_WEIGHTS = (9798, 19235, 3735)
+_GRAY_SHIFT = 15
+# watermark._amplitude: the texture measure is |luma - GaussianBlur(luma, (5, 5), 1.2)| at full resolution.
+_DETAIL_KSIZE, _DETAIL_SIGMA = 5, 1.2
+# OpenCV's 8-bit GaussianBlur: kernel in 8-bit fixed point, both passes exact in integers, one rounding at the end.
+_BLUR_FRACTION_BITS = 8
+# Rows per band of the watermark add: bounds the float temporaries (~4 M px) whatever the image size.
+_BAND_PIXELS = 1 << 22
+
+
+def _elapsed_ms(started: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA kernels are asynchronous: time the work, not its launch
+    return round((time.perf_counter() - started) * 1000.0, 2)
+
+
+def _check_image(rgb: torch.Tensor) -> None:
+    if not isinstance(rgb, torch.Tensor) or rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        kind = f"{rgb.dtype} {tuple(rgb.shape)}" if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+        raise ValueError(f"expected an HxWx3 uint8 torch tensor, got {kind}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paste back.
+
+
+def _footprint_box(target_matrix: np.ndarray, size: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """(x1, y1, x2, y2) of the crop's footprint in the image, one pixel of margin, clipped; None when empty.
+    The same box as pipeline.paste_back."""
+    inverse = invert_affine(target_matrix)
+    corners = transform_points(inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64))
+    x1, y1 = np.floor(corners.min(axis=0)).astype(int) - 1
+    x2, y2 = np.ceil(corners.max(axis=0)).astype(int) + 1
+    x1, y1, x2, y2 = max(0, int(x1)), max(0, int(y1)), min(width, int(x2)), min(height, int(y2))
+    return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
+
+
+def _cv2_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse cv2.warpAffine computes from a forward matrix, with its operations in its order (float64)."""
+    m = np.asarray(matrix, dtype=np.float64).ravel().tolist()
+    det = m[0] * m[4] - m[1] * m[3]
+    det = 1.0 / det if det != 0 else 0.0
+    a11, a22 = m[4] * det, m[0] * det
+    m[0], m[1], m[3], m[4] = a11, m[1] * -det, m[3] * -det, a22
+    b1 = -m[0] * m[2] - m[1] * m[5]
+    b2 = -m[3] * m[2] - m[4] * m[5]
+    m[2], m[5] = b1, b2
+    return np.array(m, dtype=np.float64).reshape(2, 3)
+
+
+def _warp_grid(forward: np.ndarray, box_width: int, box_height: int, size: int,
+               device: torch.device) -> torch.Tensor:
+    """grid_sample grid (1, h, w, 2) sampling a size x size source where cv2.warpAffine(src, forward, (w, h)) does.
+
+    cv2 maps each output pixel through the inverse matrix in fixed point, X = (round((m1*y + m2) * 2^10) + 16
+    + round(m0*x * 2^10)) >> 5, i.e. the source position to the nearest 1/32 px, and interpolates bilinearly
+    there; pixel centres are at integer positions. Only the per-row and per-column terms are computed here; the
+    per-pixel sum is on the device. With align_corners=False grid_sample's pixel u is at (2u + 1) / size - 1;
+    u = X / 32 makes that (X + 16) / (16 * size) - 1, exact in float32 for a power-of-two size.
+    """
+    m = _cv2_inverse(forward)
+    scale = float(1 << _AB_BITS)
+    round_delta = 1 << (_AB_BITS - _INTER_BITS - 1)
+    xs, ys = np.arange(box_width, dtype=np.float64), np.arange(box_height, dtype=np.float64)
+    columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
+    rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
+    rows = rows.astype(np.int64) + round_delta
+    columns_t = torch.from_numpy(columns).to(device)
+    rows_t = torch.from_numpy(rows).to(device)
+    shift = _AB_BITS - _INTER_BITS
+    half = 1 << (_INTER_BITS - 1)
+    denominator = float(size << (_INTER_BITS - 1))
+    gx = ((rows_t[0, :, None] + columns_t[0, None, :]) >> shift) + half
+    gy = ((rows_t[1, :, None] + columns_t[1, None, :]) >> shift) + half
+    grid = torch.stack([gx.to(torch.float32) / denominator - 1.0, gy.to(torch.float32) / denominator - 1.0], dim=-1)
+    return grid[None]
+
+
+def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, blend_mask: torch.Tensor | np.ndarray,
+                     target_matrix: np.ndarray) -> torch.Tensor:
+    """Warp the fused crop (3,S,S in [0,1]) and its mask (1,S,S) back into the target (H,W,3 uint8) and blend.
+
+    The same result as pipeline.paste_back (cv2.warpAffine INTER_LINEAR, BORDER_REPLICATE for the crop, constant 0
+    for the mask) within 1 grey level, on target's device; only the bounding box of the crop's footprint is warped.
+    ``target_matrix`` (2x3) maps image pixels to crop pixels. Crop and mask may be numpy arrays or tensors on any
+    device; they are moved to target's. Returns a new tensor; ``target`` is not modified.
+    """
+    _check_image(target)
+    device = target.device
+    height, width = target.shape[:2]
+    crop = torch.as_tensor(fused_crop, device=device).to(torch.float32)
+    size = int(crop.shape[-1])
+    if crop.shape != (3, size, size):
+        raise ValueError(f"expected the fused crop as (3, S, S), got {tuple(crop.shape)}")
+    mask = torch.as_tensor(blend_mask, device=device).to(torch.float32).reshape(1, 1, size, size)
+    box = _footprint_box(target_matrix, size, width, height)
+    if box is None:
+        return target.clone()
+    x1, y1, x2, y2 = box
+    shifted = invert_affine(target_matrix)  # crop -> image: the forward matrix paste_back gives cv2.warpAffine
+    shifted[:, 2] -= (x1, y1)
+    grid = _warp_grid(shifted, x2 - x1, y2 - y1, size, device)
+    pixels = torch.clamp(crop * 255.0, 0.0, 255.0)[None]  # alignment.tensor_to_crop, channels first
+    fused = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    weight = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    fused, weight = fused.permute(1, 2, 0), torch.clamp(weight, 0.0, 1.0).permute(1, 2, 0)
+    out = target.clone()
+    region = out[y1:y2, x1:x2].to(torch.float32)
+    out[y1:y2, x1:x2] = torch.clamp(region + weight * (fused - region) + 0.5, 0.0, 255.0).to(torch.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Watermark: OpenCV's arithmetic for the full-resolution steps, on the device.
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """cv2.cvtColor(rgb, COLOR_RGB2GRAY) as int32 (H, W), bit-exact."""
+    red, green, blue = (rgb[..., channel].to(torch.int32) for channel in range(3))
+    weight_r, weight_g, weight_b = _GRAY_WEIGHTS
+    return (red * weight_r + green * weight_g + blue * weight_b + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_point_gaussian(ksize: int, sigma: float) -> tuple[int, ...]:
+    """OpenCV's 8-bit Gaussian kernel: the normalised kernel in _BLUR_FRACTION_BITS fixed point, rounded with error
+    diffusion from the ends towards the centre, the centre taking what makes the sum exactly one."""
+    kernel = cv2.getGaussianKernel(ksize, sigma, cv2.CV_64F).ravel().tolist()
+    one = 1 << _BLUR_FRACTION_BITS
+    half = ksize // 2
+    taps, error = [0] * ksize, 0.0
+    for index in range(half):
+        value = kernel[index] * one + error
+        taps[index] = taps[ksize - 1 - index] = int(np.rint(value))
+        error = value - taps[index]
+    taps[half] = one - 2 * sum(taps[:half])
+    return tuple(taps)
+
+
+def _pad_reflect101(image: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """``image`` padded by ``radius`` along ``dim`` with BORDER_REFLECT_101 (cv2's default border: ...cb|abc|ba...)."""
+    length = image.shape[dim]
+    if length <= radius:  # tiny images: an index table handles reflections of reflections
+        index = np.abs(np.arange(-radius, length + radius)) % max(1, 2 * (length - 1))
+        index = np.where(index > length - 1, 2 * (length - 1) - index, index)
+        return image.index_select(dim, torch.from_numpy(index).to(image.device))
+    before = image.narrow(dim, 1, radius).flip(dim)
+    after = image.narrow(dim, length - 1 - radius, radius).flip(dim)
+    return torch.cat([before, image, after], dim=dim)
+
+
+def _gaussian_blur_u8(image: torch.Tensor, ksize: int, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur(uint8 image, (ksize, ksize), sigma), bit-exact, for an int32 tensor of 0..255 values.
+
+    Integer arithmetic throughout (no convolution kernels: on CUDA those could run in TF32): horizontal pass with
+    the 8-bit fixed-point taps (symmetric: pairs added first), vertical pass, then round half up from 16 fraction
+    bits.
+    """
+    taps = _fixed_point_gaussian(ksize, sigma)
+    radius = ksize // 2
+
+    def one_pass(values: torch.Tensor, dim: int) -> torch.Tensor:
+        length = values.shape[dim]
+        padded = _pad_reflect101(values, radius, dim)
+        total = taps[radius] * padded.narrow(dim, radius, length)
+        for offset in range(radius):
+            pair = padded.narrow(dim, offset, length) + padded.narrow(dim, ksize - 1 - offset, length)
+            total += taps[offset] * pair
+        return total
+
+    bits = 2 * _BLUR_FRACTION_BITS
+    return (one_pass(one_pass(image.to(torch.int32), 1), 0) + (1 << (bits - 1))) >> bits
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+@functools.lru_cache(maxsize=64)
+def _area_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
+    """cv2's INTER_AREA table for one axis (computeResizeAreaTab): (target, k) source indices and float32 weights.
+    Cached: image sizes repeat, and on a GPU host this Python loop would cost more than the resize itself."""
+    scale = 1.0 / (target / source)
+    taps: list[list[tuple[int, float]]] = []
+    for index in range(target):
+        start = index * scale
+        end = start + scale
+        cell = min(scale, source - start)
+        first, last = math.ceil(start), math.floor(end)
+        last = min(last, source - 1)
+        first = min(first, last)
+        row = []
+        if first - start > 1e-3:
+            row.append((first - 1, (first - start) / cell))
+        row.extend((position, 1.0 / cell) for position in range(first, last))
+        if end - last > 1e-3:
+            row.append((last, min(min(end - last, 1.0), cell) / cell))
+        taps.append(row)
+    width = max(len(row) for row in taps)
+    indices = np.array([[row[min(k, len(row) - 1)][0] for k in range(width)] for row in taps], dtype=np.int64)
+    weights = np.array([[row[k][1] if k < len(row) else 0.0 for k in range(width)] for row in taps], dtype=np.float32)
+    return _read_only(indices, weights)
+
+
+def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """cv2.resize(uint8 image, (width, height), interpolation=INTER_AREA) for downscaling, as int32 values 0..255.
+
+    Integer factors take OpenCV's fast path: the block sum times 1/area, rounded half to even, except 2x2, which
+    its SIMD code rounds half up. Other factors: the separable float32 area table, summed in OpenCV's order.
+    """
+    source_height, source_width = image.shape
+    scale_x, scale_y = 1.0 / (width / source_width), 1.0 / (height / source_height)  # cv2's own expression
+    fx, fy = round(scale_x), round(scale_y)
+    if abs(scale_x - fx) < np.finfo(np.float64).eps and abs(scale_y - fy) < np.finfo(np.float64).eps:
+        blocks = image.to(torch.int32)[: height * fy, : width * fx].reshape(height * fy, width, fx).sum(dim=2)
+        blocks = blocks.reshape(height, fy, width).sum(dim=1)
+        if fx == 2 and fy == 2:
+            return (blocks + 2) >> 2
+        return torch.round(blocks.to(torch.float32) * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
+    values = image.to(torch.float32)
+    for dim, (source, target) in ((1, (source_width, width)), (0, (source_height, height))):
+        indices, weights = _area_taps(source, target)
+        index_t = torch.tensor(indices, device=image.device)
+        weight_t = torch.tensor(weights, device=image.device)
+        total = None
+        for k in range(indices.shape[1]):
+            picked = values.index_select(dim, index_t[:, k])
+            term = picked * (weight_t[:, k] if dim == 1 else weight_t[:, k, None])
+            total = term if total is None else total + term
+        values = total
+    return torch.round(values).clamp(0, 255).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
+    """cv2.resize INTER_LINEAR's table for one axis (float images): (index0, index1, weight0, weight1), float32
+    weights, pixel centres aligned ((d + 0.5) * scale - 0.5), positions outside clamped to the edge sample."""
+    scale = 1.0 / (target / source)
+    position = ((np.arange(target) + 0.5) * scale - 0.5).astype(np.float32)
+    index = np.floor(position).astype(np.int64)
+    fraction = position - index.astype(np.float32)
+    low, high = index < 0, index >= source - 1
+    fraction[low], index[low] = 0.0, 0
+    fraction[high], index[high] = 0.0, source - 1
+    return _read_only(index, np.minimum(index + 1, source - 1), np.float32(1.0) - fraction, fraction)
+
+
+def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
+    """watermark._amplitude of this luma: the 1/8-resolution texture map made on the device (bit-exact), its
+    small blur and clipping on the host."""
+    height, width = luma.shape
+    detail = torch.abs(luma - _gaussian_blur_u8(luma, _DETAIL_KSIZE, _DETAIL_SIGMA))
+    small = _area_resize(detail, max(1, height // 8), max(1, width // 8)).to(torch.uint8).cpu().numpy()
+    # The tail of watermark._amplitude, on the small map.
+    small = cv2.GaussianBlur(small.astype(np.float32), (5, 5), 1.0)
+    return np.clip(small * _MASK_GAIN, _MASK_MIN, _MASK_MAX)
+
+
+def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | None:
+    """watermark._earlier_mark of this luma: the area resampling to 2 samples per chip on the device (bit-exact),
+    the fold, demodulation and amplitude fit on the host (2 * 33 samples per tile)."""
+    size, sigma = 2 * _N, 2.0
+    tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
+    if tiles_y * tiles_x == 0:
+        return None
+    region = luma[: tiles_y * period, : tiles_x * period]
+    small = _area_resize(region, tiles_y * size, tiles_x * size).to(torch.float32).cpu().numpy()
+    # From here on the same lines as watermark._earlier_mark after its cv2.resize.
+    small -= cv2.GaussianBlur(small, (0, 0), sigma)
+    folded = small.reshape(tiles_y, size, tiles_x, size).mean(axis=(0, 2))
+    z, soft = _demodulate(folded, size, size)
+    old_id = _decode_id(soft) if z >= _PILOT_Z else None
+    if old_id is None:
+        return None
+    shift = 0.5 * (1.0 - size / period)
+    phase = np.exp(2j * np.pi * (_BAND[:, None] + _BAND[None, :]) * shift / size)
+    response = 1.0 - np.exp(-2 * np.pi**2 * sigma**2 * (_RING / size) ** 2)
+    expected = _band_of(np.fft.fft2(_tile(old_id, size))) * phase * response
+    observed = _band_of(np.fft.fft2(folded))
+    rings = (_RING >= 4) & (_RING <= 12)
+    amplitude = float(np.sum((observed * np.conj(expected)).real[rings]) / np.sum(np.abs(expected[rings]) ** 2))
+    return old_id, max(0.0, amplitude)
+
+
+def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float = 1.0) -> torch.Tensor:
+    """A copy of ``rgb`` (HxWx3 uint8 tensor, any device) carrying ``watermark_id``: watermark.embed_watermark's
+    mark, within 1 grey level of it, including its replacement of an earlier mark (re-marking).
+
+    On the device: the luma, the full-resolution texture measure and its area downsampling, the re-marking check's
+    area resampling, the bilinear upsampling of the amplitude to full size, the tile repetition and the rounding,
+    saturating add. On the host: the 1/8-resolution amplitude map, the tile (watermark._tile) and the re-marking
+    check on its 66 x 66-per-tile fold. Images with a side under 48 px come back unchanged.
+    """
+    _check_image(rgb)
+    if not 0 <= int(watermark_id) < 1 << PAYLOAD_BITS:
+        raise ValueError(f"watermark id must fit in {PAYLOAD_BITS} bits")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    height, width = rgb.shape[:2]
+    if min(height, width) < _MIN_SIDE:
+        return rgb.clone()
+    device = rgb.device
+    period = _period(height, width)
+    luma = _luma(rgb)
+    amplitude = _amplitude_small(luma)
+    # As in embed_watermark: cap the mark's RMS, scale by strength, replace an earlier mark.
+    rms = float(np.sqrt(np.mean(amplitude * amplitude)))
+    amplitude *= strength * min(1.0, _RMS_CAP / rms)
+    tile = _tile(int(watermark_id), period)
+    earlier = _earlier_mark_small(luma, period)
+    del luma
+    if earlier is not None:
+        old_id, old_amplitude = earlier
+        tile = tile - _tile(old_id, period) * min(1.5, old_amplitude / float(np.mean(amplitude)))
+    # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
+    # one per band below.
+    x0, x1, ax0, ax1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[1], width))
+    y0, y1, by0, by1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[0], height))
+    small = torch.from_numpy(amplitude).to(device)
+    rows = small[:, x0] * ax0 + small[:, x1] * ax1  # (small height, width)
+    pattern = torch.tensor(np.ascontiguousarray(tile), device=device)
+    band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
+    pattern = pattern.repeat(band // period, -(-width // period))[:, :width]
+    out = torch.empty_like(rgb)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        full = (rows.index_select(0, y0[top:bottom]) * by0[top:bottom, None]
+                + rows.index_select(0, y1[top:bottom]) * by1[top:bottom, None])
+        # cv2.add(uint8, float32, dtype=CV_8U) rounds the delta (half to even), then adds and saturates.
+        delta = torch.round(full * pattern[: bottom - top]).clamp_(-256, 256).to(torch.int16)
+        out[top:bottom] = (rgb[top:bottom].to(torch.int16) + delta[..., None]).clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding.
+
+
+@functools.lru_cache(maxsize=1)
+def _device_jpeg_encoder() -> Callable[..., Any] | None:
+    """torchvision.io.encode_jpeg, or None where torchvision is missing or does not load against this torch."""
+    try:
+        from torchvision.io import encode_jpeg
+    except Exception:  # noqa: BLE001 - ImportError, or a torchvision built for another torch (RuntimeError, OSError)
+        return None
+    return encode_jpeg
+
+
+def jpeg_encoder_for(rgb: torch.Tensor) -> str:
+    """Which encoder encode_jpeg_torch uses for this tensor: "nvjpeg" (torchvision on the CUDA device) when it is
+    on a CUDA device and torchvision is importable, else "pillow" (imaging.encode_image on the host). torchvision
+    is not even imported for a tensor that is not on CUDA."""
+    if rgb.device.type != "cuda":
+        return "pillow"
+    return "nvjpeg" if _device_jpeg_encoder() is not None else "pillow"
+
+
+def _add_xmp(jpeg: bytes, xmp: bytes) -> bytes:
+    """An XMP APP1 segment (imaging's helper) placed after a leading JFIF APP0 segment, as Pillow places its own."""
+    if jpeg[2:4] == b"\xff\xe0":
+        end = 4 + int.from_bytes(jpeg[4:6], "big")
+        return jpeg[:end] + _insert_jpeg_app1(b"\xff\xd8" + jpeg[end:], xmp)[2:]
+    return _insert_jpeg_app1(jpeg, xmp)
+
+
+def encode_jpeg_torch(rgb: torch.Tensor, quality: int, xmp: bytes | None = None) -> bytes:
+    """JPEG bytes of an HxWx3 uint8 tensor, with ``xmp`` (when given) as an APP1 XMP segment.
+
+    On a CUDA device with torchvision importable: nvJPEG through ``torchvision.io.encode_jpeg`` on the device (only
+    the compressed bytes come to the host), then the XMP segment inserted with imaging's helper. Otherwise (a CPU
+    tensor, or no torchvision) the fallback: ``imaging.encode_image`` (Pillow) on the host copy of the pixels,
+    byte-identical to what pipeline.finish writes for the same pixels.
+    """
+    _check_image(rgb)
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality must be 1..100, got {quality}")
+    if jpeg_encoder_for(rgb) == "nvjpeg":
+        encode = _device_jpeg_encoder()
+        assert encode is not None
+        encoded = encode(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
+        jpeg = encoded.cpu().numpy().tobytes()
+        return _add_xmp(jpeg, xmp) if xmp else jpeg
+    return encode_image(rgb.cpu().numpy(), "jpeg", int(quality), xmp=xmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole postprocess of one row.
+
+
+def finish_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, blend_mask: torch.Tensor | np.ndarray,
+                 target_matrix: np.ndarray, options: FusionOptions, metadata: dict[str, Any],
+                 label_text: str = DEFAULT_LABEL,
+                 label_position: str = DEFAULT_POSITION) -> tuple[bytes, dict[str, Any]]:
+    """pipeline.finish on tensors: paste back, label, watermark and encode on target's device; returns the encoded
+    image and the completed metadata (the same keys, timings "paste", "watermark" and "encode" in ms).
+
+    The visible label (OPTIONS visible_label) is drawn by label.draw_label (OpenCV text) on a host copy of the whole
+    image, which then goes back to the device: the simple exact option, and only when the label is asked for.
+    JPEG is encoded by encode_jpeg_torch (nvJPEG on CUDA); PNG and WebP by imaging.encode_image on the host.
+    """
+    _check_image(target)
+    device = target.device
+    timings = metadata.setdefault("timings_ms", {})
+    options = options.with_watermark_id()
+    started = time.perf_counter()
+    fused = paste_back_torch(target, fused_crop, blend_mask, target_matrix)
+    timings["paste"] = _elapsed_ms(started, device)
+    if options.visible_label:
+        fused = torch.from_numpy(draw_label(fused.cpu().numpy(), label_text, label_position)).to(device)
+    started = time.perf_counter()
+    fused = embed_watermark_torch(fused, parse_watermark_id(options.watermark_id))
+    timings["watermark"] = _elapsed_ms(started, device)
+    started = time.perf_counter()
+    xmp = build_xmp(options.watermark_id, SOFTWARE)
+    if options.format == "jpeg":
+        encoded = encode_jpeg_torch(fused, options.quality, xmp)
+    else:
+        encoded = encode_image(fused.cpu().numpy(), options.format, options.quality, xmp=xmp,
+                               text={"AI-generated": "true", "Software": SOFTWARE})
+    timings["encode"] = _elapsed_ms(started, device)
+    metadata.update({
+        "watermark_id": options.watermark_id,
+        "visible_label": options.visible_label,
+        "format": options.format,
+        "output": {"width": int(fused.shape[1]), "height": int(fused.shape[0]), "bytes": len(encoded)},
+    })
+    return encoded, metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark.
+
+
+def _benchmark_inputs(width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A width x height photo (the shipped sample, resized), a face-sized fused crop cut from it (brightened, so the
+    paste changes pixels), a soft elliptical mask and the image -> crop matrix."""
+    from facefuse.alignment import CROP_SIZE, crop_to_tensor, warp_to_crop
+    from facefuse.imaging import decode_image
+    from facefuse.samples import sample_image_path
+
+    photo = decode_image(sample_image_path("t1.jpg").read_bytes())
+    image = cv2.resize(photo, (width, height), interpolation=cv2.INTER_LINEAR)
+    angle, scale = math.radians(12.0), CROP_SIZE / (0.28 * min(width, height))
+    centre = np.array([0.45 * width, 0.4 * height])
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = rotation
+    matrix[:, 2] = CROP_SIZE / 2.0 - rotation @ centre
+    crop = cv2.convertScaleAbs(warp_to_crop(image, matrix), alpha=1.1, beta=12)
+    yy, xx = np.mgrid[:CROP_SIZE, :CROP_SIZE] / (CROP_SIZE - 1.0) - 0.5
+    mask = np.clip((0.42 - np.hypot(xx, 0.8 * yy)) / 0.08, 0.0, 1.0).astype(np.float32)[None]
+    return image, crop_to_tensor(crop), mask, matrix.astype(np.float32)
+
+
+def benchmark(width: int = 1920, height: int = 1080, repeats: int = 10, fmt: str = "jpeg",
+              device: str | torch.device | None = None) -> dict[str, Any]:
+    """Median ms per image of pipeline.finish and of finish_torch (on CUDA when available, else CPU) on one
+    width x height photo, with each one's median stage timings. The image is on the device before timing
+    (``upload_ms`` is that copy, reported apart)."""
+    from facefuse.pipeline import finish
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image, crop, mask, matrix = _benchmark_inputs(width, height)
+    options = FusionOptions(format=fmt, quality=92, watermark_id="0123456789abcdef")
+    started = time.perf_counter()
+    target = torch.from_numpy(image).to(device)
+    upload_ms = _elapsed_ms(started, device)
+    crop_t, mask_t = torch.from_numpy(crop).to(device), torch.from_numpy(mask).to(device)
+
+    def run(function: Callable[[], tuple[bytes, dict[str, Any]]]) -> dict[str, Any]:
+        function()  # warm-up: kernel selection, allocator, tile cache
+        totals, stages = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            _, metadata = function()
+            totals.append(_elapsed_ms(started, device))
+            stages.append(metadata["timings_ms"])
+        return {"ms_per_image": float(np.median(totals)),
+                **{key: float(np.median([stage[key] for stage in stages])) for key in ("paste", "watermark", "encode")}}
+
+    return {
+        "size": f"{width}x{height}", "format": fmt, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "jpeg_encoder": jpeg_encoder_for(target) if fmt == "jpeg" else "encode_image",
+        "finish": run(lambda: finish(image, crop, mask, matrix, options, {})),
+        "finish_torch": run(lambda: finish_torch(target, crop_t, mask_t, matrix, options, {})),
+        "upload_ms": upload_ms,
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(benchmark(), indent=2))

@@ -1,0 +1,297 @@
+"""facefuse.postprocess_torch against the OpenCV/numpy postprocess it replaces (torch on the CPU here; the same code
+runs on CUDA). Parity is asserted on measured differences: exact for the integer building blocks, at most 1 grey
+level on a small fraction of pixels for paste-back and the watermark."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facefuse import postprocess_torch as pt
+from facefuse.alignment import CROP_SIZE, crop_to_tensor, warp_to_crop
+from facefuse.imaging import decode_image, encode_image
+from facefuse.options import FusionOptions
+from facefuse.pipeline import finish, paste_back
+from facefuse.provenance import build_xmp, read_provenance
+from facefuse.samples import sample_image_path
+from facefuse.watermark import _amplitude, _earlier_mark, _period, embed_watermark, extract_watermark
+
+WID = 0x0123456789ABCDEF
+WID_HEX = "0123456789abcdef"
+# Parity bounds, from measurements (all differences were 0 on this machine; the bounds leave room for another
+# summation order, e.g. FMA on another CPU or on CUDA, to flip a rounding now and then).
+MAX_LEVELS = 1
+MAX_DIFFERING = 1e-3  # fraction of pixel values allowed to differ (by MAX_LEVELS at most)
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return decode_image(sample_image_path("t1.jpg").read_bytes())  # 1280x886
+
+
+@pytest.fixture(scope="module")
+def full_hd(photo) -> np.ndarray:
+    return cv2.resize(photo, (1920, 1080), interpolation=cv2.INTER_LINEAR)
+
+
+@pytest.fixture(scope="module")
+def generated() -> np.ndarray:
+    """517x333 (odd sizes: OpenCV's non-integer area paths): gradients, hard-edged shapes and noise."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:333, :517]
+    rgb = np.stack([xx * 255.0 / 517, yy * 255.0 / 333, 128 + 100 * np.sin(xx / 9.0) * np.cos(yy / 13.0)], -1)
+    rgb[40:120, 60:200] = (250, 20, 30)
+    rgb[200:300, 300:480] = (5, 5, 5)
+    rgb += rng.normal(0, 12, rgb.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _similarity(centre: tuple[float, float], footprint: float, degrees: float) -> np.ndarray:
+    """Image -> crop matrix putting a footprint-px square around centre (rotated) onto the CROP_SIZE crop."""
+    angle, scale = math.radians(degrees), CROP_SIZE / footprint
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = rotation
+    matrix[:, 2] = CROP_SIZE / 2.0 - rotation @ np.asarray(centre, dtype=np.float64)
+    return matrix.astype(np.float32)
+
+
+def _crop_and_mask(image: np.ndarray, matrix: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fused crop that differs from the target (brightened, plus noise: sharp detail for the interpolation) and a
+    soft mask that over- and undershoots [0, 1] (the clip is part of what must match)."""
+    rng = np.random.default_rng(seed)
+    crop = warp_to_crop(image, matrix).astype(np.float32) * 1.1 + 15 + rng.normal(0, 20, (CROP_SIZE, CROP_SIZE, 3))
+    tensor = crop_to_tensor(np.clip(crop, 0, 255).astype(np.uint8))
+    yy, xx = np.mgrid[:CROP_SIZE, :CROP_SIZE] / (CROP_SIZE - 1.0) - 0.5
+    mask = ((0.45 - np.hypot(xx, 0.8 * yy)) / 0.1).astype(np.float32)[None]
+    return tensor, np.clip(mask, -0.3, 1.3)
+
+
+def _difference(expected: np.ndarray, actual: np.ndarray) -> tuple[int, float, float]:
+    """(max |difference| in grey levels, mean |difference|, fraction of values that differ)."""
+    assert expected.shape == actual.shape and expected.dtype == actual.dtype == np.uint8
+    diff = np.abs(expected.astype(np.int16) - actual.astype(np.int16))
+    return int(diff.max()), float(diff.mean()), float(np.mean(diff > 0))
+
+
+def _assert_parity(expected: np.ndarray, actual: np.ndarray) -> None:
+    worst, mean, differing = _difference(expected, actual)
+    assert worst <= MAX_LEVELS and differing <= MAX_DIFFERING, (worst, mean, differing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks: OpenCV's integer arithmetic reproduced exactly.
+
+
+def test_luma_blur_and_area_resize_are_bit_exact(photo, generated):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (211, 307, 3), dtype=np.uint8)
+    for image in (photo, generated, noise):
+        luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        luma_t = pt._luma(torch.from_numpy(image))
+        assert np.array_equal(luma_t.numpy(), luma)
+        assert np.array_equal(pt._gaussian_blur_u8(luma_t, 5, 1.2).numpy(), cv2.GaussianBlur(luma, (5, 5), 1.2))
+        height, width = luma.shape
+        # Integer factors (OpenCV's fast path; 2x2 rounds half up there) on whole blocks, then the general table.
+        cases = [(luma[: height // f * f, : width // f * f], (height // f, width // f)) for f in (8, 2, 3)]
+        cases += [(luma, size) for size in ((height // 8, width // 8), (round(height / 1.65), round(width / 1.65)),
+                                            (height // 7 + 1, width // 5 + 3))]
+        for region, size in cases:
+            expected = cv2.resize(region, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            actual = pt._area_resize(torch.from_numpy(region).to(torch.int32), *size).numpy()
+            assert np.array_equal(actual, expected), (image.shape, size)
+
+
+def test_amplitude_map_and_earlier_mark_match_the_watermark_module(photo, full_hd):
+    for image in (photo, full_hd):
+        luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        luma_t = torch.from_numpy(luma).to(torch.int32)
+        assert np.array_equal(pt._amplitude_small(luma_t), _amplitude(luma))
+        period = _period(*luma.shape)
+        assert pt._earlier_mark_small(luma_t, period) is None and _earlier_mark(luma, period) is None
+        marked = cv2.cvtColor(embed_watermark(image, WID), cv2.COLOR_RGB2GRAY)
+        expected = _earlier_mark(marked, period)
+        actual = pt._earlier_mark_small(torch.from_numpy(marked).to(torch.int32), period)
+        assert expected is not None and actual is not None
+        assert actual[0] == expected[0] == WID
+        assert actual[1] == pytest.approx(expected[1], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paste back.
+
+
+@pytest.mark.parametrize("case", ["inside rotated", "larger than the crop", "smaller than the crop", "over the corner"])
+def test_paste_back_matches_cv2(photo, generated, case):
+    image, matrix = {
+        "inside rotated": (photo, _similarity((610.0, 380.0), 300.0, 17.0)),
+        "larger than the crop": (photo, _similarity((640.0, 450.0), 700.0, -8.0)),
+        "smaller than the crop": (generated, _similarity((250.0, 160.0), 120.3, 33.0)),
+        "over the corner": (generated, _similarity((20.0, 310.0), 200.0, 5.0)),
+    }[case]
+    crop, mask = _crop_and_mask(image, matrix, seed=len(case))
+    expected = paste_back(image, crop, mask, matrix)
+    target = torch.from_numpy(image)
+    actual = pt.paste_back_torch(target, torch.from_numpy(crop), torch.from_numpy(mask), matrix).numpy()
+    assert np.array_equal(target.numpy(), image)  # the input is not modified
+    assert (expected != image).any(axis=2).sum() > 1000  # the paste did change many pixels
+    _assert_parity(expected, actual)
+
+
+def test_paste_back_parity_bound_catches_a_half_pixel_error(photo):
+    """Negative control: the same paste half a pixel off (the classic align_corners / pixel-centre mistake) is far
+    outside the bound the parity tests use."""
+    matrix = _similarity((610.0, 380.0), 300.0, 17.0)
+    crop, mask = _crop_and_mask(photo, matrix, seed=1)
+    expected = paste_back(photo, crop, mask, matrix)
+    shifted = matrix.copy()
+    shifted[:, 2] += 0.5
+    actual = pt.paste_back_torch(torch.from_numpy(photo), torch.from_numpy(crop), torch.from_numpy(mask), shifted)
+    worst, _, differing = _difference(expected, actual.numpy())
+    assert worst > 10 * MAX_LEVELS and differing > 10 * MAX_DIFFERING
+
+
+def test_paste_back_outside_the_image_is_a_copy(generated):
+    matrix = _similarity((-500.0, -500.0), 200.0, 0.0)
+    crop, mask = _crop_and_mask(generated, np.eye(2, 3, dtype=np.float32), seed=0)
+    target = torch.from_numpy(generated)
+    out = pt.paste_back_torch(target, torch.from_numpy(crop), torch.from_numpy(mask), matrix)
+    assert torch.equal(out, target) and out.data_ptr() != target.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Watermark.
+
+
+def test_watermark_matches_embed_watermark(photo, full_hd, generated):
+    for image in (photo, full_hd, generated, np.ascontiguousarray(photo[300:364, 600:664])):
+        expected = embed_watermark(image, WID, strength=0.8 if image is generated else 1.0)
+        actual = pt.embed_watermark_torch(torch.from_numpy(image), WID, 0.8 if image is generated else 1.0)
+        assert actual.dtype == torch.uint8 and actual.shape == image.shape
+        _assert_parity(expected, actual.numpy())
+
+
+def test_watermark_in_several_row_bands_matches(photo, monkeypatch):
+    monkeypatch.setattr(pt, "_BAND_PIXELS", 1 << 16)  # one tile row per band: 9 bands with a partial last one
+    expected = embed_watermark(photo, WID)
+    _assert_parity(expected, pt.embed_watermark_torch(torch.from_numpy(photo), WID).numpy())
+
+
+def test_watermark_is_read_back_also_after_jpeg(photo):
+    marked = pt.embed_watermark_torch(torch.from_numpy(photo), WID).numpy()
+    for image in (marked, decode_image(encode_image(marked, "jpeg", 90))):
+        reading = extract_watermark(image)
+        assert reading.present and reading.watermark_id == WID_HEX
+
+
+def test_remarking_replaces_the_earlier_mark_like_embed_watermark(photo):
+    first = decode_image(encode_image(embed_watermark(photo, WID), "jpeg", 92))
+    new_id = WID ^ 0xFFFFFFFFFFFFFFFF
+    expected = embed_watermark(first, new_id)
+    actual = pt.embed_watermark_torch(torch.from_numpy(first), new_id).numpy()
+    _assert_parity(expected, actual)
+    assert extract_watermark(actual).watermark_id == f"{new_id:016x}"
+
+
+def test_watermark_small_images_and_bad_arguments(photo):
+    tiny = torch.from_numpy(np.ascontiguousarray(photo[:47, :300]))
+    out = pt.embed_watermark_torch(tiny, WID)
+    assert torch.equal(out, tiny) and out.data_ptr() != tiny.data_ptr()
+    image = torch.zeros((64, 64, 3), dtype=torch.uint8)
+    for call in (lambda: pt.embed_watermark_torch(image, 1 << 64), lambda: pt.embed_watermark_torch(image, -1),
+                 lambda: pt.embed_watermark_torch(image, 1, strength=0.0),
+                 lambda: pt.embed_watermark_torch(image.to(torch.float32), 1),
+                 lambda: pt.embed_watermark_torch(image[..., :2], 1)):
+        with pytest.raises(ValueError):
+            call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding.
+
+
+def test_jpeg_encoder_selection_on_cpu_never_touches_torchvision():
+    pt._device_jpeg_encoder.cache_clear()
+    assert pt.jpeg_encoder_for(torch.zeros((8, 8, 3), dtype=torch.uint8)) == "pillow"
+    assert pt._device_jpeg_encoder.cache_info().misses == 0  # torchvision was not even looked for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_jpeg_encoder_selection_on_cuda():
+    expected = "nvjpeg" if pt._device_jpeg_encoder() is not None else "pillow"
+    assert pt.jpeg_encoder_for(torch.zeros((8, 8, 3), dtype=torch.uint8, device="cuda")) == expected
+
+
+def test_cpu_jpeg_fallback_decodes_and_carries_the_xmp(photo):
+    xmp = build_xmp(WID_HEX, "facefuse test")
+    data = pt.encode_jpeg_torch(torch.from_numpy(photo), 90, xmp)
+    assert data == encode_image(photo, "jpeg", 90, xmp=xmp)  # the host encoder, as documented
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG" and image.size == (photo.shape[1], photo.shape[0])
+        assert WID_HEX in str(image.getxmp())
+    assert read_provenance(data)["watermark_id"] == WID_HEX
+    assert pt.encode_jpeg_torch(torch.from_numpy(photo), 90, None)[:2] == b"\xff\xd8"
+    with pytest.raises(ValueError):
+        pt.encode_jpeg_torch(torch.from_numpy(photo), 0, xmp)
+
+
+def test_device_jpeg_xmp_goes_after_the_jfif_segment(generated):
+    """The XMP insertion of the nvJPEG branch, on a JPEG without XMP: APP0 (JFIF) first, then the APP1 XMP."""
+    plain = encode_image(generated, "jpeg", 90)
+    assert plain[2:4] == b"\xff\xe0"
+    xmp = build_xmp(WID_HEX, "facefuse test")
+    data = pt._add_xmp(plain, xmp)
+    app0_end = 4 + int.from_bytes(plain[4:6], "big")
+    assert data[:app0_end] == plain[:app0_end] and data[app0_end:app0_end + 2] == b"\xff\xe1"
+    assert np.array_equal(decode_image(data), decode_image(plain))
+    with Image.open(io.BytesIO(data)) as image:
+        assert WID_HEX in str(image.getxmp())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole postprocess.
+
+
+def _finish_both(image: np.ndarray, options: FusionOptions) -> tuple[tuple[bytes, dict], tuple[bytes, dict]]:
+    matrix = _similarity((610.0, 380.0), 300.0, 17.0)
+    crop, mask = _crop_and_mask(image, matrix, seed=3)
+    expected = finish(image, crop, mask, matrix, options, {"timings_ms": {"decode": 1.0}})
+    target = torch.from_numpy(image)
+    actual = pt.finish_torch(target, torch.from_numpy(crop), torch.from_numpy(mask), matrix, options,
+                             {"timings_ms": {"decode": 1.0}})
+    assert np.array_equal(target.numpy(), image)
+    return expected, actual
+
+
+@pytest.mark.parametrize("fmt, label", [("png", False), ("png", True), ("jpeg", False)])
+def test_finish_torch_matches_finish(photo, fmt, label):
+    options = FusionOptions(format=fmt, quality=90, watermark_id=WID_HEX, visible_label=label)
+    (expected, expected_meta), (actual, actual_meta) = _finish_both(photo, options)
+    assert set(actual_meta) == set(expected_meta)
+    assert set(actual_meta["timings_ms"]) == set(expected_meta["timings_ms"]) == {"decode", "paste", "watermark",
+                                                                                  "encode"}
+    assert actual_meta["watermark_id"] == WID_HEX and actual_meta["visible_label"] is label
+    assert actual_meta["format"] == fmt
+    assert actual_meta["output"] == {"width": photo.shape[1], "height": photo.shape[0], "bytes": len(actual)}
+    assert read_provenance(actual)["watermark_id"] == WID_HEX
+    pixels = decode_image(actual)
+    assert pixels.shape == photo.shape
+    assert extract_watermark(pixels).watermark_id == WID_HEX
+    if fmt == "png":  # lossless: the pixels themselves are compared
+        _assert_parity(decode_image(expected), pixels)
+    else:  # same pixels, same host encoder
+        _, mean, _ = _difference(decode_image(expected), pixels)
+        assert mean < 0.01
+
+
+def test_finish_torch_webp_and_random_id(generated):
+    (_, _), (data, metadata) = _finish_both(generated, FusionOptions(format="webp", quality=90))
+    assert len(metadata["watermark_id"]) == 16
+    assert decode_image(data).shape == generated.shape
+    assert read_provenance(data)["watermark_id"] == metadata["watermark_id"]
