@@ -25,9 +25,12 @@ def parse_assignments(text: str) -> dict[str, int]:
 
 
 def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_us: dict[str, int],
-                     source: Path = MODEL_REPOSITORY) -> Path:
-    """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay replaced."""
-    unknown = (set(instances) | set(queue_delays_us)) - {path.name for path in source.iterdir() if path.is_dir()}
+                     source: Path = MODEL_REPOSITORY, cpu_threads: dict[str, int] | None = None) -> Path:
+    """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay / `cpu_threads`
+    parameter replaced."""
+    cpu_threads = cpu_threads or {}
+    unknown = (set(instances) | set(queue_delays_us) | set(cpu_threads)) - {
+        path.name for path in source.iterdir() if path.is_dir()}
     if unknown:
         raise ValueError(f"no such model(s) in {source}: {', '.join(sorted(unknown))}")
     if destination.exists():
@@ -41,9 +44,11 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             target.symlink_to(path.resolve())
         else:
             shutil.copy2(path, target)
-    for name in set(instances) | set(queue_delays_us):
+    for name in set(instances) | set(queue_delays_us) | set(cpu_threads):
         config_path = destination / name / "config.pbtxt"
         text = config_path.read_text()
+        if name in cpu_threads:
+            text = _set_cpu_threads(text, cpu_threads[name], name)
         if name in instances:
             if instances[name] < 1:
                 raise ValueError(f"{name}: instance count must be >= 1")
@@ -59,4 +64,15 @@ def _replace_one(text: str, pattern: str, value: int, model: str) -> str:
     edited, count = re.subn(pattern, rf"\g<1>{value}", text)
     if count != 1:
         raise ValueError(f"{model}/config.pbtxt: expected one match of {pattern!r}, found {count}")
+    return edited
+
+
+def _set_cpu_threads(text: str, threads: int, model: str) -> str:
+    entry = f'{{ key: "cpu_threads" value: {{ string_value: "{threads}" }} }}'
+    if '"cpu_threads"' in text:
+        edited, count = re.subn(r'\{ key: "cpu_threads" value: \{ string_value: "\d+" \} \}', lambda _: entry, text)
+    else:
+        edited, count = re.subn(r"parameters\s*\[", lambda _: f"parameters [\n  {entry},", text)
+    if count != 1:
+        raise ValueError(f"{model}/config.pbtxt: cannot set cpu_threads (no single parameters block)")
     return edited
