@@ -81,8 +81,9 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
         # (the figures are still the mean of the last three windows) rather than report nothing.
         command[command.index("--stability-percentage") + 1] = str(max(100, 2 * stability))
         command[command.index("--max-trials") + 1] = "10"
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        result = subprocess.run(command + ["-v"], capture_output=True, text=True, env=env)  # -v: every pass
     if result.returncode != 0:
+        out_csv.with_suffix(".failed.txt").write_text(result.stdout + result.stderr)  # the passes, for the record
         raise RuntimeError(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
                            f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
     with open(out_csv) as handle:
