@@ -370,6 +370,14 @@ class _TensorPyramid:
         return out
 
 
+def _check_rgb(rgb: np.ndarray | torch.Tensor) -> None:
+    """HxWx3 uint8 RGB, as a numpy array or a tensor, else ValueError."""
+    uint8 = np.uint8 if isinstance(rgb, np.ndarray) else torch.uint8
+    if not isinstance(rgb, np.ndarray | torch.Tensor) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != uint8:
+        desc = f"{rgb.dtype} {tuple(rgb.shape)}" if isinstance(rgb, np.ndarray | torch.Tensor) else type(rgb).__name__
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {desc}")
+
+
 class FaceDetector:
     """MTCNN face detector; one instance holds the three nets on ``device`` and is reusable across calls.
 
@@ -438,9 +446,7 @@ class FaceDetector:
     # -- preparation ------------------------------------------------------------------------------------------
 
     def _prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ValueError(f"expected an HxWx3 uint8 RGB array, got {desc}")
+        _check_rgb(rgb)
         h, w = rgb.shape[:2]
         if max(h, w) <= self.max_side:
             return np.ascontiguousarray(rgb), (1.0, 1.0)
@@ -452,12 +458,9 @@ class FaceDetector:
 
     def _prepare_tensor(self, rgb: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
         """``_prepare`` on the device: (1,3,h,w) float32 (0..255) working image and the per-axis scale."""
+        _check_rgb(rgb)
         if isinstance(rgb, np.ndarray):
-            self._prepare(rgb[:1, :1])  # the same validation and message as the host path
             rgb = torch.from_numpy(np.ascontiguousarray(rgb))
-        if not isinstance(rgb, torch.Tensor) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != torch.uint8:
-            desc = f"{rgb.dtype} {tuple(rgb.shape)}" if isinstance(rgb, torch.Tensor) else type(rgb).__name__
-            raise ValueError(f"expected an HxWx3 uint8 RGB tensor, got {desc}")
         h, w = rgb.shape[:2]
         work = rgb.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
         if max(h, w) <= self.max_side:
@@ -521,8 +524,8 @@ class FaceDetector:
         return torch.cat(probs, dim=1), torch.cat(regs, dim=2)
 
     def _stage_pnet(self, pyramids: list[_Pyramid]) -> tuple[np.ndarray, np.ndarray]:
-        all_boxes, all_ids = [], []
-        for idx, pyramid in enumerate(pyramids):
+        all_boxes = []
+        for pyramid in pyramids:
             per_level = []
             for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
                 if not for_pnet:
@@ -537,17 +540,9 @@ class FaceDetector:
                 x1 = rows_cols[:, 1] * (_PNET_STRIDE / sx)
                 y1 = rows_cols[:, 0] * (_PNET_STRIDE / sy)
                 boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-                keep = nms(boxes, score, _NMS_PNET_SCALE)
-                per_level.append((boxes[keep], score[keep], reg[keep]))
-            if not per_level:
-                continue
-            boxes, score, reg = (np.concatenate(parts) for parts in zip(*per_level))
-            keep = nms(boxes, score, _NMS_PNET_ALL)
-            all_boxes.append(_square(_regress(boxes[keep], reg[keep])))
-            all_ids.append(np.full(len(keep), idx, dtype=np.int64))
-        if not all_boxes:
-            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-        return np.concatenate(all_boxes), np.concatenate(all_ids)
+                per_level.append((boxes, score, reg))
+            all_boxes.append(_pnet_proposals(per_level))
+        return _with_image_ids(all_boxes)
 
     def _stage_pnet_tensor(self, pyramids: list[_TensorPyramid]) -> tuple[np.ndarray, np.ndarray]:
         """``_stage_pnet`` with the pyramid on the device: every level's candidates above the threshold are gathered
@@ -565,9 +560,9 @@ class FaceDetector:
                 picked.append(torch.stack(columns, dim=1))
                 level_info.append((idx, sx, sy, prob.shape[2]))
         if not picked:
-            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+            return _with_image_ids([])
         table = torch.cat(picked).cpu().numpy()  # (n, 7): flat index, score, 4 offsets, level number
-        all_boxes, all_ids = [], []
+        all_boxes = []
         for idx in range(len(pyramids)):
             per_level = []
             for number, (image, sx, sy, width) in enumerate(level_info):
@@ -577,17 +572,9 @@ class FaceDetector:
                 x1 = (rows[:, 0] % width) * (_PNET_STRIDE / sx)
                 y1 = (rows[:, 0] // width) * (_PNET_STRIDE / sy)
                 boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-                keep = nms(boxes, rows[:, 1], _NMS_PNET_SCALE)
-                per_level.append((boxes[keep], rows[keep, 1], rows[keep, 2:6]))
-            if not per_level:
-                continue
-            boxes, score, reg = (np.concatenate(parts) for parts in zip(*per_level))
-            keep = nms(boxes, score, _NMS_PNET_ALL)
-            all_boxes.append(_square(_regress(boxes[keep], reg[keep])))
-            all_ids.append(np.full(len(keep), idx, dtype=np.int64))
-        if not all_boxes:
-            return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-        return np.concatenate(all_boxes), np.concatenate(all_ids)
+                per_level.append((boxes, rows[:, 1], rows[:, 2:6]))
+            all_boxes.append(_pnet_proposals(per_level))
+        return _with_image_ids(all_boxes)
 
     def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
@@ -630,6 +617,26 @@ class FaceDetector:
         boxes = _regress(boxes, reg)
         keep = _nms_per_image(boxes, prob, ids, _NMS_ONET, mode="min")
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
+
+
+def _pnet_proposals(per_level: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One image's P-Net windows (boxes, scores, offsets per pyramid level) -> square proposals for R-Net: NMS
+    within each level, then across levels, then the box regression."""
+    if not per_level:
+        return np.zeros((0, 4))
+    kept = [(boxes[keep], score[keep], reg[keep]) for boxes, score, reg in per_level
+            for keep in [nms(boxes, score, _NMS_PNET_SCALE)]]
+    boxes, score, reg = (np.concatenate(parts) for parts in zip(*kept))
+    keep = nms(boxes, score, _NMS_PNET_ALL)
+    return _square(_regress(boxes[keep], reg[keep]))
+
+
+def _with_image_ids(proposals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Proposals of every image as one array, with the image index of each row."""
+    if not proposals:
+        return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+    ids = np.concatenate([np.full(len(boxes), idx, dtype=np.int64) for idx, boxes in enumerate(proposals)])
+    return np.concatenate(proposals), ids
 
 
 def _to_faces(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> list[DetectedFace]:

@@ -274,12 +274,14 @@ def _decode_opened(im: ImageFile.ImageFile) -> np.ndarray:
     return rgb
 
 
-def _insert_jpeg_app1(jpeg: bytes, xmp: bytes) -> bytes:
-    """Fallback for a Pillow without JPEG ``xmp=``: an APP1 XMP segment right after SOI."""
+def insert_jpeg_xmp(jpeg: bytes, xmp: bytes) -> bytes:
+    """``jpeg`` with an APP1 XMP segment, placed where Pillow puts its own: after a leading JFIF APP0 segment, else
+    right after SOI (for encoders without XMP support: an old Pillow, nvJPEG)."""
     payload = _XMP_JPEG_HEADER + xmp
     if len(payload) + 2 > 0xFFFF:
         raise ValueError("XMP packet too long for one JPEG APP1 segment")
-    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+    position = 4 + int.from_bytes(jpeg[4:6], "big") if jpeg[2:4] == b"\xff\xe0" else 2
+    return jpeg[:position] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[position:]
 
 
 # Pillow >= 11 writes JPEG XMP itself (``save(..., xmp=...)``); older ones get the segment inserted by hand.
@@ -311,7 +313,7 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 92, xmp: byt
             image.save(out, "JPEG", quality=int(quality), xmp=xmp)
             return out.getvalue()
         image.save(out, "JPEG", quality=int(quality))
-        return _insert_jpeg_app1(out.getvalue(), xmp) if xmp else out.getvalue()
+        return insert_jpeg_xmp(out.getvalue(), xmp) if xmp else out.getvalue()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         if xmp:

@@ -277,6 +277,18 @@ def _host(image: Any) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else image.contiguous().cpu().numpy()
 
 
+def crop_footprint(target_matrix: np.ndarray, size: int, width: int,
+                   height: int) -> tuple[int, int, int, int] | None:
+    """(x1, y1, x2, y2): the bounding box, one pixel of margin, clipped to the image, of where a size x size crop
+    lands in the image through the inverse of ``target_matrix`` (image -> crop); None when it misses the image."""
+    corners = transform_points(invert_affine(target_matrix),
+                               np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64))
+    x1, y1 = np.floor(corners.min(axis=0)).astype(int) - 1
+    x2, y2 = np.ceil(corners.max(axis=0)).astype(int) + 1
+    x1, y1, x2, y2 = max(0, int(x1)), max(0, int(y1)), min(width, int(x2)), min(height, int(y2))
+    return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
+
+
 def paste_back(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.ndarray,
                target_matrix: np.ndarray) -> np.ndarray:
     """Warp the fused crop (3,S,S in [0,1]) and its mask (1,S,S) back into the target and blend.
@@ -285,14 +297,11 @@ def paste_back(target_rgb: np.ndarray, fused_crop: np.ndarray, blend_mask: np.nd
     """
     height, width = target_rgb.shape[:2]
     size = fused_crop.shape[-1]
-    inverse = invert_affine(target_matrix)
-    corners = transform_points(inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64))
-    x1, y1 = np.floor(corners.min(axis=0)).astype(int) - 1
-    x2, y2 = np.ceil(corners.max(axis=0)).astype(int) + 1
-    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
-    if x2 <= x1 or y2 <= y1:
+    box = crop_footprint(target_matrix, size, width, height)
+    if box is None:
         return target_rgb.copy()
-    shifted = inverse.copy()
+    x1, y1, x2, y2 = box
+    shifted = invert_affine(target_matrix)  # crop -> image
     shifted[:, 2] -= (x1, y1)
     box = (x2 - x1, y2 - y1)
     fused = cv2.warpAffine(tensor_to_crop(fused_crop), shifted, box, flags=cv2.INTER_LINEAR,

@@ -39,28 +39,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facefuse.alignment import invert_affine, transform_points
-from facefuse.imaging import _insert_jpeg_app1, encode_image
+from facefuse.alignment import invert_affine
+from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
 from facefuse.options import FusionOptions
-from facefuse.pipeline import SOFTWARE
+from facefuse.pipeline import SOFTWARE, crop_footprint
 from facefuse.provenance import build_xmp
 from facefuse.watermark import (
-    _BAND,
-    _MASK_GAIN,
-    _MASK_MAX,
-    _MASK_MIN,
     _MIN_SIDE,
-    _N,
-    _PILOT_Z,
-    _RING,
-    _RMS_CAP,
+    AMPLITUDE_REDUCTION,
+    DETAIL_KSIZE,
+    DETAIL_SIGMA,
+    EARLIER_MARK_SAMPLES,
     PAYLOAD_BITS,
-    _band_of,
-    _decode_id,
-    _demodulate,
+    _amplitude_from_detail,
+    _capped,
+    _earlier_mark_from,
+    _mark_tile,
     _period,
-    _tile,
     parse_watermark_id,
 )
 
@@ -74,8 +70,6 @@ _INTER_BITS = 5
 # cv2.cvtColor(RGB2GRAY) on 8-bit: BT.601 weights in 15-bit fixed point, rounded (exact over all 2^24 colours).
 _GRAY_WEIGHTS = (9798, 19235, 3735)
 _GRAY_SHIFT = 15
-# watermark._amplitude: the texture measure is |luma - GaussianBlur(luma, (5, 5), 1.2)| at full resolution.
-_DETAIL_KSIZE, _DETAIL_SIGMA = 5, 1.2
 # OpenCV's 8-bit GaussianBlur: kernel in 8-bit fixed point, both passes exact in integers, one rounding at the end.
 _BLUR_FRACTION_BITS = 8
 # Rows per band of the watermark add: bounds the float temporaries (~4 M px) whatever the image size.
@@ -96,17 +90,6 @@ def _check_image(rgb: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paste back.
-
-
-def _footprint_box(target_matrix: np.ndarray, size: int, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """(x1, y1, x2, y2) of the crop's footprint in the image, one pixel of margin, clipped; None when empty.
-    The same box as pipeline.paste_back."""
-    inverse = invert_affine(target_matrix)
-    corners = transform_points(inverse, np.array([[0, 0], [size, 0], [0, size], [size, size]], dtype=np.float64))
-    x1, y1 = np.floor(corners.min(axis=0)).astype(int) - 1
-    x2, y2 = np.ceil(corners.max(axis=0)).astype(int) + 1
-    x1, y1, x2, y2 = max(0, int(x1)), max(0, int(y1)), min(width, int(x2)), min(height, int(y2))
-    return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
 
 
 def _cv2_inverse(matrix: np.ndarray) -> np.ndarray:
@@ -167,7 +150,7 @@ def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray
     if crop.shape != (3, size, size):
         raise ValueError(f"expected the fused crop as (3, S, S), got {tuple(crop.shape)}")
     mask = torch.as_tensor(blend_mask, device=device).to(torch.float32).reshape(1, 1, size, size)
-    box = _footprint_box(target_matrix, size, width, height)
+    box = crop_footprint(target_matrix, size, width, height)
     if box is None:
         return target.clone()
     x1, y1, x2, y2 = box
@@ -325,37 +308,20 @@ def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
     """watermark._amplitude of this luma: the 1/8-resolution texture map made on the device (bit-exact), its
     small blur and clipping on the host."""
     height, width = luma.shape
-    detail = torch.abs(luma - _gaussian_blur_u8(luma, _DETAIL_KSIZE, _DETAIL_SIGMA))
-    small = _area_resize(detail, max(1, height // 8), max(1, width // 8)).to(torch.uint8).cpu().numpy()
-    # The tail of watermark._amplitude, on the small map.
-    small = cv2.GaussianBlur(small.astype(np.float32), (5, 5), 1.0)
-    return np.clip(small * _MASK_GAIN, _MASK_MIN, _MASK_MAX)
+    detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
+    small = _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION))
+    return _amplitude_from_detail(small.to(torch.uint8).cpu().numpy())
 
 
 def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | None:
     """watermark._earlier_mark of this luma: the area resampling to 2 samples per chip on the device (bit-exact),
-    the fold, demodulation and amplitude fit on the host (2 * 33 samples per tile)."""
-    size, sigma = 2 * _N, 2.0
+    the fold, demodulation and amplitude fit on the host (watermark._earlier_mark_from)."""
     tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
     if tiles_y * tiles_x == 0:
         return None
     region = luma[: tiles_y * period, : tiles_x * period]
-    small = _area_resize(region, tiles_y * size, tiles_x * size).to(torch.float32).cpu().numpy()
-    # From here on the same lines as watermark._earlier_mark after its cv2.resize.
-    small -= cv2.GaussianBlur(small, (0, 0), sigma)
-    folded = small.reshape(tiles_y, size, tiles_x, size).mean(axis=(0, 2))
-    z, soft = _demodulate(folded, size, size)
-    old_id = _decode_id(soft) if z >= _PILOT_Z else None
-    if old_id is None:
-        return None
-    shift = 0.5 * (1.0 - size / period)
-    phase = np.exp(2j * np.pi * (_BAND[:, None] + _BAND[None, :]) * shift / size)
-    response = 1.0 - np.exp(-2 * np.pi**2 * sigma**2 * (_RING / size) ** 2)
-    expected = _band_of(np.fft.fft2(_tile(old_id, size))) * phase * response
-    observed = _band_of(np.fft.fft2(folded))
-    rings = (_RING >= 4) & (_RING <= 12)
-    amplitude = float(np.sum((observed * np.conj(expected)).real[rings]) / np.sum(np.abs(expected[rings]) ** 2))
-    return old_id, max(0.0, amplitude)
+    size = EARLIER_MARK_SAMPLES
+    return _earlier_mark_from(_area_resize(region, tiles_y * size, tiles_x * size).cpu().numpy(), period)
 
 
 def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float = 1.0) -> torch.Tensor:
@@ -378,16 +344,9 @@ def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float 
     device = rgb.device
     period = _period(height, width)
     luma = _luma(rgb)
-    amplitude = _amplitude_small(luma)
-    # As in embed_watermark: cap the mark's RMS, scale by strength, replace an earlier mark.
-    rms = float(np.sqrt(np.mean(amplitude * amplitude)))
-    amplitude *= strength * min(1.0, _RMS_CAP / rms)
-    tile = _tile(int(watermark_id), period)
-    earlier = _earlier_mark_small(luma, period)
+    amplitude = _capped(_amplitude_small(luma), strength)
+    tile = _mark_tile(watermark_id, period, _earlier_mark_small(luma, period), float(np.mean(amplitude)))
     del luma
-    if earlier is not None:
-        old_id, old_amplitude = earlier
-        tile = tile - _tile(old_id, period) * min(1.5, old_amplitude / float(np.mean(amplitude)))
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
     x0, x1, ax0, ax1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[1], width))
@@ -431,19 +390,11 @@ def jpeg_encoder_for(rgb: torch.Tensor) -> str:
     return "nvjpeg" if _device_jpeg_encoder() is not None else "pillow"
 
 
-def _add_xmp(jpeg: bytes, xmp: bytes) -> bytes:
-    """An XMP APP1 segment (imaging's helper) placed after a leading JFIF APP0 segment, as Pillow places its own."""
-    if jpeg[2:4] == b"\xff\xe0":
-        end = 4 + int.from_bytes(jpeg[4:6], "big")
-        return jpeg[:end] + _insert_jpeg_app1(b"\xff\xd8" + jpeg[end:], xmp)[2:]
-    return _insert_jpeg_app1(jpeg, xmp)
-
-
 def encode_jpeg_torch(rgb: torch.Tensor, quality: int, xmp: bytes | None = None) -> bytes:
     """JPEG bytes of an HxWx3 uint8 tensor, with ``xmp`` (when given) as an APP1 XMP segment.
 
     On a CUDA device with torchvision importable: nvJPEG through ``torchvision.io.encode_jpeg`` on the device (only
-    the compressed bytes come to the host), then the XMP segment inserted with imaging's helper. Otherwise (a CPU
+    the compressed bytes come to the host), then the XMP segment inserted by imaging.insert_jpeg_xmp. Otherwise (a CPU
     tensor, or no torchvision) the fallback: ``imaging.encode_image`` (Pillow) on the host copy of the pixels,
     byte-identical to what pipeline.finish writes for the same pixels.
     """
@@ -455,7 +406,7 @@ def encode_jpeg_torch(rgb: torch.Tensor, quality: int, xmp: bytes | None = None)
         assert encode is not None
         encoded = encode(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
         jpeg = encoded.cpu().numpy().tobytes()
-        return _add_xmp(jpeg, xmp) if xmp else jpeg
+        return insert_jpeg_xmp(jpeg, xmp) if xmp else jpeg
     return encode_image(rgb.cpu().numpy(), "jpeg", int(quality), xmp=xmp)
 
 

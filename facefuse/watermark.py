@@ -232,13 +232,38 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)  # OpenCV needs packed pixels; a no-op for the usual C-contiguous input
 
 
+# Local detail = |luma - GaussianBlur(luma, (5, 5), 1.2)|, averaged down to 1/8 resolution.
+DETAIL_KSIZE, DETAIL_SIGMA, AMPLITUDE_REDUCTION = 5, 1.2, 8
+
+
 def _amplitude(luma: np.ndarray) -> np.ndarray:
     """Mark amplitude (grey levels) from local detail, at 1/8 resolution: cheap, and smooth by construction."""
     height, width = luma.shape
-    detail = cv2.absdiff(luma, cv2.GaussianBlur(luma, (5, 5), 1.2))
-    small = cv2.resize(detail, (max(1, width // 8), max(1, height // 8)), interpolation=cv2.INTER_AREA)
-    small = cv2.GaussianBlur(small.astype(np.float32), (5, 5), 1.0)
+    detail = cv2.absdiff(luma, cv2.GaussianBlur(luma, (DETAIL_KSIZE, DETAIL_KSIZE), DETAIL_SIGMA))
+    size = (max(1, width // AMPLITUDE_REDUCTION), max(1, height // AMPLITUDE_REDUCTION))
+    return _amplitude_from_detail(cv2.resize(detail, size, interpolation=cv2.INTER_AREA))
+
+
+def _amplitude_from_detail(small_detail: np.ndarray) -> np.ndarray:
+    """The amplitude map from the 1/8-resolution uint8 detail map (also used by the torch path)."""
+    small = cv2.GaussianBlur(small_detail.astype(np.float32), (5, 5), 1.0)
     return np.clip(small * _MASK_GAIN, _MASK_MIN, _MASK_MAX)
+
+
+def _capped(amplitude: np.ndarray, strength: float) -> np.ndarray:
+    # The pattern has unit RMS and is independent of the mask, so the mark's RMS is the mask's: cap it (PSNR).
+    rms = float(np.sqrt(np.mean(amplitude * amplitude)))
+    return amplitude * (strength * min(1.0, _RMS_CAP / rms))
+
+
+def _mark_tile(watermark_id: int, period: int, earlier: tuple[int, float] | None, mean_amplitude: float) -> np.ndarray:
+    """The tile to add; re-marking (e.g. the service's output used again as a target) replaces an earlier mark
+    rather than mixing two ids that would garble each other."""
+    tile = _tile(int(watermark_id), period)
+    if earlier is not None:
+        old_id, old_amplitude = earlier
+        tile = tile - _tile(old_id, period) * min(1.5, old_amplitude / mean_amplitude)
+    return tile
 
 
 def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -> np.ndarray:
@@ -258,17 +283,8 @@ def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -
         return arr.copy()
     period = _period(height, width)
     luma = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
-    amplitude = _amplitude(luma)
-    # The pattern has unit RMS and is independent of the mask, so the mark's RMS is the mask's: cap it (PSNR).
-    rms = float(np.sqrt(np.mean(amplitude * amplitude)))
-    amplitude *= strength * min(1.0, _RMS_CAP / rms)
-    tile = _tile(int(watermark_id), period)
-    earlier = _earlier_mark(luma, period)
-    if earlier is not None:
-        # Re-marking (e.g. the service's output used again as a target): replace the earlier mark rather than mix
-        # two ids that would garble each other.
-        old_id, old_amplitude = earlier
-        tile = tile - _tile(old_id, period) * min(1.5, old_amplitude / float(np.mean(amplitude)))
+    amplitude = _capped(_amplitude(luma), strength)
+    tile = _mark_tile(watermark_id, period, _earlier_mark(luma, period), float(np.mean(amplitude)))
     amplitude = cv2.resize(amplitude, (width, height), interpolation=cv2.INTER_LINEAR)
     # Bands of whole tile rows share one pattern band: memory stays ~5 bytes/px even at 40 Mpx, and the
     # per-band temporaries stay in cache.
@@ -284,18 +300,32 @@ def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -
     return out
 
 
+# The re-marking check resamples each tile to 2 samples per chip.
+EARLIER_MARK_SAMPLES = 2 * _N
+
+
 def _earlier_mark(luma: np.ndarray, period: int) -> tuple[int, float] | None:
     """(id, mean amplitude in grey levels) of a mark already in this image at its own period and phase, or None.
 
     Cheap (a few ms at 1080p): the luma is area-resampled to 2 samples per chip, high-passed and folded over the
     whole tiles, without the extractor's period search or bilateral residual.
     """
-    size, sigma = 2 * _N, 2.0
     tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
     if tiles_y * tiles_x == 0:
         return None
     region = luma[: tiles_y * period, : tiles_x * period]
-    small = cv2.resize(region, (tiles_x * size, tiles_y * size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    size = EARLIER_MARK_SAMPLES
+    small = cv2.resize(region, (tiles_x * size, tiles_y * size), interpolation=cv2.INTER_AREA)
+    return _earlier_mark_from(small, period)
+
+
+
+def _earlier_mark_from(small: np.ndarray, period: int) -> tuple[int, float] | None:
+    """``_earlier_mark`` from the whole tiles already area-resampled to EARLIER_MARK_SAMPLES per tile side
+    (also used by the torch path)."""
+    size, sigma = EARLIER_MARK_SAMPLES, 2.0
+    tiles_y, tiles_x = small.shape[0] // size, small.shape[1] // size
+    small = small.astype(np.float32)
     small -= cv2.GaussianBlur(small, (0, 0), sigma)
     folded = small.reshape(tiles_y, size, tiles_x, size).mean(axis=(0, 2))
     z, soft = _demodulate(folded, size, size)

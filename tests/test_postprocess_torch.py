@@ -15,7 +15,7 @@ from PIL import Image
 
 from facefuse import postprocess_torch as pt
 from facefuse.alignment import CROP_SIZE, crop_to_tensor, warp_to_crop
-from facefuse.imaging import decode_image, encode_image
+from facefuse.imaging import decode_image, encode_image, insert_jpeg_xmp
 from facefuse.options import FusionOptions
 from facefuse.pipeline import finish, paste_back
 from facefuse.provenance import build_xmp, read_provenance
@@ -246,7 +246,7 @@ def test_device_jpeg_xmp_goes_after_the_jfif_segment(generated):
     plain = encode_image(generated, "jpeg", 90)
     assert plain[2:4] == b"\xff\xe0"
     xmp = build_xmp(WID_HEX, "facefuse test")
-    data = pt._add_xmp(plain, xmp)
+    data = insert_jpeg_xmp(plain, xmp)
     app0_end = 4 + int.from_bytes(plain[4:6], "big")
     assert data[:app0_end] == plain[:app0_end] and data[app0_end:app0_end + 2] == b"\xff\xe1"
     assert np.array_equal(decode_image(data), decode_image(plain))
