@@ -51,9 +51,9 @@ from facefuse.watermark import (
     DETAIL_KSIZE,
     DETAIL_SIGMA,
     EARLIER_MARK_SAMPLES,
-    PAYLOAD_BITS,
     _amplitude_from_detail,
     _capped,
+    _check_mark_arguments,
     _earlier_mark_from,
     _mark_tile,
     _period,
@@ -334,10 +334,7 @@ def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float 
     check on its 66 x 66-per-tile fold. Images with a side under 48 px come back unchanged.
     """
     _check_image(rgb)
-    if not 0 <= int(watermark_id) < 1 << PAYLOAD_BITS:
-        raise ValueError(f"watermark id must fit in {PAYLOAD_BITS} bits")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    _check_mark_arguments(watermark_id, strength)
     height, width = rgb.shape[:2]
     if min(height, width) < _MIN_SIDE:
         return rgb.clone()

@@ -250,6 +250,13 @@ def _amplitude_from_detail(small_detail: np.ndarray) -> np.ndarray:
     return np.clip(small * _MASK_GAIN, _MASK_MIN, _MASK_MAX)
 
 
+def _check_mark_arguments(watermark_id: int, strength: float) -> None:
+    if not 0 <= int(watermark_id) < 1 << PAYLOAD_BITS:
+        raise ValueError(f"watermark id must fit in {PAYLOAD_BITS} bits")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+
 def _capped(amplitude: np.ndarray, strength: float) -> np.ndarray:
     # The pattern has unit RMS and is independent of the mask, so the mark's RMS is the mask's: cap it (PSNR).
     rms = float(np.sqrt(np.mean(amplitude * amplitude)))
@@ -274,10 +281,7 @@ def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -
     the mark).
     """
     arr = _check_rgb(rgb)
-    if not 0 <= int(watermark_id) < 1 << PAYLOAD_BITS:
-        raise ValueError(f"watermark id must fit in {PAYLOAD_BITS} bits")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    _check_mark_arguments(watermark_id, strength)
     height, width = arr.shape[:2]
     if min(height, width) < _MIN_SIDE:
         return arr.copy()
