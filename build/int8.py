@@ -54,14 +54,16 @@ from build.tensorrt import (
     shape_profiles,
 )
 from build.trt_ops import unsupported_ops
+from facefuse.fusion_runtime import OnnxRuntimeCpu
 from facefuse.network import INPUT_NAMES, INPUT_SHAPES, OUTPUT_NAMES
+from facefuse.samples import SAMPLE_IMAGES
 
 EXIT_NO_TENSORRT = 3  # distinct from 1 (failure) and 2 (argparse usage errors)
 DEFAULT_OUT = REPO_ROOT / "out" / "int8"  # out/ is git-ignored
 CALIBRATION, HELD_OUT = "calibration", "held_out"
 # One random stream per split: held-out augmentations are independent draws, never the calibration ones.
 SPLIT_STREAMS = {CALIBRATION: 0, HELD_OUT: 1}
-GROUP_PHOTO, PORTRAIT = "t1.jpg", "Tom_Hanks_54745.png"  # facefuse.samples.SAMPLE_IMAGES
+GROUP_PHOTO, PORTRAIT = SAMPLE_IMAGES  # t1.jpg, Tom_Hanks_54745.png
 GROUP_FACES = 6  # faces the detector finds in t1.jpg
 ROWS_PER_VARIANT = 8
 DEFAULT_CALIBRATION_VARIANTS = 12  # 96 rows = 12 calibration batches of OPT_BATCH
@@ -379,11 +381,8 @@ def run_batched(infer: Infer, arrays: Mapping[str, np.ndarray], batch: int = OPT
 
 
 def onnxruntime_infer(onnx_path: Path) -> Infer:
-    """The FP32 reference: ONNX Runtime on the CPU, the same runtime the parity tests trust."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return lambda feeds: dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds)))
+    """The FP32 reference: the service's ONNX Runtime CPU runtime, the one the parity tests trust."""
+    return OnnxRuntimeCpu(onnx_path).run
 
 
 def comparisons(outputs: Mapping[str, Arrays], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
