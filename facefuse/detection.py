@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -36,6 +36,8 @@ _MAX_BATCH = 2048  # crops per R-/O-Net forward on GPU; bounds memory when a noi
 # than one big pass on a 2-core EPYC): P-Net runs in horizontal strips, R-/O-Net in sub-batches.
 _CPU_PNET_PIXELS = 1 << 17
 _CPU_CROP_PIXELS = 1 << 16
+_MAX_PNET_PIXELS = 1 << 24  # device: working-image pixels per batched P-Net pass (~0.7 GB of first-layer activations)
+_MAX_DEVICE_PIXELS = 1 << 27  # device: decoded pixels made float at once (1.5 GB)
 _NMS_MAX_PAIRS = 1 << 22  # candidate pairs the vectorised NMS may materialise (~200 MiB of temporaries at most)
 
 
@@ -181,33 +183,63 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
     ``mode="min"`` divides the intersection by the smaller area, which also removes a small box nested in a large
     one (the last MTCNN stage uses it so a face is not reported twice at two sizes).
     """
+    return nms_grouped(boxes, scores, np.zeros(len(boxes), dtype=np.int64), threshold, mode)
+
+
+def nms_grouped(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float,
+                mode: str = "union") -> np.ndarray:
+    """``nms`` within each group (e.g. one image, or one pyramid level of one image) in one vectorised pass.
+
+    Returns the kept indices ordered by group, then best score first (ties keep input order): exactly the
+    concatenation of ``nms`` run on each group in increasing group order, without a call per group.
+    """
     if mode not in ("union", "min"):
         raise ValueError(f"unknown NMS mode {mode!r}")
     if not 0.0 <= threshold <= 1.0:  # >= 0 also makes skipping non-intersecting pairs exact
         raise ValueError(f"NMS threshold must be in [0, 1], got {threshold}")
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")  # stable: ties resolve the same way every run
+    groups = np.asarray(groups, dtype=np.int64)
+    order = np.lexsort((-np.asarray(scores, dtype=np.float64), groups))  # stable: ties resolve the same every run
     boxes = np.asarray(boxes, dtype=np.float64)[order]
+    groups = groups[order]
     areas = np.maximum(boxes[:, 2] - boxes[:, 0], 0.0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0)
-    keep = _greedy_sparse(boxes, areas, threshold, mode)
-    return order[keep if keep is not None else _greedy_loop(boxes, areas, threshold, mode)]
+    keep = _greedy_sparse(boxes, areas, threshold, mode, groups)
+    if keep is None:  # too many candidate pairs: the reference loop, group by group
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        ends = np.r_[starts[1:], len(groups)]
+        keep = np.concatenate([start + _greedy_loop(boxes[start:end], areas[start:end], threshold, mode)
+                               for start, end in zip(starts, ends)])
+    return order[keep]
 
 
-def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: str) -> np.ndarray | None:
-    """Greedy NMS over boxes sorted best first, comparing only pairs that overlap along x.
+def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: str,
+                   groups: np.ndarray | None = None) -> np.ndarray | None:
+    """Greedy NMS over boxes sorted best first (by group, then best first, when ``groups`` is given), comparing
+    only pairs of one group that overlap along x.
 
-    P-Net yields hundreds to thousands of small proposals spread over the image; an all-pairs overlap is then
+    P-Net yields hundreds to thousands of small proposals per image spread over it; an all-pairs overlap is then
     mostly zeros and costs tens of ms, so candidate pairs come from a sweep over x1 instead, all vectorised, and
     only the final greedy pass is a Python loop. None when the pairs would be too many (then use the plain loop).
     """
     n = len(boxes)
-    by_x = np.argsort(boxes[:, 0], kind="stable")
-    x1_sorted = boxes[by_x, 0]
-    widest = float(np.max(boxes[:, 2] - boxes[:, 0]))
+    if groups is None:
+        groups = np.zeros(n, dtype=np.int64)
+    widths = boxes[:, 2] - boxes[:, 0]
+    _, group_index = np.unique(groups, return_inverse=True)
+    widest = np.zeros(group_index.max() + 1)
+    np.maximum.at(widest, group_index, widths)  # per group: a level of tiny windows keeps a narrow sweep
+    # Sweep key: x1, with each group shifted past the previous one by more than any box reaches, so a window
+    # around one box never reaches into another group. The window is widened by a pixel to absorb rounding of
+    # the shifted keys; extra candidates are harmless (their overlap is computed from the true boxes).
+    span = float(np.max(boxes[:, 2]) - np.min(boxes[:, 0])) + 2.0 * float(widest.max()) + 4.0
+    offset = group_index * span
+    key = boxes[:, 0] + offset
+    by_x = np.argsort(key, kind="stable")
+    key_sorted = key[by_x]
     # Box j can only intersect box i if x1_i - widest < x1_j < x2_i; every other pair has zero overlap.
-    lo = np.searchsorted(x1_sorted, boxes[:, 0] - widest, side="right")
-    hi = np.searchsorted(x1_sorted, boxes[:, 2], side="left")
+    lo = np.searchsorted(key_sorted, key - widest[group_index] - 1.0, side="left")
+    hi = np.searchsorted(key_sorted, boxes[:, 2] + offset + 1.0, side="right")
     counts = np.maximum(hi - lo, 0)
     total = int(counts.sum())
     if total > _NMS_MAX_PAIRS:
@@ -215,7 +247,8 @@ def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode:
     first = np.repeat(np.arange(n), counts)
     within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
     second = by_x[np.repeat(lo, counts) + within]
-    later = second > first  # a box can only be suppressed by a better-scored one
+    # A box can only be suppressed by a better-scored one of its own group (groups are contiguous in this order).
+    later = (second > first) & (groups[second] == groups[first])
     first, second = first[later], second[later]
     hit = _overlap(boxes[first], areas[first], boxes[second], areas[second], mode) > threshold
     first, second = first[hit], second[hit]
@@ -242,9 +275,7 @@ def _greedy_loop(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: s
 
 def _nms_per_image(boxes: np.ndarray, scores: np.ndarray, image_ids: np.ndarray, threshold: float,
                    mode: str = "union") -> np.ndarray:
-    keep = [np.flatnonzero(image_ids == i)[nms(boxes[image_ids == i], scores[image_ids == i], threshold, mode)]
-            for i in np.unique(image_ids)]
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return np.sort(nms_grouped(boxes, scores, image_ids, threshold, mode))
 
 
 def _regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -333,11 +364,15 @@ def _shrink_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @dataclass
 class _TensorPyramid:
-    """``_Pyramid`` with (1,3,h,w) float levels (0..255) on the device; crops come from ``grid_sample``."""
+    """``_Pyramid`` for a batch of same-size images on the device: (B,3,h,w) float levels (0..255), ``images`` the
+    batch's image numbers in the ``detect_batch`` call. One P-Net launch per level serves the whole batch, and the
+    R-/O-Net crops of every image and level come from one gather over the flattened levels."""
 
     levels: list[torch.Tensor]
     scales: list[tuple[float, float]]
     for_pnet: list[bool]
+    images: list[int] = field(default_factory=lambda: [0])
+    _flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def add(self, size: tuple[int, int], for_pnet: bool) -> None:
         h, w = self.levels[0].shape[2:]
@@ -348,26 +383,47 @@ class _TensorPyramid:
         self.scales.append((size[0] / w, size[1] / h))
         self.for_pnet.append(for_pnet)
 
-    def crops(self, boxes: np.ndarray, size: int) -> torch.Tensor:
-        """(N,3,size,size) float crops (0..255, black outside the image), same geometry as ``_Pyramid.crops``."""
+    def _flattened(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every level as one (3, pixels) buffer, with each level's start, height and width (made once, reused by
+        R-Net and O-Net)."""
+        if self._flat is None:
+            device = self.levels[0].device
+            parts = [level.transpose(0, 1).reshape(3, -1) for level in self.levels]
+            starts = np.cumsum([0] + [part.shape[1] for part in parts[:-1]])
+            self._flat = (torch.cat(parts, dim=1), torch.as_tensor(starts, device=device),
+                          torch.as_tensor([level.shape[2] for level in self.levels], device=device),
+                          torch.as_tensor([level.shape[3] for level in self.levels], device=device))
+        return self._flat
+
+    def crops(self, boxes: np.ndarray, batch_index: np.ndarray, size: int) -> torch.Tensor:
+        """(N,3,size,size) float crops (0..255, black outside the image) of ``boxes`` in the images at
+        ``batch_index``; same geometry and sampling as ``_Pyramid.crops`` (and as ``grid_sample``, bilinear, zero
+        padding, pixel centres), written as a gather so that crops of any image and level go in one launch."""
         level, matrices = _crop_plan(boxes, self.scales, size)
-        device = self.levels[0].device
-        out = torch.empty((len(level), 3, size, size), device=device)
-        # Crop pixel centres (i + 0.5) mapped back into level pixels, then into grid_sample's [-1, 1] (align_corners
-        # False: -1 and 1 are the outer edges of the border pixels).
+        flat, starts, heights, widths = self._flattened()
+        device = flat.device
+        level_t = torch.as_tensor(level, device=device)
+        m = torch.as_tensor(matrices, device=device)
+        height, width = heights[level_t][:, None], widths[level_t][:, None]  # (n, 1)
+        base = starts[level_t][:, None] + torch.as_tensor(batch_index, device=device)[:, None] * height * width
         centres = torch.arange(size, device=device, dtype=torch.float64)
-        for k in np.unique(level).tolist():
-            sel = np.flatnonzero(level == k)
-            m = torch.as_tensor(matrices[sel], device=device)
-            lh, lw = self.levels[k].shape[2:]
-            gx = ((centres[None, :] - m[:, 0, 2:3]) / m[:, 0, 0:1] + 0.5) * (2.0 / lw) - 1.0  # (n, size)
-            gy = ((centres[None, :] - m[:, 1, 2:3]) / m[:, 1, 1:2] + 0.5) * (2.0 / lh) - 1.0
-            grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1).float()
-            # All crops of one level as one tall grid over the single level image: no per-crop launches.
-            sampled = F.grid_sample(self.levels[k], grid.reshape(1, len(sel) * size, size, 2), mode="bilinear",
-                                    padding_mode="zeros", align_corners=False)
-            out[torch.as_tensor(sel, device=device)] = sampled.reshape(3, len(sel), size, size).transpose(0, 1)
-        return out
+        # Crop pixel centre i maps back to level pixel (i - t) / a (the inverse of _crop_plan's matrix).
+        px = ((centres[None, :] - m[:, 0, 2:3]) / m[:, 0, 0:1]).float()  # (n, size)
+        py = ((centres[None, :] - m[:, 1, 2:3]) / m[:, 1, 1:2]).float()
+        x0, y0 = px.floor(), py.floor()
+        fx, fy = px - x0, py - y0
+        x0, y0 = x0.long(), y0.long()
+        out = torch.zeros((3, len(level), size, size), device=device)
+        for dy, wy in ((0, 1.0 - fy), (1, fy)):
+            yi = y0 + dy
+            wy = wy * ((yi >= 0) & (yi < height))  # outside the image: zero, as grid_sample's zero padding
+            row = base + torch.minimum(torch.maximum(yi, torch.zeros_like(yi)), height - 1) * width  # (n, size)
+            for dx, wx in ((0, 1.0 - fx), (1, fx)):
+                xi = x0 + dx
+                wx = wx * ((xi >= 0) & (xi < width))
+                col = torch.minimum(torch.maximum(xi, torch.zeros_like(xi)), width - 1)
+                out += flat[:, row[:, :, None] + col[:, None, :]] * (wy[:, :, None] * wx[:, None, :])
+        return out.transpose(0, 1)
 
 
 def _check_rgb(rgb: np.ndarray | torch.Tensor) -> None:
@@ -424,14 +480,17 @@ class FaceDetector:
         """Faces per image (HxWx3 uint8 RGB arrays, or tensors, e.g. decoded on the GPU). R-Net and O-Net each see
         the crops of all images as one batch (split into cache-sized sub-batches on CPU), so a batch costs less
         than separate calls."""
-        pyramids, back_scales = [], []
         with torch.inference_mode():
-            for rgb in images:
-                work, scale = self._prepare_tensor(rgb) if self.images_on_device else self._prepare(rgb)
-                pyramids.append(self._pyramid(work))
-                back_scales.append(scale)
-            stage_pnet = self._stage_pnet_tensor if self.images_on_device else self._stage_pnet
-            boxes, ids = stage_pnet(pyramids)
+            if self.images_on_device:
+                pyramids, back_scales = self._prepare_groups(images)
+                boxes, ids = self._stage_pnet_tensor(pyramids)
+            else:
+                pyramids, back_scales = [], []
+                for rgb in images:
+                    work, scale = self._prepare(rgb)
+                    pyramids.append(self._pyramid(work))
+                    back_scales.append(scale)
+                boxes, ids = self._stage_pnet(pyramids)
             boxes, ids = self._stage_rnet(pyramids, boxes, ids)
             boxes, scores, landmarks, ids = self._stage_onet(pyramids, boxes, ids)
         results: list[list[DetectedFace]] = []
@@ -456,18 +515,35 @@ class FaceDetector:
         small = _shrink(rgb, size)
         return small, (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
 
-    def _prepare_tensor(self, rgb: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tuple[float, float]]:
-        """``_prepare`` on the device: (1,3,h,w) float32 (0..255) working image and the per-axis scale."""
-        _check_rgb(rgb)
-        if isinstance(rgb, np.ndarray):
-            rgb = torch.from_numpy(np.ascontiguousarray(rgb))
-        h, w = rgb.shape[:2]
-        work = rgb.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
-        if max(h, w) <= self.max_side:
-            return work, (1.0, 1.0)
-        ratio = self.max_side / max(h, w)
-        size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-        return _shrink_tensor(work, size), (size[0] / w, size[1] / h)
+    def _prepare_groups(self, images: list[np.ndarray | torch.Tensor]) -> tuple[list[_TensorPyramid],
+                                                                                list[tuple[float, float]]]:
+        """``_prepare`` and ``_pyramid`` on the device, for images grouped by size: each group of same-size images
+        is one (B,3,h,w) working batch with one pyramid. Returns the groups and each image's per-axis scale."""
+        for rgb in images:
+            _check_rgb(rgb)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for idx, rgb in enumerate(images):
+            by_size.setdefault(tuple(rgb.shape[:2]), []).append(idx)
+        groups, back_scales = [], [(1.0, 1.0)] * len(images)
+        for (h, w), members in by_size.items():
+            ratio = min(1.0, self.max_side / max(h, w))
+            # Bound both the float copies of the decoded images and the batched P-Net activations.
+            per_pass = max(1, min(_MAX_DEVICE_PIXELS // (h * w), _MAX_PNET_PIXELS // math.ceil(h * w * ratio * ratio)))
+            for first in range(0, len(members), per_pass):
+                chunk = members[first:first + per_pass]
+                pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i]))
+                                      if isinstance(images[i], np.ndarray) else images[i] for i in chunk])
+                work = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                scale = (1.0, 1.0)
+                if ratio < 1.0:  # as _prepare: bound the cost on huge photos
+                    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+                    work, scale = _shrink_tensor(work, size), (size[0] / w, size[1] / h)
+                pyramid = self._pyramid(work)
+                pyramid.images = chunk
+                groups.append(pyramid)
+                for i in chunk:
+                    back_scales[i] = scale
+        return groups, back_scales
 
     def _pnet_scales(self, h: int, w: int) -> list[float]:
         scales = []
@@ -524,10 +600,10 @@ class FaceDetector:
         return torch.cat(probs, dim=1), torch.cat(regs, dim=2)
 
     def _stage_pnet(self, pyramids: list[_Pyramid]) -> tuple[np.ndarray, np.ndarray]:
-        all_boxes = []
-        for pyramid in pyramids:
-            per_level = []
-            for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
+        windows = []  # per image and pyramid level: (image, level, boxes, scores, offsets)
+        for idx, pyramid in enumerate(pyramids):
+            for number, (level, (sx, sy), for_pnet) in enumerate(zip(pyramid.levels, pyramid.scales,
+                                                                      pyramid.for_pnet)):
                 if not for_pnet:
                     continue
                 prob, offsets = self._run_pnet(self._to_tensor(level[None]))
@@ -540,50 +616,51 @@ class FaceDetector:
                 x1 = rows_cols[:, 1] * (_PNET_STRIDE / sx)
                 y1 = rows_cols[:, 0] * (_PNET_STRIDE / sy)
                 boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-                per_level.append((boxes, score, reg))
-            all_boxes.append(_pnet_proposals(per_level))
-        return _with_image_ids(all_boxes)
+                windows.append((np.full(len(boxes), idx), np.full(len(boxes), number), boxes, score, reg))
+        return _pnet_proposals(*(np.concatenate(parts) for parts in zip(*windows))) if windows else _no_proposals()
 
     def _stage_pnet_tensor(self, pyramids: list[_TensorPyramid]) -> tuple[np.ndarray, np.ndarray]:
-        """``_stage_pnet`` with the pyramid on the device: every level's candidates above the threshold are gathered
-        on the device and reach the host in one copy for the whole batch; the NMS runs on the host as before."""
-        picked, level_info = [], []  # level_info[k] = (image index, sx, sy, output width)
-        for idx, pyramid in enumerate(pyramids):
+        """``_stage_pnet`` with batched pyramids on the device: one P-Net launch per level for each group of
+        same-size images; every window above the threshold is gathered on the device and reaches the host in one
+        copy for the whole call; the NMS runs on the host, all images and levels at once."""
+        picked, level_scales = [], []  # level_scales[k] = (sx, sy) of the k-th level run (over all groups)
+        for pyramid in pyramids:
+            images = torch.as_tensor(pyramid.images, device=self.device, dtype=torch.float64)
             for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
                 if not for_pnet:
                     continue
                 prob, offsets = self.pnet(level.sub(127.5).mul_(0.0078125))
-                flat = prob[0].reshape(-1)
-                keep = (flat >= self.thresholds[0]).nonzero().reshape(-1)
-                columns = [keep.double(), flat[keep].double(), *offsets[0].reshape(4, -1)[:, keep].double(),
-                           torch.full_like(keep, len(level_info), dtype=torch.float64)]
-                picked.append(torch.stack(columns, dim=1))
-                level_info.append((idx, sx, sy, prob.shape[2]))
+                mask = prob >= self.thresholds[0]
+                where = mask.nonzero()  # (n, 3): batch index, row, column
+                columns = [images[where[:, 0]], torch.full_like(images[where[:, 0]], len(level_scales)),
+                           where[:, 1:].double(), prob[mask].double()[:, None],
+                           offsets.permute(0, 2, 3, 1)[mask].double()]
+                picked.append(torch.cat([c if c.ndim == 2 else c[:, None] for c in columns], dim=1))
+                level_scales.append((sx, sy))
         if not picked:
-            return _with_image_ids([])
-        table = torch.cat(picked).cpu().numpy()  # (n, 7): flat index, score, 4 offsets, level number
-        all_boxes = []
-        for idx in range(len(pyramids)):
-            per_level = []
-            for number, (image, sx, sy, width) in enumerate(level_info):
-                rows = table[table[:, 6] == number] if image == idx else table[:0]
-                if len(rows) == 0:
-                    continue
-                x1 = (rows[:, 0] % width) * (_PNET_STRIDE / sx)
-                y1 = (rows[:, 0] // width) * (_PNET_STRIDE / sy)
-                boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-                per_level.append((boxes, rows[:, 1], rows[:, 2:6]))
-            all_boxes.append(_pnet_proposals(per_level))
-        return _with_image_ids(all_boxes)
+            return _no_proposals()
+        table = torch.cat(picked).cpu().numpy()  # (n, 9): image, level run, row, column, score, 4 offsets
+        level_run = table[:, 1].astype(np.int64)
+        sx, sy = np.asarray(level_scales)[level_run].T
+        x1 = table[:, 3] * (_PNET_STRIDE / sx)
+        y1 = table[:, 2] * (_PNET_STRIDE / sy)
+        boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
+        return _pnet_proposals(table[:, 0].astype(np.int64), level_run, boxes, table[:, 4], table[:, 5:9])
 
     def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
         step = _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
         if self.images_on_device:
             device_crops = torch.empty((len(boxes), 3, size, size), device=self.device)
-            for i in np.unique(ids):
-                sel = np.flatnonzero(ids == i)
-                device_crops[torch.as_tensor(sel, device=self.device)] = pyramids[i].crops(boxes[sel], size)
+            image_count = max(max(pyramid.images) for pyramid in pyramids) + 1
+            for pyramid in pyramids:
+                local = np.full(image_count, -1)  # image number -> index in this group's batch
+                local[pyramid.images] = np.arange(len(pyramid.images))
+                sel = np.flatnonzero(local[ids] >= 0)
+                for first in range(0, len(sel), _MAX_BATCH):  # bounds the gather's index temporaries
+                    part = sel[first:first + _MAX_BATCH]
+                    device_crops[torch.as_tensor(part, device=self.device)] = pyramid.crops(
+                        boxes[part], local[ids[part]], size)
             device_crops.sub_(127.5).mul_(0.0078125)
             outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
             return [torch.cat(parts).double().cpu().numpy() for parts in zip(*outs)]
@@ -619,24 +696,21 @@ class FaceDetector:
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
 
 
-def _pnet_proposals(per_level: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """One image's P-Net windows (boxes, scores, offsets per pyramid level) -> square proposals for R-Net: NMS
-    within each level, then across levels, then the box regression."""
-    if not per_level:
-        return np.zeros((0, 4))
-    kept = [(boxes[keep], score[keep], reg[keep]) for boxes, score, reg in per_level
-            for keep in [nms(boxes, score, _NMS_PNET_SCALE)]]
-    boxes, score, reg = (np.concatenate(parts) for parts in zip(*kept))
-    keep = nms(boxes, score, _NMS_PNET_ALL)
-    return _square(_regress(boxes[keep], reg[keep]))
+def _pnet_proposals(image_ids: np.ndarray, levels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                    offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P-Net windows of every image and pyramid level -> square proposals for R-Net and their image numbers: NMS
+    within each level of each image, then across the levels of each image, then the box regression (one
+    vectorised pass each, for all images at once)."""
+    if len(boxes) == 0:
+        return _no_proposals()
+    keep = nms_grouped(boxes, scores, image_ids * (int(levels.max()) + 1) + levels, _NMS_PNET_SCALE)
+    image_ids, boxes, scores, offsets = image_ids[keep], boxes[keep], scores[keep], offsets[keep]
+    keep = nms_grouped(boxes, scores, image_ids, _NMS_PNET_ALL)
+    return _square(_regress(boxes[keep], offsets[keep])), image_ids[keep]
 
 
-def _with_image_ids(proposals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Proposals of every image as one array, with the image index of each row."""
-    if not proposals:
-        return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-    ids = np.concatenate([np.full(len(boxes), idx, dtype=np.int64) for idx, boxes in enumerate(proposals)])
-    return np.concatenate(proposals), ids
+def _no_proposals() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
 
 
 def _to_faces(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> list[DetectedFace]:

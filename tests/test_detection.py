@@ -216,6 +216,20 @@ def test_nms_fast_path_equals_reference():
     assert nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), 0.5, mode="min").tolist() == [3, 2]
 
 
+def test_grouped_nms_equals_nms_per_group():
+    rng = np.random.default_rng(7)
+    n = 900
+    xy = np.round(rng.uniform(0, 300, (n, 2)) / 4) * 4
+    boxes = np.concatenate([xy, xy + rng.uniform(12, 80, (n, 2))], axis=1)
+    scores = np.round(rng.uniform(0.5, 1.0, n), 2)  # coarse: many ties, resolved by input order
+    groups = rng.integers(0, 9, n) * 3  # gaps between group numbers are allowed
+    for mode in ("union", "min"):
+        expected = np.concatenate([np.flatnonzero(groups == g)[nms(boxes[groups == g], scores[groups == g], 0.5, mode)]
+                                   for g in np.unique(groups)])
+        np.testing.assert_array_equal(detection.nms_grouped(boxes, scores, groups, 0.5, mode), expected)
+    assert detection.nms_grouped(np.zeros((0, 4)), np.zeros(0), np.zeros(0), 0.5).shape == (0,)
+
+
 @pytest.mark.parametrize("min_face_size", [12, 48])
 def test_other_min_face_sizes_still_find_the_group(group, group_faces, min_face_size):
     faces = [f for f in FaceDetector(min_face_size=min_face_size).detect(group) if f.score > 0.9]

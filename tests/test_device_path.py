@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bench.inputs import benchmark_pair
-from facefuse import errors
+from facefuse import detection, errors
 from facefuse.alignment import alignment_matrix, invert_affine, transform_points, warp_to_crop
 from facefuse.detection import FaceDetector
 from facefuse.device_imaging import decode_on_device, nvjpeg_decoder, orient, warp_to_crops
@@ -101,6 +101,43 @@ def test_device_detector_finds_the_same_faces_as_the_host_path(group, host_detec
     # INTER_AREA) moves boxes and points a little; measured here: IoU >= 0.93, points within 6.4 % of the eye distance.
     assert worst_iou > 0.8
     assert worst_landmarks < 0.2
+
+
+def test_batched_device_detection_equals_one_call_per_image(group, device_detector):
+    # Same-size images share one pyramid and one P-Net pass per level; a different size makes its own group.
+    source, target = benchmark_pair()
+    hanks = decode_image(sample_image_path("Tom_Hanks_54745.png").read_bytes())
+    images = [decode_image(source), hanks, decode_image(target), group, np.zeros((200, 300, 3), np.uint8)]
+    batched = device_detector.detect_batch(images)
+    assert [len(faces) > 0 for faces in batched] == [True, True, True, True, False]
+    for image, batch_faces in zip(images, batched):
+        single = device_detector.detect(image)
+        assert len(single) == len(batch_faces)
+        for a, b in zip(single, batch_faces):
+            np.testing.assert_allclose(a.box, b.box, atol=0.05)
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.05)
+
+
+def test_device_crops_sample_like_grid_sample(group):
+    # The gather in _TensorPyramid.crops replaces one grid_sample per level; boxes reach past every border.
+    pyramid = FaceDetector(max_side=640, images_on_device=True)._prepare_groups([group, group[:, ::-1]])[0][0]
+    boxes = np.array([[-30.5, -20.0, 60.0, 69.5], [100.2, 80.7, 140.9, 121.4], [500.0, 300.0, 900.0, 700.0],
+                      [10.0, 10.0, 400.0, 400.0]])
+    batch_index = np.array([0, 1, 1, 0])
+    got = pyramid.crops(boxes, batch_index, 24)
+    level, matrices = detection._crop_plan(boxes, pyramid.scales, 24)
+    centres = torch.arange(24, dtype=torch.float64)
+    for n in range(len(boxes)):
+        image = pyramid.levels[level[n]][batch_index[n]:batch_index[n] + 1]
+        lh, lw = image.shape[2:]
+        m = torch.as_tensor(matrices[n])
+        gx = ((centres - m[0, 2]) / m[0, 0] + 0.5) * (2.0 / lw) - 1.0
+        gy = ((centres - m[1, 2]) / m[1, 1] + 0.5) * (2.0 / lh) - 1.0
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1).float()[None]
+        expected = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="zeros",
+                                                   align_corners=False)[0]
+        torch.testing.assert_close(got[n], expected, atol=0.05, rtol=0)
+    assert float(got[0, :, 0, 0].abs().max()) == 0.0  # the corner lies outside the image: black
 
 
 def test_device_detector_accepts_arrays_and_rejects_bad_input(device_detector, group):
