@@ -1,6 +1,7 @@
-"""Where the detector's time goes: per-stage wall times (synchronised on CUDA) and a cProfile of detect_batch.
+"""Where preprocess's time goes: the detector's stages (synchronised wall times on CUDA) and a cProfile of
+detect_batch, then (--preprocess) a cProfile of Preprocessor.prepare_batch over the same number of requests.
 
-    python -m bench.profile_detection [--device cuda] [--batches 2,32] [--repeats 3]
+    python -m bench.profile_detection [--device cuda] [--batches 2,32] [--repeats 3] [--preprocess]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="2,32", help="images per detect_batch call, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--preprocess", action="store_true", help="also profile whole preprocess batches")
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.batches.split(",")]
     pairs = benchmark_pairs((max(sizes) + 1) // 2)
@@ -76,7 +78,37 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
+    if args.preprocess:
+        _profile_preprocess(pairs, sizes, detector, args)
     return 0
+
+
+def _profile_preprocess(pairs: list[tuple[bytes, bytes]], sizes: list[int], detector: FaceDetector,
+                        args: argparse.Namespace) -> None:
+    from facefuse.face_mesh import FaceMesh
+    from facefuse.pipeline import FusionRequest, Preprocessor
+
+    preprocessor = Preprocessor(detector, FaceMesh(device=args.device))
+    preprocessor.warm_up()
+    for size in sizes:
+        requests = [FusionRequest(*pairs[i % len(pairs)], 100.0, 100.0, b"{}") for i in range((size + 1) // 2)]
+        preprocessor.prepare_batch(requests)
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            prepared = preprocessor.prepare_batch(requests)
+        total = (time.perf_counter() - started) / args.repeats
+        stages: dict[str, float] = {}
+        for row in prepared:
+            for name, ms in row.metadata["timings_ms"].items():
+                stages[name] = stages.get(name, 0.0) + ms / len(prepared)
+        print(f"[profile] preprocess, {len(requests)} requests on {args.device}: {total * 1000:.1f} ms per batch, "
+              f"{total * 1000 / len(requests):.1f} ms per request; "
+              f"timings_ms per request {({k: round(v, 2) for k, v in stages.items()})}")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        preprocessor.prepare_batch(requests)
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,12 @@ def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode:
     later = (second > first) & (groups[second] == groups[first])
     first, second = first[later], second[later]
     hit = _overlap(boxes[first], areas[first], boxes[second], areas[second], mode) > threshold
-    first, second = first[hit], second[hit]
+    return _greedy_from_pairs(n, first[hit], second[hit])
+
+
+def _greedy_from_pairs(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The greedy pass of NMS over ``n`` boxes in processing order, given every pair (first < second, ``first``
+    sorted) whose overlap exceeds the threshold: a box is kept unless a kept earlier box hits it."""
     starts = np.searchsorted(first, np.arange(n + 1))  # ``first`` is sorted: CSR rows of suppressed boxes
     suppressed = np.zeros(n, dtype=bool)
     keep = []
@@ -600,7 +605,7 @@ class FaceDetector:
         return torch.cat(probs, dim=1), torch.cat(regs, dim=2)
 
     def _stage_pnet(self, pyramids: list[_Pyramid]) -> tuple[np.ndarray, np.ndarray]:
-        windows = []  # per image and pyramid level: (image, level, boxes, scores, offsets)
+        windows = []  # per image and pyramid level: (image, level, grid cells, boxes, scores, offsets)
         for idx, pyramid in enumerate(pyramids):
             for number, (level, (sx, sy), for_pnet) in enumerate(zip(pyramid.levels, pyramid.scales,
                                                                       pyramid.for_pnet)):
@@ -616,7 +621,7 @@ class FaceDetector:
                 x1 = rows_cols[:, 1] * (_PNET_STRIDE / sx)
                 y1 = rows_cols[:, 0] * (_PNET_STRIDE / sy)
                 boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-                windows.append((np.full(len(boxes), idx), np.full(len(boxes), number), boxes, score, reg))
+                windows.append((np.full(len(boxes), idx), np.full(len(boxes), number), rows_cols, boxes, score, reg))
         return _pnet_proposals(*(np.concatenate(parts) for parts in zip(*windows))) if windows else _no_proposals()
 
     def _stage_pnet_tensor(self, pyramids: list[_TensorPyramid]) -> tuple[np.ndarray, np.ndarray]:
@@ -645,7 +650,8 @@ class FaceDetector:
         x1 = table[:, 3] * (_PNET_STRIDE / sx)
         y1 = table[:, 2] * (_PNET_STRIDE / sy)
         boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
-        return _pnet_proposals(table[:, 0].astype(np.int64), level_run, boxes, table[:, 4], table[:, 5:9])
+        return _pnet_proposals(table[:, 0].astype(np.int64), level_run, table[:, 2:4].astype(np.int64), boxes,
+                               table[:, 4], table[:, 5:9])
 
     def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
@@ -696,17 +702,86 @@ class FaceDetector:
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
 
 
-def _pnet_proposals(image_ids: np.ndarray, levels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-                    offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pnet_proposals(image_ids: np.ndarray, levels: np.ndarray, cells: np.ndarray, boxes: np.ndarray,
+                    scores: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """P-Net windows of every image and pyramid level -> square proposals for R-Net and their image numbers: NMS
-    within each level of each image, then across the levels of each image, then the box regression (one
-    vectorised pass each, for all images at once)."""
+    within each level of each image, then across the levels of each image, then the box regression.
+
+    ``cells`` (n, 2) are the windows' (row, column) in P-Net's output grid. Exactly ``nms`` per level and then per
+    image, but computed from the grid: within a level only windows a few cells apart can overlap enough, and
+    windows of different levels differ so much in size that the second NMS can only drop something when the
+    levels are unusually close (checked, then it runs).
+    """
     if len(boxes) == 0:
         return _no_proposals()
-    keep = nms_grouped(boxes, scores, image_ids * (int(levels.max()) + 1) + levels, _NMS_PNET_SCALE)
-    image_ids, boxes, scores, offsets = image_ids[keep], boxes[keep], scores[keep], offsets[keep]
-    keep = nms_grouped(boxes, scores, image_ids, _NMS_PNET_ALL)
+    groups = image_ids * (int(levels.max()) + 1) + levels
+    keep = _grid_nms(groups, cells, boxes, scores, _NMS_PNET_SCALE)
+    image_ids, levels, boxes, scores, offsets = image_ids[keep], levels[keep], boxes[keep], scores[keep], offsets[keep]
+    if _levels_may_overlap(image_ids, levels, boxes, _NMS_PNET_ALL):
+        keep = nms_grouped(boxes, scores, image_ids, _NMS_PNET_ALL)
+    else:  # what nms_grouped returns when it suppresses nothing: by image, then best score first
+        keep = np.lexsort((-scores, image_ids))
     return _square(_regress(boxes[keep], offsets[keep])), image_ids[keep]
+
+
+def _grid_shifts(threshold: float) -> list[tuple[int, int]]:
+    """(row, column) steps between two P-Net windows of one level whose IoU may exceed ``threshold`` (with a margin
+    for rounding), one of each +/- pair. Windows are 12x12 cells 2 px apart, so the IoU depends only on the step."""
+    shifts = []
+    reach = _PNET_CELL // _PNET_STRIDE
+    for dr in range(0, reach):
+        for dc in range(-reach + 1, reach):
+            if (dr, dc) <= (0, 0):
+                continue
+            inter = max(_PNET_CELL - _PNET_STRIDE * abs(dr), 0) * max(_PNET_CELL - _PNET_STRIDE * abs(dc), 0)
+            if inter / (2 * _PNET_CELL * _PNET_CELL - inter) > threshold - 1e-6:
+                shifts.append((dr, dc))
+    return shifts
+
+
+def _grid_nms(groups: np.ndarray, cells: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+              threshold: float) -> np.ndarray:
+    """``nms_grouped`` for windows on P-Net's grid (one group per image and level): candidate pairs come from the
+    few grid neighbours that can overlap by more than ``threshold``, not from a sweep; the overlaps themselves are
+    computed from the boxes as in ``nms``, so the result is identical."""
+    order = np.lexsort((-np.asarray(scores, dtype=np.float64), groups))
+    n = len(order)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)  # position of each window in the processing order
+    rows, cols = cells[:, 0].astype(np.int64) + 8, cells[:, 1].astype(np.int64) + 8  # margins: no wrap-around
+    width, height = int(cols.max()) + 9, int(rows.max()) + 9
+    key = (groups.astype(np.int64) * height + rows) * width + cols
+    by_key = np.argsort(key)
+    sorted_keys = key[by_key]
+    firsts, seconds = [], []
+    for dr, dc in _grid_shifts(threshold):
+        wanted = key + dr * width + dc
+        at = np.minimum(np.searchsorted(sorted_keys, wanted), n - 1)
+        found = np.flatnonzero(sorted_keys[at] == wanted)
+        a, b = rank[found], rank[by_key[at[found]]]
+        firsts.append(np.minimum(a, b))
+        seconds.append(np.maximum(a, b))
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    pair_order = np.argsort(first, kind="stable")
+    first, second = first[pair_order], second[pair_order]
+    ordered = np.asarray(boxes, dtype=np.float64)[order]
+    areas = np.maximum(ordered[:, 2] - ordered[:, 0], 0.0) * np.maximum(ordered[:, 3] - ordered[:, 1], 0.0)
+    hit = _overlap(ordered[first], areas[first], ordered[second], areas[second], "union") > threshold
+    return order[_greedy_from_pairs(n, first[hit], second[hit])]
+
+
+def _levels_may_overlap(image_ids: np.ndarray, levels: np.ndarray, boxes: np.ndarray, threshold: float) -> bool:
+    """False when no two windows of different levels of one image can have an IoU above ``threshold``: an IoU is
+    at most the ratio of the smaller area to the larger, and pyramid levels 0.709 apart make windows ~2x apart in
+    area. (Windows of one level were already thinned to IoU <= 0.5 < threshold.)"""
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    _, first_of_group = np.unique(image_ids * (int(levels.max()) + 1) + levels, return_index=True)
+    image, area = image_ids[first_of_group], areas[first_of_group]
+    by_image = np.lexsort((area, image))
+    image, area = image[by_image], area[by_image]
+    same_image = image[1:] == image[:-1]
+    # A level's windows share one size up to rounding: 1e-6 of margin covers it.
+    return bool(np.any(area[:-1][same_image] > area[1:][same_image] * threshold * (1.0 - 1e-6)))
 
 
 def _no_proposals() -> tuple[np.ndarray, np.ndarray]:

@@ -230,6 +230,36 @@ def test_grouped_nms_equals_nms_per_group():
     assert detection.nms_grouped(np.zeros((0, 4)), np.zeros(0), np.zeros(0), 0.5).shape == (0,)
 
 
+def _reference_proposals(image_ids, levels, cells, boxes, scores, offsets):
+    # The textbook two NMS passes (per level of each image, then per image), as nms_grouped computes them.
+    keep = detection.nms_grouped(boxes, scores, image_ids * (int(levels.max()) + 1) + levels, 0.5)
+    image_ids, boxes, scores, offsets = image_ids[keep], boxes[keep], scores[keep], offsets[keep]
+    keep = detection.nms_grouped(boxes, scores, image_ids, 0.7)
+    return detection._square(detection._regress(boxes[keep], offsets[keep])), image_ids[keep]
+
+
+@pytest.mark.parametrize("level_ratio", [0.709, 0.9])  # 0.9: levels close enough for the second pass to matter
+def test_pnet_proposals_from_the_grid_equal_two_nms_passes(level_ratio):
+    rng = np.random.default_rng(3)
+    parts = []
+    for image in range(3):
+        for level in range(4):
+            scale = 0.6 * level_ratio ** level
+            mask = rng.uniform(size=(40, 60)) < 0.3
+            cells = np.argwhere(mask)
+            x1, y1 = cells[:, 1] * (2 / scale), cells[:, 0] * (2 / scale)
+            boxes = np.stack([x1, y1, x1 + 12 / scale, y1 + 12 / scale], axis=1)
+            scores = np.round(rng.uniform(0.6, 1.0, len(cells)), 2)  # ties, resolved by input order
+            parts.append((np.full(len(cells), image), np.full(len(cells), level), cells, boxes, scores,
+                          rng.normal(0, 0.1, (len(cells), 4))))
+    windows = [np.concatenate(column) for column in zip(*parts)]
+    proposals, ids = detection._pnet_proposals(*windows)
+    expected, expected_ids = _reference_proposals(*windows)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(proposals, expected)
+    assert detection._levels_may_overlap(windows[0], windows[1], windows[3], 0.7) == (level_ratio > 0.8)
+
+
 @pytest.mark.parametrize("min_face_size", [12, 48])
 def test_other_min_face_sizes_still_find_the_group(group, group_faces, min_face_size):
     faces = [f for f in FaceDetector(min_face_size=min_face_size).detect(group) if f.score > 0.9]
