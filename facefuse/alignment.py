@@ -38,21 +38,30 @@ def estimate_similarity(source_points: np.ndarray, target_points: np.ndarray) ->
     dst = np.asarray(target_points, dtype=np.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
         raise ValueError(f"need matching (N>=2, 2) point sets, got {src.shape} and {dst.shape}")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.T @ src_c / len(src)
+    return estimate_similarities(src[None], dst[None])[0]
+
+
+def estimate_similarities(source_points: np.ndarray, target_points: np.ndarray) -> np.ndarray:
+    """``estimate_similarity`` for a batch: (B,N,2) and (B,N,2) point sets -> (B,2,3) matrices, one pass."""
+    src = np.asarray(source_points, dtype=np.float64)
+    dst = np.asarray(target_points, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 3 or src.shape[2] != 2 or src.shape[1] < 2:
+        raise ValueError(f"need matching (B, N>=2, 2) point sets, got {src.shape} and {dst.shape}")
+    count = src.shape[1]
+    src_mean, dst_mean = src.mean(axis=1), dst.mean(axis=1)
+    src_c, dst_c = src - src_mean[:, None], dst - dst_mean[:, None]
+    covariance = dst_c.transpose(0, 2, 1) @ src_c / count
     u, singular, vt = np.linalg.svd(covariance)
-    sign = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # avoid a reflection
-        sign[1, 1] = -1.0
-    rotation = u @ sign @ vt
-    src_var = (src_c**2).sum() / len(src)
-    if src_var <= 1e-12:
+    sign = np.where(np.linalg.det(u) * np.linalg.det(vt) < 0, -1.0, 1.0)  # avoid a reflection
+    rotation = u @ (np.array([1.0, 0.0])[None, :, None] * vt + np.array([0.0, 1.0])[None, :, None] * vt
+                    * sign[:, None, None])
+    src_var = (src_c**2).sum(axis=(1, 2)) / count
+    if np.any(src_var <= 1e-12):
         raise ValueError("degenerate source points (all equal)")
-    scale = float(np.trace(np.diag(singular) @ sign) / src_var)
-    matrix = np.zeros((2, 3), dtype=np.float64)
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    scale = (singular[:, 0] + singular[:, 1] * sign) / src_var
+    matrix = np.zeros((len(src), 2, 3), dtype=np.float64)
+    matrix[:, :, :2] = scale[:, None, None] * rotation
+    matrix[:, :, 2] = dst_mean - np.einsum("bij,bj->bi", matrix[:, :, :2], src_mean)
     return matrix
 
 

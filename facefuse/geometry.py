@@ -7,10 +7,12 @@ sampling grid (tensor ops), so the network stays free of linear solves and expor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
-from facefuse.alignment import CROP_SIZE, estimate_similarity, transform_points
+from facefuse.alignment import CROP_SIZE, estimate_similarities, estimate_similarity, transform_points
 
 # MediaPipe face-mesh silhouette, ordered around the face (a closed polygon, forehead top first, clockwise in
 # image coordinates).
@@ -40,19 +42,50 @@ def tps_kernel(distance_squared: np.ndarray) -> np.ndarray:
 def fit_tps(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS_REGULARISATION) -> np.ndarray:
     """Solve the TPS through `centres` (K,2) taking `values` (K,D); returns (K+3, D): K kernel weights, then the
     affine part [1, x, y]. Coordinates are scaled to the unit crop first, so the system stays well conditioned."""
+    return fit_tps_batch(np.asarray(centres)[None], np.asarray(values)[None], regularisation)[0]
+
+
+def fit_tps_batch(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS_REGULARISATION,
+                  device: str | None = None) -> np.ndarray:
+    """``fit_tps`` for a batch: (B,K,2) centres and (B,K,D) values -> (B,K+3,D), one batched solve; on a CUDA
+    ``device`` the systems are built and solved there (float64 too: the same result to ~1e-12)."""
     scale = 1.0 / CROP_SIZE
     points = np.asarray(centres, np.float64) * scale
-    count = len(points)
-    distance_squared = ((points[:, None, :] - points[None, :, :]) ** 2).sum(-1)
-    system = np.zeros((count + 3, count + 3))
-    system[:count, :count] = tps_kernel(distance_squared) + regularisation * np.eye(count)
-    system[:count, count] = 1.0
-    system[:count, count + 1:] = points
-    system[count, :count] = 1.0
-    system[count + 1:, :count] = points.T
-    rhs = np.zeros((count + 3, values.shape[1]))
-    rhs[:count] = np.asarray(values, np.float64)
+    batch, count = points.shape[:2]
+    if device is not None and str(device).startswith("cuda"):
+        return _fit_tps_torch(points, np.asarray(values, np.float64), regularisation, device)
+    # x and y apart: a sum over a last axis of 2 is slow in numpy, and this is the same arithmetic.
+    dx = points[:, :, None, 0] - points[:, None, :, 0]
+    dy = points[:, :, None, 1] - points[:, None, :, 1]
+    system = np.zeros((batch, count + 3, count + 3))
+    system[:, :count, :count] = tps_kernel(dx * dx + dy * dy) + regularisation * np.eye(count)
+    system[:, :count, count] = 1.0
+    system[:, :count, count + 1:] = points
+    system[:, count, :count] = 1.0
+    system[:, count + 1:, :count] = points.transpose(0, 2, 1)
+    rhs = np.zeros((batch, count + 3, values.shape[2]))
+    rhs[:, :count] = np.asarray(values, np.float64)
     return np.linalg.solve(system, rhs)
+
+
+def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float, device: str) -> np.ndarray:
+    import torch
+
+    pts = torch.as_tensor(points, device=device)
+    batch, count = pts.shape[:2]
+    dx = pts[:, :, None, 0] - pts[:, None, :, 0]
+    dy = pts[:, :, None, 1] - pts[:, None, :, 1]
+    distance_squared = dx * dx + dy * dy
+    kernel = 0.5 * distance_squared * torch.log(torch.clamp(distance_squared, min=1e-12))
+    system = torch.zeros((batch, count + 3, count + 3), dtype=torch.float64, device=device)
+    system[:, :count, :count] = kernel + regularisation * torch.eye(count, dtype=torch.float64, device=device)
+    system[:, :count, count] = 1.0
+    system[:, :count, count + 1:] = pts
+    system[:, count, :count] = 1.0
+    system[:, count + 1:, :count] = pts.transpose(1, 2)
+    rhs = torch.zeros((batch, count + 3, values.shape[2]), dtype=torch.float64, device=device)
+    rhs[:, :count] = torch.as_tensor(values, device=device)
+    return torch.linalg.solve(system, rhs).cpu().numpy()
 
 
 def evaluate_tps(centres: np.ndarray, coefficients: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -64,26 +97,28 @@ def evaluate_tps(centres: np.ndarray, coefficients: np.ndarray, points: np.ndarr
 
 
 def anchor_ring(outline: np.ndarray, count: int = ANCHOR_COUNT, scale: float = 1.45) -> np.ndarray:
-    """Fixed points on an ellipse around the face, where the warp must be the identity (background stays)."""
-    centre = outline.mean(axis=0)
-    half_axes = (outline.max(axis=0) - outline.min(axis=0)) / 2.0 * scale
+    """Fixed points on an ellipse around the face, where the warp must be the identity (background stays).
+    ``outline`` (N,2), or (B,N,2) for a batch."""
+    centre = outline.mean(axis=-2)
+    half_axes = (outline.max(axis=-2) - outline.min(axis=-2)) / 2.0 * scale
     angles = np.linspace(0.0, 2.0 * np.pi, count, endpoint=False)
-    return centre + np.stack([np.cos(angles), np.sin(angles)], axis=1) * half_axes
+    return centre[..., None, :] + np.stack([np.cos(angles), np.sin(angles)], axis=1) * half_axes[..., None, :]
 
 
 def brow_to_chin_outline(mesh: np.ndarray) -> np.ndarray:
     """The silhouette cut at the eyebrows: points above the brow line are moved down onto it, so the mask
-    leaves the forehead and hair to the target."""
-    outline = mesh[list(FACE_OVAL)].astype(np.float64)
-    brows = mesh[list(BROW_TOPS)].astype(np.float64)
-    left, right = brows[:5].mean(axis=0), brows[5:].mean(axis=0)
+    leaves the forehead and hair to the target. ``mesh`` (468,2), or (B,468,2) for a batch."""
+    outline = mesh[..., list(FACE_OVAL), :].astype(np.float64)
+    brows = mesh[..., list(BROW_TOPS), :].astype(np.float64)
+    left, right = brows[..., :5, :].mean(axis=-2), brows[..., 5:, :].mean(axis=-2)
     # A line through both brows, lifted a little so the brows themselves stay inside.
-    lift = 0.12 * np.linalg.norm(right - left)
-    direction = (right - left) / max(np.linalg.norm(right - left), 1e-6)
-    normal = np.array([direction[1], -direction[0]])  # points up (towards smaller y) for an upright face
-    offset = normal @ ((left + right) / 2.0) + lift
-    height = outline @ normal - offset
-    return outline - np.maximum(height, 0.0)[:, None] * normal
+    length = np.linalg.norm(right - left, axis=-1)[..., None]
+    lift = 0.12 * length
+    direction = (right - left) / np.maximum(length, 1e-6)
+    normal = np.stack([direction[..., 1], -direction[..., 0]], axis=-1)  # points up (smaller y) when upright
+    offset = (normal * ((left + right) / 2.0)).sum(-1, keepdims=True) + lift
+    height = (outline * normal[..., None, :]).sum(-1) - offset
+    return outline - np.maximum(height, 0.0)[..., None] * normal[..., None, :]
 
 
 def convex_outline(points: np.ndarray, count: int = OUTLINE_POINTS) -> np.ndarray:
@@ -98,37 +133,53 @@ def convex_outline(points: np.ndarray, count: int = OUTLINE_POINTS) -> np.ndarra
     return np.stack([np.interp(samples, cumulative, closed[:, axis]) for axis in (0, 1)], axis=1)
 
 
+def _apply(matrices: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(B,2,3) affine matrices applied to (B,N,2) points."""
+    return points @ matrices[:, :, :2].transpose(0, 2, 1) + matrices[:, None, :, 2]
+
+
 def similarity_onto(moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
     """`moving` (N,2) mapped by the least-squares similarity onto `fixed`: pose and size removed, shape kept."""
     return transform_points(estimate_similarity(moving, fixed), moving)
 
 
 def fusion_geometry(source_mesh: np.ndarray, target_mesh: np.ndarray, profile_degree: float) -> dict[str, np.ndarray]:
-    """Everything the fusion network needs for the shape part, for one pair of meshes in crop pixels.
+    """Everything the fusion network needs for the shape part, for one pair of meshes in crop pixels."""
+    batch = fusion_geometry_batch(np.asarray(source_mesh)[None], np.asarray(target_mesh)[None], [profile_degree])
+    return {name: value[0] for name, value in batch.items()}
+
+
+def fusion_geometry_batch(source_meshes: np.ndarray, target_meshes: np.ndarray,
+                          profile_degrees: Sequence[float] | np.ndarray,
+                          device: str | None = None) -> dict[str, np.ndarray]:
+    """``fusion_geometry`` for (B,468,2) meshes and B profile degrees, vectorised over the batch (one batched TPS
+    solve, on ``device`` when that is a GPU); returns each output stacked (B, ...).
 
     The intermediate shape is (1 - p) * T + p * S', S' the source mesh similarity-aligned onto the target's.
     Two splines share its control points: intermediate -> target crop and intermediate -> source crop.
     """
-    p = float(np.clip(profile_degree / 100.0, 0.0, 1.0))
-    target_mesh = np.asarray(target_mesh, np.float64)
-    source_mesh = np.asarray(source_mesh, np.float64)
-    aligned_source = similarity_onto(source_mesh, target_mesh)
+    p = np.clip(np.asarray(profile_degrees, np.float64).reshape(-1) / 100.0, 0.0, 1.0)
+    target_mesh = np.asarray(target_meshes, np.float64)
+    source_mesh = np.asarray(source_meshes, np.float64)
+    aligned_source = _apply(estimate_similarities(source_mesh, target_mesh), source_mesh)
     # Points above the brows (forehead, hairline) keep the target's shape: the mask leaves them to the target,
     # so moving them would only drag hair and background around.
-    brows = target_mesh[list(BROW_TOPS)]
-    brow_line = brows[:, 1].mean() - 0.15 * (brows[:, 0].max() - brows[:, 0].min())
-    weights = np.where(target_mesh[:, 1] < brow_line, 0.0, p)[:, None]
+    brows = target_mesh[:, list(BROW_TOPS)]
+    brow_line = brows[:, :, 1].mean(axis=1) - 0.15 * (brows[:, :, 0].max(axis=1) - brows[:, :, 0].min(axis=1))
+    weights = np.where(target_mesh[:, :, 1] < brow_line[:, None], 0.0, p[:, None])[:, :, None]
     fused_mesh = (1.0 - weights) * target_mesh + weights * aligned_source
-    target_outline = convex_outline(brow_to_chin_outline(target_mesh))
-    fused_outline = convex_outline(brow_to_chin_outline(fused_mesh))
-    both_ovals = np.vstack([mesh[list(FACE_OVAL)] for mesh in (target_mesh, fused_mesh)])
-    ring = np.vstack([anchor_ring(both_ovals), BORDER_ANCHORS])
+    target_outline = np.stack([convex_outline(outline) for outline in brow_to_chin_outline(target_mesh)])
+    fused_outline = np.stack([convex_outline(outline) for outline in brow_to_chin_outline(fused_mesh)])
+    both_ovals = np.concatenate([mesh[:, list(FACE_OVAL)] for mesh in (target_mesh, fused_mesh)], axis=1)
+    ring = np.concatenate([anchor_ring(both_ovals), np.broadcast_to(BORDER_ANCHORS, (len(p), *BORDER_ANCHORS.shape))],
+                          axis=1)
     indices = list(CONTROL_INDICES)
-    centres = np.vstack([fused_mesh[indices], ring])
+    centres = np.concatenate([fused_mesh[:, indices], ring], axis=1)
     # The source's ring is the target ring carried back by the inverse alignment, so its surroundings follow.
-    source_ring = transform_points(estimate_similarity(aligned_source, source_mesh), ring)
-    values = np.hstack([np.vstack([target_mesh[indices], ring]), np.vstack([source_mesh[indices], source_ring])])
-    coefficients = fit_tps(centres, values)
+    source_ring = _apply(estimate_similarities(aligned_source, source_mesh), ring)
+    values = np.concatenate([np.concatenate([target_mesh[:, indices], ring], axis=1),
+                             np.concatenate([source_mesh[:, indices], source_ring], axis=1)], axis=2)
+    coefficients = fit_tps_batch(centres, values, device=device)
     return {
         "CONTROL_POINTS": centres.astype(np.float32),
         "WARP_COEFFICIENTS": coefficients.astype(np.float32),

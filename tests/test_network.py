@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from build.export_onnx import example_inputs
+from facefuse import geometry as geometry_module
 from facefuse.alignment import CROP_SIZE
-from facefuse.geometry import FACE_OVAL, evaluate_tps, fit_tps, fusion_geometry, synthetic_mesh
+from facefuse.geometry import (
+    FACE_OVAL,
+    evaluate_tps,
+    fit_tps,
+    fit_tps_batch,
+    fusion_geometry,
+    fusion_geometry_batch,
+    synthetic_mesh,
+)
 from facefuse.network import FusionNetwork, LaplacianBlend, masked_colour_match, polygon_distance
 
 
@@ -43,6 +52,28 @@ def test_tps_interpolates_its_control_points():
     values = np.hstack([centres * 1.05 + 3.0 + rng.normal(0, 2, centres.shape), centres])
     coefficients = fit_tps(centres, values, regularisation=0.0)
     np.testing.assert_allclose(evaluate_tps(centres, coefficients, centres), values, atol=1e-6)
+
+
+def test_batched_geometry_equals_one_row_at_a_time():
+    sources = np.stack([synthetic_mesh(2 * row) for row in range(5)])
+    targets = np.stack([synthetic_mesh(2 * row + 1) for row in range(5)])
+    degrees = [0.0, 25.0, 50.0, 100.0, 130.0]  # 130 clips to 100
+    batch = fusion_geometry_batch(sources, targets, degrees)
+    for row in range(5):
+        single = fusion_geometry(sources[row], targets[row], degrees[row])
+        for name, value in single.items():
+            np.testing.assert_allclose(batch[name][row], value, rtol=0, atol=1e-4, err_msg=name)
+    assert not np.allclose(batch["FUSED_MESH"][0], batch["FUSED_MESH"][3])  # the degree matters per row
+
+
+def test_tps_solve_in_torch_equals_numpy():
+    # The GPU path builds and solves the systems with torch (run here on the CPU device).
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(10, 246, size=(3, 60, 2))
+    values = rng.uniform(0, 256, size=(3, 60, 4))
+    expected = fit_tps_batch(centres, values)
+    got = geometry_module._fit_tps_torch(centres / CROP_SIZE, values, geometry_module.TPS_REGULARISATION, "cpu")
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
 def test_synthetic_warp_lands_where_expected(network):
