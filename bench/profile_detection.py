@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         total = (time.perf_counter() - started) / args.repeats
         stages = {name: round(seconds / args.repeats * 1000, 1) for name, seconds in totals.items()}
         print(f"[profile] batch {size} on {args.device}: {total * 1000:.1f} ms per call, "
-              f"{total * 1000 / size:.1f} ms per image; faces {sum(len(f) for f in faces)}; stages (ms per call) {stages}")
+              f"{total * 1000 / size:.1f} ms per image; faces {sum(len(f) for f in faces)}; "
+              f"stages (ms per call) {stages}")
         profiler = cProfile.Profile()
         profiler.enable()
         detector.detect_batch(batch)

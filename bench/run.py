@@ -99,15 +99,28 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
 
 
 def composing_breakdown(console: str) -> dict[str, float]:
-    """Average server compute time (ms) per composing model, from perf_analyzer's ensemble report."""
+    """Per composing model, from perf_analyzer's ensemble report: average compute and queue time per request (ms)
+    and the average batch the model executed."""
+    blocks: dict[str, str] = {}
+    name = None
+    for line in console.splitlines():
+        header = re.match(r"\s*(\w+), version: \d+\s*$", line)  # "  preprocess, version: 1"
+        if header:
+            name = header.group(1)
+            blocks[name] = ""
+        elif name is not None:
+            blocks[name] += line + "\n"
     breakdown = {}
-    for block in re.split(r"\n\s*(?=\w+:\n\s+Inference count)", console):
-        name = re.match(r"\s*(\w+):", block)
-        compute = re.search(r"Compute infer (\d+) usec", block)
-        queue = re.search(r"Queue (\d+) usec", block)
-        if name and compute:
-            breakdown[f"{name.group(1)}_infer_ms"] = int(compute.group(1)) / 1000.0
-            breakdown[f"{name.group(1)}_queue_ms"] = int(queue.group(1)) / 1000.0 if queue else float("nan")
+    for name, block in blocks.items():
+        compute = re.search(r"compute infer (\d+) usec", block, re.IGNORECASE)
+        queue = re.search(r"queue (\d+) usec", block, re.IGNORECASE)
+        executions = re.search(r"Execution count: (\d+)", block)
+        requests = re.search(r"Inference count: (\d+)", block)
+        if compute:
+            breakdown[f"{name}_infer_ms"] = int(compute.group(1)) / 1000.0
+            breakdown[f"{name}_queue_ms"] = int(queue.group(1)) / 1000.0 if queue else float("nan")
+        if executions and requests and int(executions.group(1)):
+            breakdown[f"{name}_batch"] = round(int(requests.group(1)) / int(executions.group(1)), 2)
     return breakdown
 
 
@@ -229,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if model == "face_fusion":
                     figures.update(composing_breakdown(console))
-                    (work / f"face_fusion_{level}.txt").write_text(console)
+                    # perf_analyzer's own report (composing models' queue and compute times) beside the CSV.
+                    (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
                 rows.append({"model": model, **figures})
                 print(f"[bench]   {figures['throughput_per_s']:.2f}/s  p50 {figures['p50_ms']:.1f} ms  "
                       f"p99 {figures['p99_ms']:.1f} ms", flush=True)
