@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 import facefuse
 from facefuse import errors
@@ -29,7 +30,7 @@ from facefuse.alignment import (
 from facefuse.blocklist import IdentityGuard
 from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
-from facefuse.device_imaging import decode_on_device, warp_to_crops
+from facefuse.device_imaging import decode_on_device, warp_crops_of_images
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry_batch
@@ -182,13 +183,16 @@ class Preprocessor:
         used = sorted({index for row in decoded for index in image_index[row]})
         detections = dict(zip(used, self.detector.detect_batch([images[index] for index in used])))
         detect_ms = round(_elapsed_ms(started) / max(1, len(decoded)), 2)
+        plans = {}
         for row in sorted(decoded):
             source_index, target_index = image_index[row]
             try:
-                results[row] = self._align(*decoded[row], detections[source_index], detections[target_index],
-                                           detect_ms)
+                plans[row] = self._plan(*decoded[row], detections[source_index], detections[target_index],
+                                        detect_ms)
             except FusionError as error:
                 results[row] = error
+        for row, prepared in self._align(plans).items():
+            results[row] = prepared
         self._add_geometry([result for result in results if isinstance(result, PreparedFusion)])
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
@@ -231,11 +235,13 @@ class Preprocessor:
             row.metadata["source"]["mesh_presence"] = round(float(presence[2 * position]), 4)
             row.metadata["target"]["mesh_presence"] = round(float(presence[2 * position + 1]), 4)
 
-    def _align(
-        self, source_rgb: np.ndarray, target_rgb: np.ndarray, options: FusionOptions, face_degree: float,
+    def _plan(
+        self, source_rgb: Any, target_rgb: Any, options: FusionOptions, face_degree: float,
         profile_degree: float, timings: dict[str, float], source_faces: list[DetectedFace],
         target_faces: list[DetectedFace], detect_ms: float,
-    ) -> PreparedFusion:
+    ) -> _AlignmentPlan:
+        """One row's chosen faces and alignment matrices (FusionError when a face is missing, too small or
+        blocked); the crops themselves are cut for the whole batch by ``_align``."""
         started = time.perf_counter()
         source_face = _choose_face(source_faces, options.source_face, "source", errors.NO_FACE_IN_SOURCE,
                                    self.min_eye_distance)
@@ -246,15 +252,6 @@ class Preprocessor:
             self.identity_guard.check(_host(source_rgb), source_face)
             timings = {**timings, "identity": _elapsed_ms(checked)}
             started = time.perf_counter()
-        source_matrix = alignment_matrix(source_face.landmarks, self.crop_size)
-        target_matrix = alignment_matrix(target_face.landmarks, self.crop_size)
-        if isinstance(source_rgb, np.ndarray):
-            source_crop = warp_to_crop(source_rgb, source_matrix, self.crop_size)
-            target_crop = warp_to_crop(target_rgb, target_matrix, self.crop_size)
-        else:  # device tensors: only the two crops and the target (for postprocess) come to the host
-            source_crop = _host(warp_to_crops(source_rgb, source_matrix[None], self.crop_size)[0])
-            target_crop = _host(warp_to_crops(target_rgb, target_matrix[None], self.crop_size)[0])
-            target_rgb = _host(target_rgb)
         metadata = {
             "source": {"width": source_rgb.shape[1], "height": source_rgb.shape[0],
                        "faces": [face.to_json() for face in source_faces], "chosen_face": options.source_face},
@@ -262,18 +259,79 @@ class Preprocessor:
                        "faces": [face.to_json() for face in target_faces], "chosen_face": options.target_face},
             "face_degree": face_degree,
             "profile_degree": profile_degree,
-            "timings_ms": {**timings, "detect": detect_ms, "align": _elapsed_ms(started)},
+            "timings_ms": {**timings, "detect": detect_ms},
             "versions": VERSIONS,
         }
-        return PreparedFusion(
-            source_crop=source_crop,
-            target_crop=target_crop,
-            face_degree=face_degree,
-            profile_degree=profile_degree,
-            target_matrix=target_matrix.astype(np.float32),
-            target_rgb=target_rgb,
-            metadata=metadata,
-        )
+        return _AlignmentPlan(source_rgb, target_rgb, alignment_matrix(source_face.landmarks, self.crop_size),
+                              alignment_matrix(target_face.landmarks, self.crop_size), face_degree, profile_degree,
+                              metadata, _elapsed_ms(started))
+
+    def _align(self, plans: dict[int, _AlignmentPlan]) -> dict[int, PreparedFusion]:
+        """Cut every planned row's source and target crops; on the device all of them in one gather, and the crops
+        and targets (for postprocess) reach the host in one copy each."""
+        if not plans:
+            return {}
+        started = time.perf_counter()
+        rows = sorted(plans)
+        if all(isinstance(plans[row].source_rgb, np.ndarray) for row in rows):
+            crops = [(warp_to_crop(plans[row].source_rgb, plans[row].source_matrix, self.crop_size),
+                      warp_to_crop(plans[row].target_rgb, plans[row].target_matrix, self.crop_size)) for row in rows]
+            targets = [plans[row].target_rgb for row in rows]
+        else:
+            images: dict[int, int] = {}  # id(tensor) -> position: an image shared by rows is passed once
+            tensors, image_index, matrices = [], [], []
+            for row in rows:
+                for image, matrix in ((plans[row].source_rgb, plans[row].source_matrix),
+                                      (plans[row].target_rgb, plans[row].target_matrix)):
+                    if id(image) not in images:
+                        images[id(image)] = len(tensors)
+                        tensors.append(image)
+                    image_index.append(images[id(image)])
+                    matrices.append(matrix)
+            cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size).cpu().numpy()
+            crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
+            targets = _host_all([plans[row].target_rgb for row in rows])
+        align_ms = round(_elapsed_ms(started) / len(rows), 2)
+        prepared = {}
+        for row, (source_crop, target_crop), target_rgb in zip(rows, crops, targets):
+            plan = plans[row]
+            plan.metadata["timings_ms"]["align"] = round(plan.plan_ms + align_ms, 2)
+            prepared[row] = PreparedFusion(
+                source_crop=source_crop,
+                target_crop=target_crop,
+                face_degree=plan.face_degree,
+                profile_degree=plan.profile_degree,
+                target_matrix=plan.target_matrix.astype(np.float32),
+                target_rgb=target_rgb,
+                metadata=plan.metadata,
+            )
+        return prepared
+
+
+@dataclass
+class _AlignmentPlan:
+    """A row between choosing its faces and cutting its crops."""
+
+    source_rgb: Any
+    target_rgb: Any
+    source_matrix: np.ndarray
+    target_matrix: np.ndarray
+    face_degree: float
+    profile_degree: float
+    metadata: dict[str, Any]
+    plan_ms: float
+
+
+def _host_all(images: list[Any]) -> list[np.ndarray]:
+    """Device tensors (HxWx3 uint8) as host arrays, with one copy for all of them (views into one buffer)."""
+    if all(isinstance(image, np.ndarray) for image in images):
+        return images
+    flat = torch.cat([image.reshape(-1) for image in images]).cpu().numpy()
+    out, start = [], 0
+    for image in images:
+        out.append(flat[start:start + image.numel()].reshape(tuple(image.shape)))
+        start += image.numel()
+    return out
 
 
 def _host(image: Any) -> np.ndarray:
