@@ -88,6 +88,39 @@ def decode_on_device(items: Sequence[tuple[bytes, str]], limits: ImageLimits,
     return results  # type: ignore[return-value]
 
 
+def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Device tensors as host arrays, copied together into one page-locked buffer (pageable device-to-host copies
+    ran at ~1.3 GB/s on the H200 host, 6 MB per 1080p image); the arrays are views that keep the buffer alive, so
+    torch's pinned-memory cache reuses it only once they are gone."""
+    if not tensors:
+        return []
+    total = sum(tensor.numel() for tensor in tensors)
+    dtype = tensors[0].dtype
+    pinned = torch.cuda.is_available() and any(tensor.is_cuda for tensor in tensors)
+    host = torch.empty(total, dtype=dtype, pin_memory=pinned)
+    start = 0
+    for tensor in tensors:
+        host[start:start + tensor.numel()].copy_(tensor.reshape(-1), non_blocking=pinned)
+        start += tensor.numel()
+    if pinned:
+        torch.cuda.synchronize()
+    flat, arrays, start = host.numpy(), [], 0
+    for tensor in tensors:
+        arrays.append(flat[start:start + tensor.numel()].reshape(tuple(tensor.shape)))
+        start += tensor.numel()
+    return arrays
+
+
+def image_to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host HxWx3 uint8 array (read-only is fine) on ``device``; CUDA uploads go through page-locked memory (a
+    pageable 6 MB upload is several times slower)."""
+    if device.type != "cuda":
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device)
+    staging = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+    staging.numpy()[...] = image
+    return staging.to(device, non_blocking=True)
+
+
 def warp_to_crops(image: torch.Tensor, matrices: np.ndarray, crop_size: int = CROP_SIZE) -> torch.Tensor:
     """``alignment.warp_to_crop`` for several faces of one HxWx3 uint8 tensor: (N,2,3) image->crop matrices ->
     (N,S,S,3) uint8 crops on the image's device (bilinear, mirrored border; matches OpenCV to ~1 grey level)."""
@@ -133,4 +166,5 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
-__all__ = ["decode_on_device", "nvjpeg_decoder", "orient", "warp_crops_of_images", "warp_to_crops"]
+__all__ = ["decode_on_device", "image_to_device", "nvjpeg_decoder", "orient", "to_host", "warp_crops_of_images",
+           "warp_to_crops"]

@@ -14,7 +14,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 import facefuse
 from facefuse import errors
@@ -30,7 +29,7 @@ from facefuse.alignment import (
 from facefuse.blocklist import IdentityGuard
 from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
-from facefuse.device_imaging import decode_on_device, warp_crops_of_images
+from facefuse.device_imaging import decode_on_device, to_host, warp_crops_of_images
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry_batch
@@ -288,9 +287,9 @@ class Preprocessor:
                         tensors.append(image)
                     image_index.append(images[id(image)])
                     matrices.append(matrix)
-            cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size).cpu().numpy()
+            cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
+            cut, *targets = to_host([cut, *(plans[row].target_rgb for row in rows)])
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
-            targets = _host_all([plans[row].target_rgb for row in rows])
         align_ms = round(_elapsed_ms(started) / len(rows), 2)
         prepared = {}
         for row, (source_crop, target_crop), target_rgb in zip(rows, crops, targets):
@@ -320,18 +319,6 @@ class _AlignmentPlan:
     profile_degree: float
     metadata: dict[str, Any]
     plan_ms: float
-
-
-def _host_all(images: list[Any]) -> list[np.ndarray]:
-    """Device tensors (HxWx3 uint8) as host arrays, with one copy for all of them (views into one buffer)."""
-    if all(isinstance(image, np.ndarray) for image in images):
-        return images
-    flat = torch.cat([image.reshape(-1) for image in images]).cpu().numpy()
-    out, start = [], 0
-    for image in images:
-        out.append(flat[start:start + image.numel()].reshape(tuple(image.shape)))
-        start += image.numel()
-    return out
 
 
 def _host(image: Any) -> np.ndarray:

@@ -14,7 +14,15 @@ from bench.inputs import benchmark_pair
 from facefuse import detection, errors
 from facefuse.alignment import alignment_matrix, invert_affine, transform_points, warp_to_crop
 from facefuse.detection import FaceDetector
-from facefuse.device_imaging import decode_on_device, nvjpeg_decoder, orient, warp_crops_of_images, warp_to_crops
+from facefuse.device_imaging import (
+    decode_on_device,
+    image_to_device,
+    nvjpeg_decoder,
+    orient,
+    to_host,
+    warp_crops_of_images,
+    warp_to_crops,
+)
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import _ORIENTATION_TRANSPOSE, ImageLimits, decode_image, encode_image
@@ -81,6 +89,19 @@ def test_crops_of_several_images_at_once_match_opencv(group):
         difference = np.abs(warp_to_crop(images[index], matrix).astype(int) - crop.astype(int))
         # OpenCV places samples on a 1/32 px grid: the more a crop enlarges (up to 3x here), the more that shows.
         assert int(difference.max()) <= 4 and float(difference.mean()) < 0.15
+
+
+def test_host_and_device_copies_keep_every_pixel():
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((5, 7, 3), (40, 3, 3), (1, 1, 3))]
+    arrays = to_host([torch.from_numpy(image) for image in images])
+    assert [a.shape for a in arrays] == [i.shape for i in images]
+    assert all(np.array_equal(a, i) for a, i in zip(arrays, images))
+    assert to_host([]) == []
+    read_only = images[0].copy()
+    read_only.flags.writeable = False
+    uploaded = image_to_device(read_only, torch.device("cpu"))
+    assert np.array_equal(uploaded.numpy(), images[0]) and uploaded.numpy().flags.writeable
 
 
 def _match(host_faces, device_faces, min_score=0.95):

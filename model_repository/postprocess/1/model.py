@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from facefuse.device_imaging import image_to_device  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish  # noqa: E402
@@ -68,7 +69,7 @@ class TritonPythonModel:
                 target_rgb = np.frombuffer(bytes_rows(tensors["TARGET_PIXELS"][row])[0], np.uint8).reshape(shape)
                 started = time.perf_counter()
                 if self.device is not None:  # the 6 MB target goes up once; only the JPEG comes back
-                    target_rgb = torch.from_numpy(target_rgb.copy()).to(self.device, non_blocking=True)
+                    target_rgb = image_to_device(target_rgb, self.device)
                 finisher = finish if self.device is None else finish_torch
                 encoded, metadata = finisher(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
                                              tensors["TARGET_MATRIX"][row], options, metadata, self.label_text,
