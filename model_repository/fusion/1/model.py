@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
+from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
 from facefuse.triton_glue import guarded, limit_threads, model_parameters  # noqa: E402
 
@@ -31,6 +32,7 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(json.loads(args["model_config"]))
         limit_threads(parameters)
+        keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         model_dir = Path(args["model_repository"]) / args["model_version"]
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.device_imaging import image_to_device  # noqa: E402
+from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish  # noqa: E402
@@ -36,6 +37,7 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         parameters = model_parameters(self.model_config)
         limit_threads(parameters)
+        keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         # The visible label is the operator's: OPTIONS can ask for it but not change its text or place. A bad value
         # fails the load.
         self.label_text = parameters.get("label_text") or DEFAULT_LABEL

@@ -26,6 +26,7 @@ from facefuse.consent import ConsentPolicy  # noqa: E402
 from facefuse.detection import FaceDetector  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
+from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
 from facefuse.pipeline import MIN_EYE_DISTANCE, SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preprocessor  # noqa: E402,E501
@@ -47,6 +48,7 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = model_parameters(json.loads(args["model_config"]))
         limit_threads(parameters)
+        keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         device = parameters.get("detector_device", "auto")
         if device == "auto":
             import torch

@@ -1,0 +1,35 @@
+"""Keep freed host memory for reuse instead of handing it back to the kernel after every request.
+
+glibc serves large blocks with fresh mappings and unmaps them on free (above its mmap threshold: 128 KiB, adapting
+up to 32 MiB), so image copies (a BYTES tensor's bytes, a device-to-host copy, tobytes; a batch of 32 targets is
+200 MB) page-fault their way through fresh memory every request. Measured on the H200 host
+(bench.profile_copies, 32 1080p images): tobytes 138 -> 32 ms, pageable device-to-host copies 158 -> 17 ms with
+the thresholds raised. Each Triton model instance is a process of its own, so each calls this once at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# A batch of 32 targets is 200 MB: keep blocks up to 1 GiB in the heap. Some glibc builds refuse more than
+# 32 MiB (HEAP_MAX_SIZE / 2); then that is used.
+_MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; False where that is not glibc (nothing changes)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    raised = any(mallopt(_M_MMAP_THRESHOLD, threshold) for threshold in _MMAP_THRESHOLDS)
+    return raised and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
