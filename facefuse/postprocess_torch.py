@@ -32,6 +32,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -60,8 +61,8 @@ from facefuse.watermark import (
     parse_watermark_id,
 )
 
-__all__ = ["benchmark", "embed_watermark_torch", "encode_jpeg_torch", "finish_torch", "jpeg_encoder_for",
-           "paste_back_torch"]
+__all__ = ["FinishRow", "benchmark", "embed_watermark_torch", "embed_watermarks_torch", "encode_jpeg_torch",
+           "encode_jpegs_torch", "finish_torch", "finish_torch_batch", "jpeg_encoder_for", "paste_back_torch"]
 
 # cv2.warpAffine: source positions in 10-bit fixed point (AB_BITS), rounded to 1/32 px (INTER_BITS) for the
 # bilinear weight tables.
@@ -304,24 +305,46 @@ def _linear_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
     return _read_only(index, np.minimum(index + 1, source - 1), np.float32(1.0) - fraction, fraction)
 
 
-def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
-    """watermark._amplitude of this luma: the 1/8-resolution texture map made on the device (bit-exact), its
-    small blur and clipping on the host."""
+def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
+    """The device half of watermark._amplitude: the 1/8-resolution texture map (uint8, bit-exact); its small blur
+    and clipping (watermark._amplitude_from_detail) run on the host."""
     height, width = luma.shape
     detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
-    small = _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION))
-    return _amplitude_from_detail(small.to(torch.uint8).cpu().numpy())
+    return _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION)).to(
+        torch.uint8)
 
 
-def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | None:
-    """watermark._earlier_mark of this luma: the area resampling to 2 samples per chip on the device (bit-exact),
-    the fold, demodulation and amplitude fit on the host (watermark._earlier_mark_from)."""
+def _earlier_mark_samples(luma: torch.Tensor, period: int) -> torch.Tensor | None:
+    """The device half of watermark._earlier_mark: the area resampling to 2 samples per chip (bit-exact); the fold,
+    demodulation and amplitude fit (watermark._earlier_mark_from) run on the host. None when no tile fits."""
     tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
     if tiles_y * tiles_x == 0:
         return None
     region = luma[: tiles_y * period, : tiles_x * period]
     size = EARLIER_MARK_SAMPLES
-    return _earlier_mark_from(_area_resize(region, tiles_y * size, tiles_x * size).cpu().numpy(), period)
+    return _area_resize(region, tiles_y * size, tiles_x * size)
+
+
+def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
+    """watermark._amplitude of this luma (device half, then host half)."""
+    return _amplitude_from_detail(_amplitude_detail(luma).cpu().numpy())
+
+
+def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | None:
+    """watermark._earlier_mark of this luma (device half, then host half)."""
+    samples = _earlier_mark_samples(luma, period)
+    return None if samples is None else _earlier_mark_from(samples.cpu().numpy(), period)
+
+
+def _host_copies(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Small device tensors on the host with one wait for all of them (page-locked buffers on CUDA)."""
+    if not any(tensor.is_cuda for tensor in tensors):
+        return [tensor.cpu().numpy() for tensor in tensors]
+    copies = [torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
+    for copy, tensor in zip(copies, tensors):
+        copy.copy_(tensor, non_blocking=True)
+    torch.cuda.synchronize()
+    return [copy.numpy() for copy in copies]
 
 
 def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float = 1.0) -> torch.Tensor:
@@ -333,17 +356,44 @@ def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float 
     saturating add. On the host: the 1/8-resolution amplitude map, the tile (watermark._tile) and the re-marking
     check on its 66 x 66-per-tile fold. Images with a side under 48 px come back unchanged.
     """
-    _check_image(rgb)
-    _check_mark_arguments(watermark_id, strength)
-    height, width = rgb.shape[:2]
-    if min(height, width) < _MIN_SIDE:
-        return rgb.clone()
+    return embed_watermarks_torch([rgb], [watermark_id], strength)[0]
+
+
+def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
+                           strength: float = 1.0) -> list[torch.Tensor]:
+    """``embed_watermark_torch`` for several images (any sizes) at once: the device halves of every image are
+    queued first, their small results reach the host together (one wait instead of two per image), then the
+    marks are added."""
+    for rgb, watermark_id in zip(images, watermark_ids, strict=True):
+        _check_image(rgb)
+        _check_mark_arguments(watermark_id, strength)
+    marked: list[torch.Tensor | None] = [None] * len(images)
+    pending, small = [], []  # pending: (position, period, whether earlier-mark samples follow the detail map)
+    for position, rgb in enumerate(images):
+        height, width = rgb.shape[:2]
+        if min(height, width) < _MIN_SIDE:
+            marked[position] = rgb.clone()
+            continue
+        period = _period(height, width)
+        luma = _luma(rgb)
+        small.append(_amplitude_detail(luma))
+        samples = _earlier_mark_samples(luma, period)
+        if samples is not None:
+            small.append(samples)
+        pending.append((position, period, samples is not None))
+    host = iter(_host_copies(small))
+    for position, period, has_samples in pending:
+        amplitude = _capped(_amplitude_from_detail(next(host)), strength)
+        earlier = _earlier_mark_from(next(host), period) if has_samples else None
+        tile = _mark_tile(watermark_ids[position], period, earlier, float(np.mean(amplitude)))
+        marked[position] = _add_mark(images[position], amplitude, tile, period)
+    return marked  # type: ignore[return-value]
+
+
+def _add_mark(rgb: torch.Tensor, amplitude: np.ndarray, tile: np.ndarray, period: int) -> torch.Tensor:
+    """rgb plus the tile scaled by the amplitude map (upsampled to full size), as cv2.add does it."""
     device = rgb.device
-    period = _period(height, width)
-    luma = _luma(rgb)
-    amplitude = _capped(_amplitude_small(luma), strength)
-    tile = _mark_tile(watermark_id, period, _earlier_mark_small(luma, period), float(np.mean(amplitude)))
-    del luma
+    height, width = rgb.shape[:2]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
     x0, x1, ax0, ax1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[1], width))
@@ -395,20 +445,56 @@ def encode_jpeg_torch(rgb: torch.Tensor, quality: int, xmp: bytes | None = None)
     tensor, or no torchvision) the fallback: ``imaging.encode_image`` (Pillow) on the host copy of the pixels,
     byte-identical to what pipeline.finish writes for the same pixels.
     """
-    _check_image(rgb)
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"quality must be 1..100, got {quality}")
-    if jpeg_encoder_for(rgb) == "nvjpeg":
+    return encode_jpegs_torch([rgb], [quality], [xmp])[0]
+
+
+def encode_jpegs_torch(images: list[torch.Tensor], qualities: list[int],
+                       xmps: list[bytes | None]) -> list[bytes]:
+    """``encode_jpeg_torch`` for several images: on CUDA one batched nvJPEG call per quality, and the compressed
+    bytes of all of them reach the host with one wait."""
+    for rgb, quality in zip(images, qualities, strict=True):
+        _check_image(rgb)
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"quality must be 1..100, got {quality}")
+    encoded: list[bytes | None] = [None] * len(images)
+    on_device: dict[int, list[int]] = {}  # quality -> positions
+    for position, rgb in enumerate(images):
+        if jpeg_encoder_for(rgb) == "nvjpeg":
+            on_device.setdefault(int(qualities[position]), []).append(position)
+        else:
+            encoded[position] = encode_image(rgb.cpu().numpy(), "jpeg", int(qualities[position]),
+                                             xmp=xmps[position])
+    if on_device:
         encode = _device_jpeg_encoder()
         assert encode is not None
-        encoded = encode(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
-        jpeg = encoded.cpu().numpy().tobytes()
-        return insert_jpeg_xmp(jpeg, xmp) if xmp else jpeg
-    return encode_image(rgb.cpu().numpy(), "jpeg", int(quality), xmp=xmp)
+        positions, streams = [], []
+        for quality, group in on_device.items():
+            planes = [images[p].permute(2, 0, 1).contiguous() for p in group]
+            positions.extend(group)
+            try:
+                streams.extend(encode(planes, quality=quality))  # torchvision >= 0.20 batches a list on CUDA
+            except (TypeError, RuntimeError):
+                streams.extend(encode(plane, quality=quality) for plane in planes)
+        for position, stream in zip(positions, _host_copies(streams)):
+            jpeg = stream.tobytes()
+            encoded[position] = insert_jpeg_xmp(jpeg, xmps[position]) if xmps[position] else jpeg
+    return encoded  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole postprocess of one row.
+# The whole postprocess of one row, or of a batch.
+
+
+@dataclass
+class FinishRow:
+    """One row for ``finish_torch_batch``: pipeline.finish's arguments, with the target as a tensor."""
+
+    target: torch.Tensor
+    fused_crop: torch.Tensor | np.ndarray
+    blend_mask: torch.Tensor | np.ndarray
+    target_matrix: np.ndarray
+    options: FusionOptions
+    metadata: dict[str, Any]
 
 
 def finish_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, blend_mask: torch.Tensor | np.ndarray,
@@ -422,33 +508,73 @@ def finish_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, bl
     image, which then goes back to the device: the simple exact option, and only when the label is asked for.
     JPEG is encoded by encode_jpeg_torch (nvJPEG on CUDA); PNG and WebP by imaging.encode_image on the host.
     """
-    _check_image(target)
-    device = target.device
-    timings = metadata.setdefault("timings_ms", {})
-    options = options.with_watermark_id()
+    result = finish_torch_batch([FinishRow(target, fused_crop, blend_mask, target_matrix, options, metadata)],
+                                label_text, label_position)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
+                       label_position: str = DEFAULT_POSITION) -> list[tuple[bytes, dict[str, Any]] | Exception]:
+    """``finish_torch`` for a batch: paste and label per row, then the watermarks of all rows and the JPEG encodes
+    of all rows together (``embed_watermarks_torch``, ``encode_jpegs_torch``). A row that fails (e.g. a crop of the
+    wrong shape) gets its exception in its place; the others go on. Watermark and encode timings are the batch's
+    time divided by its rows."""
+    results: list[tuple[bytes, dict[str, Any]] | Exception | None] = [None] * len(rows)
+    pasted: dict[int, tuple[torch.Tensor, FusionOptions]] = {}
+    for position, row in enumerate(rows):
+        try:
+            _check_image(row.target)
+            device = row.target.device
+            options = row.options.with_watermark_id()
+            started = time.perf_counter()
+            fused = paste_back_torch(row.target, row.fused_crop, row.blend_mask, row.target_matrix)
+            row.metadata.setdefault("timings_ms", {})["paste"] = _elapsed_ms(started, device)
+            if options.visible_label:
+                fused = torch.from_numpy(draw_label(fused.cpu().numpy(), label_text, label_position)).to(device)
+            pasted[position] = (fused, options)
+        except Exception as error:  # noqa: BLE001 - the row's own failure, reported in its place
+            results[position] = error
+    if not pasted:
+        return results  # type: ignore[return-value]
+    order = sorted(pasted)
+    devices = {pasted[p][0].device for p in order}
     started = time.perf_counter()
-    fused = paste_back_torch(target, fused_crop, blend_mask, target_matrix)
-    timings["paste"] = _elapsed_ms(started, device)
-    if options.visible_label:
-        fused = torch.from_numpy(draw_label(fused.cpu().numpy(), label_text, label_position)).to(device)
+    marked = embed_watermarks_torch([pasted[p][0] for p in order],
+                                    [parse_watermark_id(pasted[p][1].watermark_id) for p in order])
+    watermark_ms = _batch_ms(started, devices, len(order))
     started = time.perf_counter()
-    fused = embed_watermark_torch(fused, parse_watermark_id(options.watermark_id))
-    timings["watermark"] = _elapsed_ms(started, device)
-    started = time.perf_counter()
-    xmp = build_xmp(options.watermark_id, SOFTWARE)
-    if options.format == "jpeg":
-        encoded = encode_jpeg_torch(fused, options.quality, xmp)
-    else:
-        encoded = encode_image(fused.cpu().numpy(), options.format, options.quality, xmp=xmp,
-                               text={"AI-generated": "true", "Software": SOFTWARE})
-    timings["encode"] = _elapsed_ms(started, device)
-    metadata.update({
-        "watermark_id": options.watermark_id,
-        "visible_label": options.visible_label,
-        "format": options.format,
-        "output": {"width": int(fused.shape[1]), "height": int(fused.shape[0]), "bytes": len(encoded)},
-    })
-    return encoded, metadata
+    xmps = {p: build_xmp(pasted[p][1].watermark_id, SOFTWARE) for p in order}
+    jpeg_rows = [(p, image) for p, image in zip(order, marked) if pasted[p][1].format == "jpeg"]
+    encoded = dict(zip([p for p, _ in jpeg_rows],
+                       encode_jpegs_torch([image for _, image in jpeg_rows],
+                                          [pasted[p][1].quality for p, _ in jpeg_rows],
+                                          [xmps[p] for p, _ in jpeg_rows])))
+    for p, image in zip(order, marked):
+        if p not in encoded:
+            options = pasted[p][1]
+            encoded[p] = encode_image(image.cpu().numpy(), options.format, options.quality, xmp=xmps[p],
+                                      text={"AI-generated": "true", "Software": SOFTWARE})
+    encode_ms = _batch_ms(started, devices, len(order))
+    for p, image in zip(order, marked):
+        options, metadata = pasted[p][1], rows[p].metadata
+        metadata["timings_ms"].update({"watermark": watermark_ms, "encode": encode_ms})
+        metadata.update({
+            "watermark_id": options.watermark_id,
+            "visible_label": options.visible_label,
+            "format": options.format,
+            "output": {"width": int(image.shape[1]), "height": int(image.shape[0]), "bytes": len(encoded[p])},
+        })
+        results[p] = (encoded[p], metadata)
+    return results  # type: ignore[return-value]
+
+
+def _batch_ms(started: float, devices: set[torch.device], rows: int) -> float:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return round((time.perf_counter() - started) * 1000.0 / max(1, rows), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

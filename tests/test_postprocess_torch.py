@@ -295,3 +295,37 @@ def test_finish_torch_webp_and_random_id(generated):
     assert len(metadata["watermark_id"]) == 16
     assert decode_image(data).shape == generated.shape
     assert read_provenance(data)["watermark_id"] == metadata["watermark_id"]
+
+
+def test_finish_torch_batch_equals_one_row_at_a_time(photo, generated):
+    # Rows of different sizes and formats, one of them broken: the others come out exactly as finish_torch makes
+    # them one by one, and the broken one gets its own error.
+    matrix = _similarity((610.0, 380.0), 300.0, 17.0)
+    small_matrix = _similarity((200.0, 150.0), 120.0, -8.0)
+    rows, singles = [], []
+    for image, row_matrix, fmt in ((photo, matrix, "jpeg"), (generated, small_matrix, "png"),
+                                   (photo, matrix, "jpeg"), (generated, small_matrix, "jpeg")):
+        crop, mask = _crop_and_mask(image, row_matrix, seed=len(rows))
+        options = FusionOptions(format=fmt, quality=85 + len(rows), watermark_id=WID_HEX)
+        rows.append(pt.FinishRow(torch.from_numpy(image), crop, mask, row_matrix, options, {"timings_ms": {}}))
+        singles.append(pt.finish_torch(torch.from_numpy(image), crop, mask, row_matrix, options, {"timings_ms": {}}))
+    broken = pt.FinishRow(torch.from_numpy(photo), np.zeros((3, 10, 12), np.float32), np.zeros((1, 10, 12)),
+                          matrix, FusionOptions(), {"timings_ms": {}})
+    results = pt.finish_torch_batch(rows[:2] + [broken] + rows[2:])
+    assert isinstance(results[2], ValueError) and "fused crop" in str(results[2])
+    for (data, metadata), (expected, expected_metadata) in zip(results[:2] + results[3:], singles):
+        assert data == expected
+        assert {key: value for key, value in metadata.items() if key != "timings_ms"} == \
+            {key: value for key, value in expected_metadata.items() if key != "timings_ms"}
+        assert set(metadata["timings_ms"]) == {"paste", "watermark", "encode"}
+
+
+def test_watermarks_of_a_batch_equal_one_at_a_time(photo, generated):
+    images = [torch.from_numpy(photo), torch.from_numpy(generated), torch.zeros((20, 30, 3), dtype=torch.uint8)]
+    ids = [1, 2**63 + 5, 7]
+    batch = pt.embed_watermarks_torch(images, ids)
+    for image, watermark_id, marked in zip(images, ids, batch):
+        assert torch.equal(marked, pt.embed_watermark_torch(image, watermark_id))
+    assert torch.equal(batch[2], images[2])  # too small to carry a mark: a copy
+    with pytest.raises(ValueError):
+        pt.embed_watermarks_torch(images[:2], ids)  # one id per image

@@ -28,7 +28,7 @@ from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish  # noqa: E402
-from facefuse.postprocess_torch import finish_torch  # noqa: E402
+from facefuse.postprocess_torch import FinishRow, finish_torch_batch  # noqa: E402
 from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes, limit_threads, model_parameters  # noqa: E402,E501
 
 
@@ -56,33 +56,61 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"postprocess: paste, watermark and encode on {device}")
 
     def execute(self, requests):
-        # Paste-back, watermark and encode are per image; each request answers for itself.
-        return [self._respond(request) for request in requests]
+        # Every row of every request in one pass: on the GPU the watermarks and JPEG encodes of the whole batch run
+        # together (facefuse.postprocess_torch.finish_torch_batch). Each request answers for itself.
+        parsed = [self._rows(request) for request in requests]
+        rows = [row for item in parsed if not isinstance(item, Exception) for row in item]
+        started = time.perf_counter()
+        if self.device is None:
+            finished = []
+            for row in rows:
+                try:
+                    finished.append(finish(row.target, row.fused_crop, row.blend_mask, row.target_matrix, row.options,
+                                           row.metadata, self.label_text, self.label_position))
+                except Exception as error:  # noqa: BLE001 - this row's request gets the error
+                    finished.append(error)
+        else:
+            try:
+                finished = finish_torch_batch(rows, self.label_text, self.label_position)
+            except Exception as error:  # noqa: BLE001 - a fault of the batch as a whole fails each of its requests
+                finished = [error] * len(rows)
+        total_ms = round((time.perf_counter() - started) * 1000 / max(1, len(rows)), 2)
+        responses, position = [], 0
+        for item in parsed:
+            if isinstance(item, Exception):
+                responses.append(error_response(pb_utils, item))
+                continue
+            results = finished[position:position + len(item)]
+            position += len(item)
+            failure = next((result for result in results if isinstance(result, Exception)), None)
+            if failure is not None:
+                responses.append(error_response(pb_utils, failure))
+                continue
+            for _, metadata in results:
+                metadata["timings_ms"]["postprocess_total"] = total_ms
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("FUSED_IMAGE", bytes_tensor([encoded for encoded, _ in results])),
+                pb_utils.Tensor("METADATA", bytes_tensor([json_bytes(metadata) for _, metadata in results]))]))
+        return responses
 
-    def _respond(self, request):
+    def _rows(self, request):
+        """The request's rows (targets on the postprocess device), or the exception that fails the request."""
         try:
             tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in
                        ("FUSED_CROP", "BLEND_MASK", "TARGET_PIXELS", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
-            images, metadata_rows = [], []
+            rows = []
             for row in range(len(tensors["FUSED_CROP"])):
                 metadata = json.loads(bytes_rows(tensors["PRE_METADATA"][row])[0])
                 options = parse_options(bytes_rows(tensors["OPTIONS"][row])[0])
                 shape = (metadata["target"]["height"], metadata["target"]["width"], 3)
                 target_rgb = np.frombuffer(bytes_rows(tensors["TARGET_PIXELS"][row])[0], np.uint8).reshape(shape)
-                started = time.perf_counter()
                 if self.device is not None:  # the 6 MB target goes up once; only the JPEG comes back
                     target_rgb = image_to_device(target_rgb, self.device)
-                finisher = finish if self.device is None else finish_torch
-                encoded, metadata = finisher(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
-                                             tensors["TARGET_MATRIX"][row], options, metadata, self.label_text,
-                                             self.label_position)
-                metadata["timings_ms"]["postprocess_total"] = round((time.perf_counter() - started) * 1000, 2)
-                images.append(encoded)
-                metadata_rows.append(json_bytes(metadata))
-            return pb_utils.InferenceResponse([pb_utils.Tensor("FUSED_IMAGE", bytes_tensor(images)),
-                                               pb_utils.Tensor("METADATA", bytes_tensor(metadata_rows))])
+                rows.append(FinishRow(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
+                                      tensors["TARGET_MATRIX"][row], options, metadata))
+            return rows
         except Exception as error:  # noqa: BLE001 - every failure becomes this request's coded error
-            return error_response(pb_utils, error)
+            return error
 
     def finalize(self):
         pass
