@@ -43,6 +43,7 @@ class OnnxRuntimeCpu(FusionRuntime):
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.max_batch = 1 << 30
 
