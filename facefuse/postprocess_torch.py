@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from facefuse.alignment import invert_affine
+from facefuse.device_imaging import to_host
 from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
 from facefuse.options import FusionOptions
@@ -336,17 +337,6 @@ def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | 
     return None if samples is None else _earlier_mark_from(samples.cpu().numpy(), period)
 
 
-def _host_copies(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Small device tensors on the host with one wait for all of them (page-locked buffers on CUDA)."""
-    if not any(tensor.is_cuda for tensor in tensors):
-        return [tensor.cpu().numpy() for tensor in tensors]
-    copies = [torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
-    for copy, tensor in zip(copies, tensors):
-        copy.copy_(tensor, non_blocking=True)
-    torch.cuda.synchronize()
-    return [copy.numpy() for copy in copies]
-
-
 def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float = 1.0) -> torch.Tensor:
     """A copy of ``rgb`` (HxWx3 uint8 tensor, any device) carrying ``watermark_id``: watermark.embed_watermark's
     mark, within 1 grey level of it, including its replacement of an earlier mark (re-marking).
@@ -381,7 +371,7 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
         if samples is not None:
             small.append(samples)
         pending.append((position, period, samples is not None))
-    host = iter(_host_copies(small))
+    host = iter(to_host(small))
     for position, period, has_samples in pending:
         amplitude = _capped(_amplitude_from_detail(next(host)), strength)
         earlier = _earlier_mark_from(next(host), period) if has_samples else None
@@ -475,7 +465,7 @@ def encode_jpegs_torch(images: list[torch.Tensor], qualities: list[int],
                 streams.extend(encode(planes, quality=quality))  # torchvision >= 0.20 batches a list on CUDA
             except (TypeError, RuntimeError):
                 streams.extend(encode(plane, quality=quality) for plane in planes)
-        for position, stream in zip(positions, _host_copies(streams)):
+        for position, stream in zip(positions, to_host(streams)):
             jpeg = stream.tobytes()
             encoded[position] = insert_jpeg_xmp(jpeg, xmps[position]) if xmps[position] else jpeg
     return encoded  # type: ignore[return-value]

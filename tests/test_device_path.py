@@ -94,8 +94,10 @@ def test_crops_of_several_images_at_once_match_opencv(group):
 def test_host_and_device_copies_keep_every_pixel():
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((5, 7, 3), (40, 3, 3), (1, 1, 3))]
+    images.insert(1, rng.normal(size=(4, 4)).astype(np.float32))  # other dtypes ride along in their own buffer
+    images.append(rng.integers(-5, 5, (3, 2), dtype=np.int32))
     arrays = to_host([torch.from_numpy(image) for image in images])
-    assert [a.shape for a in arrays] == [i.shape for i in images]
+    assert [(a.shape, a.dtype) for a in arrays] == [(i.shape, i.dtype) for i in images]
     assert all(np.array_equal(a, i) for a, i in zip(arrays, images))
     assert to_host([]) == []
     read_only = images[0].copy()
