@@ -152,7 +152,7 @@ def composing_inputs(source: bytes, target: bytes, folder: Path) -> dict[str, Pa
     inputs = network_inputs([prepared])
     outputs = engine.runtime.run(inputs)
     post = {name: outputs[name] for name in OUTPUT_NAMES}
-    post["TARGET_PIXELS"] = bytes_tensor([prepared.target_rgb.tobytes()])
+    post["TARGET_RGB"] = prepared.target_rgb[None]
     post["TARGET_MATRIX"] = prepared.target_matrix[None].astype(np.float32)
     post["PRE_METADATA"] = bytes_tensor([json_bytes(prepared.metadata)])
     post["OPTIONS"] = bytes_tensor([b"{}"])

@@ -326,6 +326,29 @@ def _host(image: Any) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else image.contiguous().cpu().numpy()
 
 
+def stack_images(images: list[np.ndarray]) -> np.ndarray:
+    """HxWx3 uint8 images as one (N, H, W, 3) array, zero-padded at the bottom and right to the largest height and
+    width when they differ (preprocess's TARGET_RGB; ``unpad_image`` takes each back out)."""
+    height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
+    if all(image.shape[:2] == (height, width) for image in images):
+        return np.stack(images)
+    stacked = np.zeros((len(images), height, width, 3), np.uint8)
+    for slot, image in zip(stacked, images):
+        slot[:image.shape[0], :image.shape[1]] = image
+    return stacked
+
+
+def unpad_image(padded: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The height x width image at the top left of one row of ``stack_images``' output; ValueError when the row is
+    not an HxWx3 uint8 array at least that large (postprocess's inputs can come from any client)."""
+    if padded.dtype != np.uint8 or padded.ndim != 3 or padded.shape[2] != 3:
+        raise ValueError(f"TARGET_RGB must be HxWx3 uint8, got {padded.dtype} {tuple(padded.shape)}")
+    if not (0 < height <= padded.shape[0] and 0 < width <= padded.shape[1]):
+        raise ValueError(f"TARGET_RGB is {padded.shape[1]}x{padded.shape[0]}, smaller than the target's "
+                         f"{width}x{height} in PRE_METADATA")
+    return padded[:height, :width]
+
+
 def crop_footprint(target_matrix: np.ndarray, size: int, width: int,
                    height: int) -> tuple[int, int, int, int] | None:
     """(x1, y1, x2, y2): the bounding box, one pixel of margin, clipped to the image, of where a size x size crop

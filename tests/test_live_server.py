@@ -228,6 +228,36 @@ def test_one_bad_request_among_concurrent_ones_fails_alone(triton_server, protoc
             assert len(result.image) > 10_000
 
 
+def test_one_request_of_two_rows_with_targets_of_different_sizes(triton_server, hanks_png, group_jpg):
+    """Rows of one request travel together: preprocess pads their targets to one TARGET_RGB tensor, postprocess
+    cuts each back to its own size."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"localhost:{triton_server['ports'].grpc}")
+    rows = [(hanks_png, group_jpg), (group_jpg, hanks_png)]
+    inputs = []
+    for position, name in enumerate(("SOURCE_IMAGE", "TARGET_IMAGE")):
+        tensor = grpcclient.InferInput(name, [2, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[row[position]] for row in rows], dtype=object))
+        inputs.append(tensor)
+    options = grpcclient.InferInput("OPTIONS", [2, 1], "BYTES")
+    options.set_data_from_numpy(np.array([[b"{}"], [b"{}"]], dtype=object))
+    inputs.append(options)
+    for name in ("FACE_DEGREE", "PROFILE_DEGREE"):
+        tensor = grpcclient.InferInput(name, [2, 1], "FP32")
+        tensor.set_data_from_numpy(np.full((2, 1), 100.0, dtype=np.float32))
+        inputs.append(tensor)
+    result = client.infer("face_fusion", inputs)
+    images = result.as_numpy("FUSED_IMAGE").reshape(-1)
+    targets = [decode_image(target) for _, target in rows]
+    for image, target in zip(images, targets):
+        fused = decode_image(bytes(image))
+        assert fused.shape == target.shape
+        assert extract_watermark(fused).watermark_id is not None
+        # Outside the face the target comes back (up to JPEG): no padding or another row's pixels leak in.
+        assert abs(float(fused[:8, :8].mean()) - float(target[:8, :8].mean())) < 12
+
+
 def test_zz_server_is_still_ready_and_no_stub_died(triton_server):
     for protocol in PROTOCOLS:
         with make_client(triton_server, protocol) as fusion_client:

@@ -13,7 +13,7 @@ from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import decode_image
 from facefuse.network import INPUT_SHAPES
-from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
+from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor, stack_images, unpad_image
 from facefuse.watermark import extract_watermark
 from tests.conftest import encode
 
@@ -80,3 +80,19 @@ def test_local_pipeline_end_to_end(hanks_png, group_jpg):
     assert extract_watermark(fused).watermark_id == "0000000000001234"
     assert json.dumps(metadata)  # serialisable
     assert metadata["timings_ms"]["fusion"] > 0
+
+
+def test_targets_of_a_request_stack_padded_and_come_back_exactly():
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 60, 3), (55, 30, 3), (40, 60, 3))]
+    stacked = stack_images(images)
+    assert stacked.shape == (3, 55, 60, 3) and stacked.dtype == np.uint8
+    for row, image in zip(stacked, images):
+        assert np.array_equal(unpad_image(row, *image.shape[:2]), image)
+    assert not stacked[0, 40:].any() and not stacked[1, :, 30:].any()  # the padding is black
+    same = stack_images(images[::2])
+    assert same.shape == (2, 40, 60, 3)
+    with pytest.raises(ValueError, match="smaller than the target"):
+        unpad_image(stacked[0], 56, 60)
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        unpad_image(stacked[0].astype(np.float32), 10, 10)

@@ -19,7 +19,6 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
         sys.path.insert(0, _path)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
@@ -27,7 +26,7 @@ from facefuse.device_imaging import image_to_device  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
-from facefuse.pipeline import finish  # noqa: E402
+from facefuse.pipeline import finish, unpad_image  # noqa: E402
 from facefuse.postprocess_torch import FinishRow, finish_torch_batch  # noqa: E402
 from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes, limit_threads, model_parameters  # noqa: E402,E501
 
@@ -97,13 +96,13 @@ class TritonPythonModel:
         """The request's rows (targets on the postprocess device), or the exception that fails the request."""
         try:
             tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in
-                       ("FUSED_CROP", "BLEND_MASK", "TARGET_PIXELS", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
+                       ("FUSED_CROP", "BLEND_MASK", "TARGET_RGB", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
             rows = []
             for row in range(len(tensors["FUSED_CROP"])):
                 metadata = json.loads(bytes_rows(tensors["PRE_METADATA"][row])[0])
                 options = parse_options(bytes_rows(tensors["OPTIONS"][row])[0])
-                shape = (metadata["target"]["height"], metadata["target"]["width"], 3)
-                target_rgb = np.frombuffer(bytes_rows(tensors["TARGET_PIXELS"][row])[0], np.uint8).reshape(shape)
+                target_rgb = unpad_image(tensors["TARGET_RGB"][row], metadata["target"]["height"],
+                                         metadata["target"]["width"])
                 if self.device is not None:  # the 6 MB target goes up once; only the JPEG comes back
                     target_rgb = image_to_device(target_rgb, self.device)
                 rows.append(FinishRow(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],

@@ -29,7 +29,13 @@ from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
-from facefuse.pipeline import MIN_EYE_DISTANCE, SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preprocessor  # noqa: E402,E501
+from facefuse.pipeline import (  # noqa: E402
+    MIN_EYE_DISTANCE,
+    SERVICE_DETECTOR_MAX_SIDE,
+    FusionRequest,
+    Preprocessor,
+    stack_images,
+)
 from facefuse.triton_glue import (  # noqa: E402,E501
     bytes_rows,
     bytes_tensor,
@@ -111,7 +117,7 @@ class TritonPythonModel:
         tensors["CHECKED_FACE_DEGREE"] = np.stack([result.network_inputs["FACE_DEGREE"] for result in results])
         tensors["CHECKED_PROFILE_DEGREE"] = np.stack([result.network_inputs["PROFILE_DEGREE"] for result in results])
         tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
-        tensors["TARGET_PIXELS"] = bytes_tensor([result.target_rgb.tobytes() for result in results])
+        tensors["TARGET_RGB"] = stack_images([result.target_rgb for result in results])
         tensors["PRE_METADATA"] = bytes_tensor([json_bytes(result.metadata) for result in results])
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
 
