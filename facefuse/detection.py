@@ -5,10 +5,12 @@ The network definitions are our own; only the pretrained weights come from the `
 ``__init__`` imports torchvision, which must not be installed beside this torch.
 
 Two image paths, one algorithm. On the CPU the pyramid and the R-/O-Net crops are made with OpenCV/numpy (fastest
-there). On CUDA (or when asked for, e.g. by the parity tests) they are made on the device: the pyramid with
-``F.interpolate``, the crops with ``grid_sample``, and P-Net's candidates of a whole batch reach the host in one
-copy; only the small box arrays and the NMS stay on the host. The two paths agree to about a pixel (OpenCV's
-fixed-point bilinear vs float); each is deterministic for a given device.
+there). On CUDA (or when asked for, e.g. by the parity tests) they are made on the device: images of one size are
+batched, with one pyramid (``F.interpolate``) and one P-Net pass per level for the batch, every R-/O-Net crop comes
+from one gather (grid_sample's bilinear sampling), and P-Net's candidates of a whole call reach the host in one
+copy; only the small box arrays and the NMS stay on the host. The NMS runs for all images and levels at once
+(``nms_grouped``; P-Net's windows through their grid neighbours, ``_grid_nms``), with the textbook result. The two
+paths agree to about a pixel (OpenCV's fixed-point bilinear vs float); each is deterministic for a given device.
 """
 
 from __future__ import annotations
