@@ -32,7 +32,6 @@ import torch
 from evaluation import dlib_models
 from evaluation.baseline import classic_fuse
 from evaluation.metrics import identity_distances, intended_landmarks, landmark_error, seam_metrics
-from facefuse.detection import FaceDetector
 from facefuse.engine import FUSION_MODEL_DIR, LocalFusion
 from facefuse.errors import FusionError
 from facefuse.imaging import decode_image
@@ -484,7 +483,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     runtime_choice = args.runtime or default_runtime()
     started = time.perf_counter()
     engine = LocalFusion(runtime=runtime_choice)
-    faces = load_faces(FaceDetector().detect)
+    # The service's own detector: face indices are its order (largest first), which depends on its settings (at
+    # 640 and 1280 px two faces of t1.jpg of nearly equal size swap places).
+    faces = load_faces(engine.preprocessor.detector.detect)
     pairs = [(s, t) for s in faces for t in faces if s is not t]
     if args.limit_pairs is not None:
         pairs = pairs[:max(0, args.limit_pairs)]
