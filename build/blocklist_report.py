@@ -35,6 +35,7 @@ from facefuse.alignment import estimate_similarity, transform_points
 from facefuse.blocklist import DEFAULT_THRESHOLD
 from facefuse.detection import DetectedFace, FaceDetector
 from facefuse.imaging import decode_image
+from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE
 from facefuse.samples import sample_image_path
 
 AUGMENTATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
@@ -119,7 +120,7 @@ class Sample:
 
 def people_photos(margin: float) -> dict[str, np.ndarray]:
     """One photo per person: each face of t1.jpg cut out with `margin` x its box around it, and Tom Hanks."""
-    detector = FaceDetector()
+    detector = FaceDetector(max_side=SERVICE_DETECTOR_MAX_SIDE)  # the service's detector settings
     group = decode_image(sample_image_path("t1.jpg").read_bytes())
     height, width = group.shape[:2]
     photos = {}
@@ -165,7 +166,7 @@ def dlib_own_descriptor(rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
 
 
 def collect(margin: float) -> tuple[list[Sample], float]:
-    detector = FaceDetector()
+    detector = FaceDetector(max_side=SERVICE_DETECTOR_MAX_SIDE)  # the service's detector settings
     samples, service_seconds = [], []
     for person, photo in people_photos(margin).items():
         for name, augment in AUGMENTATIONS.items():

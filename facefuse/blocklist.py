@@ -146,8 +146,10 @@ def build_blocklist(paths: Sequence[Path], detector: FaceDetector | None = None,
     from facefuse import identity
     from facefuse.detection import FaceDetector
     from facefuse.imaging import decode_image
+    from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE
 
-    detector = detector or FaceDetector()
+    # Enrol faces as the service will see them (the same detector settings, so the same boxes).
+    detector = detector or FaceDetector(max_side=SERVICE_DETECTOR_MAX_SIDE)
     names: list[str] = []
     descriptors: list[np.ndarray] = []
     problems: list[str] = []
