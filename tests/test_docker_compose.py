@@ -257,7 +257,11 @@ def test_server_requirements_are_pinned() -> None:
         pins[name.lower()] = version
     assert int(pins["numpy"].split(".")[0]) < 2, "numpy 2.x silently empties Python-backend outputs"
     assert pins["opencv-python-headless"] == "4.10.0.84"
-    assert {"pillow", "torch"} <= set(pins)
+    assert {"pillow", "torch", "torchvision"} <= set(pins)
+    # torchvision wheels require one torch release exactly (0.20.x <-> 2.5.x, 0.21.x <-> 2.6.x, ...): a mismatch would
+    # fail the image build or the nvJPEG import.
+    torch_minor, vision_minor = int(pins["torch"].split(".")[1]), int(pins["torchvision"].split(".")[1])
+    assert pins["torch"].startswith("2.") and vision_minor == torch_minor + 15, (pins["torch"], pins["torchvision"])
     instructions = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
     assert "requirements-server.txt" in instructions
     assert re.search(r"--no-deps\s+facenet-pytorch==2\.6\.0", instructions)
