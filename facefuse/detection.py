@@ -511,16 +511,21 @@ class FaceDetector:
 
     # -- preparation ------------------------------------------------------------------------------------------
 
+    def _working_size(self, h: int, w: int) -> tuple[int, int] | None:
+        """(w, h) of the working image for an h x w photo, None when it is used as it is. Bounds the cost on huge
+        photos: the pyramid's work grows with pixel count."""
+        if max(h, w) <= self.max_side:
+            return None
+        ratio = self.max_side / max(h, w)
+        return max(1, round(w * ratio)), max(1, round(h * ratio))
+
     def _prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         _check_rgb(rgb)
         h, w = rgb.shape[:2]
-        if max(h, w) <= self.max_side:
+        size = self._working_size(h, w)
+        if size is None:
             return np.ascontiguousarray(rgb), (1.0, 1.0)
-        # Bound the cost on huge photos: the pyramid's work grows with pixel count.
-        ratio = self.max_side / max(h, w)
-        size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
-        small = _shrink(rgb, size)
-        return small, (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
+        return _shrink(rgb, size), (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
 
     def _prepare_groups(self, images: list[np.ndarray | torch.Tensor]) -> tuple[list[_TensorPyramid],
                                                                                 list[tuple[float, float]]]:
@@ -533,17 +538,17 @@ class FaceDetector:
             by_size.setdefault(tuple(rgb.shape[:2]), []).append(idx)
         groups, back_scales = [], [(1.0, 1.0)] * len(images)
         for (h, w), members in by_size.items():
-            ratio = min(1.0, self.max_side / max(h, w))
+            size = self._working_size(h, w)
             # Bound both the float copies of the decoded images and the batched P-Net activations.
-            per_pass = max(1, min(_MAX_DEVICE_PIXELS // (h * w), _MAX_PNET_PIXELS // math.ceil(h * w * ratio * ratio)))
+            working_pixels = h * w if size is None else size[0] * size[1]
+            per_pass = max(1, min(_MAX_DEVICE_PIXELS // (h * w), _MAX_PNET_PIXELS // working_pixels))
             for first in range(0, len(members), per_pass):
                 chunk = members[first:first + per_pass]
                 pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i]))
                                       if isinstance(images[i], np.ndarray) else images[i] for i in chunk])
                 work = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
                 scale = (1.0, 1.0)
-                if ratio < 1.0:  # as _prepare: bound the cost on huge photos
-                    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+                if size is not None:
                     work, scale = _shrink_tensor(work, size), (size[0] / w, size[1] / h)
                 pyramid = self._pyramid(work)
                 pyramid.images = chunk
@@ -620,9 +625,7 @@ class FaceDetector:
                     continue
                 score = prob[0][mask].float().cpu().numpy().astype(np.float64)
                 reg = offsets[0].permute(1, 2, 0)[mask].float().cpu().numpy().astype(np.float64)
-                x1 = rows_cols[:, 1] * (_PNET_STRIDE / sx)
-                y1 = rows_cols[:, 0] * (_PNET_STRIDE / sy)
-                boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
+                boxes = _window_boxes(rows_cols[:, 0], rows_cols[:, 1], sx, sy)
                 windows.append((np.full(len(boxes), idx), np.full(len(boxes), number), rows_cols, boxes, score, reg))
         return _pnet_proposals(*(np.concatenate(parts) for parts in zip(*windows))) if windows else _no_proposals()
 
@@ -639,7 +642,8 @@ class FaceDetector:
                 prob, offsets = self.pnet(level.sub(127.5).mul_(0.0078125))
                 mask = prob >= self.thresholds[0]
                 where = mask.nonzero()  # (n, 3): batch index, row, column
-                columns = [images[where[:, 0]], torch.full_like(images[where[:, 0]], len(level_scales)),
+                image_numbers = images[where[:, 0]]
+                columns = [image_numbers, torch.full_like(image_numbers, len(level_scales)),
                            where[:, 1:].double(), prob[mask].double()[:, None],
                            offsets.permute(0, 2, 3, 1)[mask].double()]
                 picked.append(torch.cat([c if c.ndim == 2 else c[:, None] for c in columns], dim=1))
@@ -649,9 +653,7 @@ class FaceDetector:
         table = torch.cat(picked).cpu().numpy()  # (n, 9): image, level run, row, column, score, 4 offsets
         level_run = table[:, 1].astype(np.int64)
         sx, sy = np.asarray(level_scales)[level_run].T
-        x1 = table[:, 3] * (_PNET_STRIDE / sx)
-        y1 = table[:, 2] * (_PNET_STRIDE / sy)
-        boxes = np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
+        boxes = _window_boxes(table[:, 2], table[:, 3], sx, sy)
         return _pnet_proposals(table[:, 0].astype(np.int64), level_run, table[:, 2:4].astype(np.int64), boxes,
                                table[:, 4], table[:, 5:9])
 
@@ -702,6 +704,14 @@ class FaceDetector:
         boxes = _regress(boxes, reg)
         keep = _nms_per_image(boxes, prob, ids, _NMS_ONET, mode="min")
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
+
+
+def _window_boxes(rows: np.ndarray, cols: np.ndarray, sx: np.ndarray | float,
+                  sy: np.ndarray | float) -> np.ndarray:
+    """Working-image boxes of P-Net output cells (row, column) at a level of per-axis scale (sx, sy)."""
+    x1 = cols * (_PNET_STRIDE / sx)
+    y1 = rows * (_PNET_STRIDE / sy)
+    return np.stack([x1, y1, x1 + _PNET_CELL / sx, y1 + _PNET_CELL / sy], axis=1)
 
 
 def _pnet_proposals(image_ids: np.ndarray, levels: np.ndarray, cells: np.ndarray, boxes: np.ndarray,
@@ -775,7 +785,9 @@ def _grid_nms(groups: np.ndarray, cells: np.ndarray, boxes: np.ndarray, scores: 
 def _levels_may_overlap(image_ids: np.ndarray, levels: np.ndarray, boxes: np.ndarray, threshold: float) -> bool:
     """False when no two windows of different levels of one image can have an IoU above ``threshold``: an IoU is
     at most the ratio of the smaller area to the larger, and pyramid levels 0.709 apart make windows ~2x apart in
-    area. (Windows of one level were already thinned to IoU <= 0.5 < threshold.)"""
+    area. (Windows of one level were already thinned to IoU <= 0.5; a threshold not above that proves nothing.)"""
+    if threshold <= _NMS_PNET_SCALE:
+        return True
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     _, first_of_group = np.unique(image_ids * (int(levels.max()) + 1) + levels, return_index=True)
     image, area = image_ids[first_of_group], areas[first_of_group]
