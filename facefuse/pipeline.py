@@ -217,10 +217,10 @@ class Preprocessor:
         meshes, presence = self.mesh.landmarks_and_presence(crops)
         mesh_ms = round(_elapsed_ms(started) / len(prepared), 2)
         started = time.perf_counter()
-        device = self.detector.device if self.detector.device.type == "cuda" else None
         # Every row's spline systems in one batched solve (on the GPU when the detector runs there).
+        device = str(self.detector.device) if self.detector.device.type == "cuda" else None
         geometry = fusion_geometry_batch(meshes[0::2], meshes[1::2], [row.profile_degree for row in prepared],
-                                         device=None if device is None else str(device))
+                                         device=device)
         geometry_ms = round(_elapsed_ms(started) / len(prepared), 2)
         for position, row in enumerate(prepared):
             row.network_inputs = {
@@ -288,7 +288,11 @@ class Preprocessor:
                     image_index.append(images[id(image)])
                     matrices.append(matrix)
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
-            cut, *targets = to_host([cut, *(plans[row].target_rgb for row in rows)])
+            # A target shared by rows (a template) comes to the host once; sources never do.
+            unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}
+            cut, *host_targets = to_host([cut, *unique_targets.values()])
+            by_id = dict(zip(unique_targets, host_targets))
+            targets = [by_id[id(plans[row].target_rgb)] for row in rows]
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
         align_ms = round(_elapsed_ms(started) / len(rows), 2)
         prepared = {}
@@ -329,6 +333,8 @@ def _host(image: Any) -> np.ndarray:
 def stack_images(images: list[np.ndarray]) -> np.ndarray:
     """HxWx3 uint8 images as one (N, H, W, 3) array, zero-padded at the bottom and right to the largest height and
     width when they differ (preprocess's TARGET_RGB; ``unpad_image`` takes each back out)."""
+    if len(images) == 1:  # the usual request: no copy here (the tensor is copied into shared memory anyway)
+        return np.ascontiguousarray(images[0])[None]
     height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
     if all(image.shape[:2] == (height, width) for image in images):
         return np.stack(images)

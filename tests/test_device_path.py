@@ -239,3 +239,4 @@ def test_preprocessor_device_path_matches_host_path(host_detector, device_detect
         assert np.abs(corners @ np.linalg.pinv(np.vstack([a.target_matrix, [0, 0, 1]]))[:2].T -
                       corners @ np.linalg.pinv(np.vstack([b.target_matrix, [0, 0, 1]]))[:2].T).max() < 25
     assert [getattr(result, "code", None) for result in device[2:]] == [errors.INVALID_IMAGE, errors.INVALID_DEGREE]
+    assert device[0].target_rgb is device[1].target_rgb  # rows sharing a target (a template) copy it down once
