@@ -7,7 +7,8 @@ sampling grid (tensor ops), so the network stays free of linear solves and expor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -34,9 +35,11 @@ OUTLINE_POINTS = len(FACE_OVAL)
 TPS_REGULARISATION = 1e-3
 
 
-def tps_kernel(distance_squared: np.ndarray) -> np.ndarray:
-    """U(r) = r^2 log r, written on r^2 (0 at r = 0)."""
-    return 0.5 * distance_squared * np.log(np.maximum(distance_squared, 1e-12))
+def tps_kernel(distance_squared: Any) -> Any:
+    """U(r) = r^2 log r, written on r^2 (0 at r = 0); a numpy array or a torch tensor."""
+    clipped = distance_squared.clip(1e-12)
+    logs = np.log(clipped) if isinstance(clipped, np.ndarray) else clipped.log()
+    return 0.5 * distance_squared * logs
 
 
 def fit_tps(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS_REGULARISATION) -> np.ndarray:
@@ -49,43 +52,43 @@ def fit_tps_batch(centres: np.ndarray, values: np.ndarray, regularisation: float
                   device: str | None = None) -> np.ndarray:
     """``fit_tps`` for a batch: (B,K,2) centres and (B,K,D) values -> (B,K+3,D), one batched solve; on a CUDA
     ``device`` the systems are built and solved there (float64 too: the same result to ~1e-12)."""
-    scale = 1.0 / CROP_SIZE
-    points = np.asarray(centres, np.float64) * scale
-    batch, count = points.shape[:2]
-    if device is not None and str(device).startswith("cuda"):
-        return _fit_tps_torch(points, np.asarray(values, np.float64), regularisation, device)
-    # x and y apart: a sum over a last axis of 2 is slow in numpy, and this is the same arithmetic.
-    dx = points[:, :, None, 0] - points[:, None, :, 0]
-    dy = points[:, :, None, 1] - points[:, None, :, 1]
-    system = np.zeros((batch, count + 3, count + 3))
-    system[:, :count, :count] = tps_kernel(dx * dx + dy * dy) + regularisation * np.eye(count)
-    system[:, :count, count] = 1.0
-    system[:, :count, count + 1:] = points
-    system[:, count, :count] = 1.0
-    system[:, count + 1:, :count] = points.transpose(0, 2, 1)
-    rhs = np.zeros((batch, count + 3, values.shape[2]))
-    rhs[:, :count] = np.asarray(values, np.float64)
-    return np.linalg.solve(system, rhs)
+    points = np.asarray(centres, np.float64) * (1.0 / CROP_SIZE)
+    values = np.asarray(values, np.float64)
+    if device is None or not str(device).startswith("cuda"):
+        return np.linalg.solve(*_tps_system(points, values, regularisation, np.zeros))
+    return _fit_tps_torch(points, values, regularisation, device)
 
 
 def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float, device: str) -> np.ndarray:
+    """The same systems built and solved with torch on ``device`` (unit-scaled points)."""
     import torch
 
-    pts = torch.as_tensor(points, device=device)
-    batch, count = pts.shape[:2]
-    dx = pts[:, :, None, 0] - pts[:, None, :, 0]
-    dy = pts[:, :, None, 1] - pts[:, None, :, 1]
-    distance_squared = dx * dx + dy * dy
-    kernel = 0.5 * distance_squared * torch.log(torch.clamp(distance_squared, min=1e-12))
-    system = torch.zeros((batch, count + 3, count + 3), dtype=torch.float64, device=device)
-    system[:, :count, :count] = kernel + regularisation * torch.eye(count, dtype=torch.float64, device=device)
-    system[:, :count, count] = 1.0
-    system[:, :count, count + 1:] = pts
-    system[:, count, :count] = 1.0
-    system[:, count + 1:, :count] = pts.transpose(1, 2)
-    rhs = torch.zeros((batch, count + 3, values.shape[2]), dtype=torch.float64, device=device)
-    rhs[:, :count] = torch.as_tensor(values, device=device)
+    def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=device)
+
+    system, rhs = _tps_system(torch.as_tensor(points, device=device), torch.as_tensor(values, device=device),
+                              regularisation, zeros)
     return torch.linalg.solve(system, rhs).cpu().numpy()
+
+
+def _tps_system(points: Any, values: Any, regularisation: float, zeros: Callable[[tuple[int, ...]], Any]) -> tuple:
+    """The (B,K+3,K+3) TPS systems and (B,K+3,D) right-hand sides for unit-scaled (B,K,2) points, as numpy arrays
+    or torch tensors (``zeros`` makes them)."""
+    batch, count = points.shape[:2]
+    # x and y apart: a sum over a last axis of 2 is slow in numpy, and this is the same arithmetic.
+    dx = points[:, :, None, 0] - points[:, None, :, 0]
+    dy = points[:, :, None, 1] - points[:, None, :, 1]
+    system = zeros((batch, count + 3, count + 3))
+    system[:, :count, :count] = tps_kernel(dx * dx + dy * dy)
+    diagonal = list(range(count))
+    system[:, diagonal, diagonal] += regularisation
+    system[:, :count, count] = 1.0
+    system[:, :count, count + 1:] = points
+    system[:, count, :count] = 1.0
+    system[:, count + 1:, :count] = points.swapaxes(1, 2)
+    rhs = zeros((batch, count + 3, values.shape[2]))
+    rhs[:, :count] = values
+    return system, rhs
 
 
 def evaluate_tps(centres: np.ndarray, coefficients: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefuse.alignment import CROP_SIZE
-from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS, fusion_geometry, synthetic_mesh
+from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS, fusion_geometry, synthetic_mesh, tps_kernel
 
 # Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -168,7 +168,7 @@ class FusionNetwork(nn.Module):
         points = self.coarse_points.expand(centres.shape[0], -1, -1)
         distance_squared = ((points**2).sum(-1, keepdim=True) + (centres**2).sum(-1)[:, None, :]
                             - 2.0 * torch.matmul(points, centres.transpose(1, 2)))
-        kernel = 0.5 * distance_squared * torch.log(torch.clamp(distance_squared, min=1e-12))
+        kernel = tps_kernel(distance_squared)
         count = control_points.shape[1]
         mapped = torch.matmul(kernel, coefficients[:, :count]) + coefficients[:, count:count + 1]
         mapped = mapped + torch.matmul(points, coefficients[:, count + 1:count + 3])
