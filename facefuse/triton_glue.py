@@ -72,3 +72,20 @@ def limit_threads(parameters: dict[str, str], default: int = 2) -> int:
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     return threads
+
+
+def instance_device(requested: str, args: dict[str, Any]) -> str:
+    """The torch device a model instance works on: ``requested`` ("cpu", "cuda", "cuda:N") as it is, or for "auto"
+    the GPU when PyTorch sees one (a KIND_GPU instance's own GPU, made the current device, so several GPUs each get
+    their own work) else "cpu"."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if args.get("model_instance_kind") != "GPU":
+        return "cuda"
+    device = f"cuda:{int(args['model_instance_device_id'])}"
+    torch.cuda.set_device(device)
+    return device

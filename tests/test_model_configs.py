@@ -97,3 +97,14 @@ def test_preprocess_limits_are_parameters():
                   .parameters.items()}
     for key in ("max_image_bytes", "max_image_pixels", "max_image_side", "min_image_side", "min_face_eye_distance"):
         assert float(parameters[key]) > 0, key
+
+
+def test_instance_device_resolves_auto_and_keeps_explicit_choices():
+    import torch
+
+    from facefuse.triton_glue import instance_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert instance_device("auto", {"model_instance_kind": "CPU"}) == expected
+    assert instance_device("cpu", {"model_instance_kind": "GPU", "model_instance_device_id": "1"}) == "cpu"
+    assert instance_device("cuda:3", {}) == "cuda:3"

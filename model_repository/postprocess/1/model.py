@@ -28,7 +28,15 @@ from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # no
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish, unpad_image  # noqa: E402
 from facefuse.postprocess_torch import FinishRow, finish_torch_batch  # noqa: E402
-from facefuse.triton_glue import bytes_rows, bytes_tensor, error_response, json_bytes, limit_threads, model_parameters  # noqa: E402,E501
+from facefuse.triton_glue import (  # noqa: E402
+    bytes_rows,
+    bytes_tensor,
+    error_response,
+    instance_device,
+    json_bytes,
+    limit_threads,
+    model_parameters,
+)
 
 
 class TritonPythonModel:
@@ -44,11 +52,7 @@ class TritonPythonModel:
         validate_label(self.label_text, self.label_position)
         # "auto": paste, watermark and JPEG encode on the GPU (facefuse.postprocess_torch, nvJPEG) when PyTorch sees
         # one; on CPU-only hosts OpenCV (pipeline.finish) is about 2x faster than torch.
-        device = parameters.get("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            if device == "cuda" and args.get("model_instance_kind") == "GPU":
-                device = f"cuda:{int(args['model_instance_device_id'])}"
+        device = instance_device(parameters.get("device", "auto"), args)
         self.device = None
         if device != "cpu":
             self.device = torch.device(device)

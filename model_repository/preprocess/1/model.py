@@ -41,6 +41,7 @@ from facefuse.triton_glue import (  # noqa: E402,E501
     bytes_tensor,
     error_response,
     guarded,
+    instance_device,
     json_bytes,
     limit_threads,
     model_parameters,
@@ -55,15 +56,7 @@ class TritonPythonModel:
         parameters = model_parameters(json.loads(args["model_config"]))
         limit_threads(parameters)
         keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
-        device = parameters.get("detector_device", "auto")
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            if device == "cuda" and args.get("model_instance_kind") == "GPU":
-                # A KIND_GPU instance group names its GPU: several GPUs each get their own detector.
-                device = f"cuda:{int(args['model_instance_device_id'])}"
-                torch.cuda.set_device(device)
+        device = instance_device(parameters.get("detector_device", "auto"), args)
         limits = ImageLimits(max_bytes=int(parameters.get("max_image_bytes", ImageLimits.max_bytes)),
                              max_pixels=int(parameters.get("max_image_pixels", ImageLimits.max_pixels)),
                              max_side=int(parameters.get("max_image_side", ImageLimits.max_side)),
