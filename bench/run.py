@@ -77,18 +77,19 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
                 "--stability-percentage", str(stability), "--max-trials", "6", "-f", str(out_csv), "--verbose-csv"]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     measurement = f"{measurement_ms} ms windows, stability {stability}%"
+    wide = max(100, 2 * stability)
     if result.returncode != 0 and _unstable(result):
         # Python-backend throughput wobbles (more so with several instances and GPU batches); accept a wider band
         # (the figures are still the mean of the last three windows) rather than report nothing.
-        command[command.index("--stability-percentage") + 1] = str(max(100, 2 * stability))
+        command[command.index("--stability-percentage") + 1] = str(wide)
         command[command.index("--max-trials") + 1] = "10"
-        measurement = f"{measurement_ms} ms windows, stability {max(100, 2 * stability)}%"
+        measurement = f"{measurement_ms} ms windows, stability {wide}%"
         result = subprocess.run(command + ["-v"], capture_output=True, text=True, env=env)  # -v: every pass
     if result.returncode != 0 and _unstable(result):
         # Still unstable: batches of a slow model make short time windows lumpy. Windows of a fixed number of
         # requests (several batches each) average that out.
         requests = max(64, 8 * concurrency)
-        measurement = f"{requests}-request windows, stability {max(100, 2 * stability)}%"
+        measurement = f"{requests}-request windows, stability {wide}%"
         result = subprocess.run(command + ["-v", "--measurement-mode", "count_windows",
                                            "--measurement-request-count", str(requests)],
                                 capture_output=True, text=True, env=env)
