@@ -82,7 +82,7 @@ class PreparedFusion:
     face_degree: float
     profile_degree: float
     target_matrix: np.ndarray  # (2, 3) float32, target image pixels -> crop pixels
-    target_rgb: np.ndarray  # (H, W, 3) uint8, orientation-corrected
+    target_rgb: Any  # (H, W, 3) uint8, orientation-corrected: a host array, or a device tensor (targets_on_device)
     metadata: dict[str, Any] = field(default_factory=dict)
     network_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # per row, no batch axis; see network.py
 
@@ -111,7 +111,8 @@ class Preprocessor:
 
     def __init__(self, detector: FaceDetector, mesh: FaceMesh, limits: ImageLimits | None = None,
                  crop_size: int = CROP_SIZE, min_eye_distance: float = MIN_EYE_DISTANCE,
-                 consent: ConsentPolicy | None = None, identity_guard: IdentityGuard | None = None):
+                 consent: ConsentPolicy | None = None, identity_guard: IdentityGuard | None = None,
+                 targets_on_device: bool = False):
         self.detector = detector
         self.mesh = mesh
         self.limits = limits or ImageLimits()
@@ -119,6 +120,9 @@ class Preprocessor:
         self.min_eye_distance = float(min_eye_distance)  # FACE_TOO_SMALL below this (preprocess parameter)
         self.consent = consent or ConsentPolicy()  # preprocess parameter `consent` (CONSENT_REQUIRED)
         self.identity_guard = identity_guard  # preprocess parameter `blocklist_path` (BLOCKED_IDENTITY); None = off
+        # On the GPU path, PreparedFusion.target_rgb stays a device tensor (handed to postprocess through DLPack)
+        # instead of coming to the host; ignored on the host path.
+        self.targets_on_device = targets_on_device
 
     def warm_up(self) -> None:
         """Run the detector and the mesh once, so the first request does not pay for kernel selection and
@@ -288,11 +292,14 @@ class Preprocessor:
                     image_index.append(images[id(image)])
                     matrices.append(matrix)
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
-            # A target shared by rows (a template) comes to the host once; sources never do.
-            unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}
-            cut, *host_targets = to_host([cut, *unique_targets.values()])
-            by_id = dict(zip(unique_targets, host_targets))
-            targets = [by_id[id(plans[row].target_rgb)] for row in rows]
+            if self.targets_on_device:
+                (cut,) = to_host([cut])
+                targets = [plans[row].target_rgb for row in rows]
+            else:  # a target shared by rows (a template) comes to the host once; sources never do
+                unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}
+                cut, *host_targets = to_host([cut, *unique_targets.values()])
+                by_id = dict(zip(unique_targets, host_targets))
+                targets = [by_id[id(plans[row].target_rgb)] for row in rows]
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
         align_ms = round(_elapsed_ms(started) / len(rows), 2)
         prepared = {}
@@ -330,9 +337,20 @@ def _host(image: Any) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else image.contiguous().cpu().numpy()
 
 
-def stack_images(images: list[np.ndarray]) -> np.ndarray:
-    """HxWx3 uint8 images as one (N, H, W, 3) array, zero-padded at the bottom and right to the largest height and
-    width when they differ (preprocess's TARGET_RGB; ``unpad_image`` takes each back out)."""
+def stack_images(images: list[Any]) -> Any:
+    """HxWx3 uint8 images (host arrays, or tensors of one device) as one (N, H, W, 3) array or tensor, zero-padded
+    at the bottom and right to the largest height and width when they differ (preprocess's TARGET_RGB;
+    ``unpad_image`` takes each back out)."""
+    if not isinstance(images[0], np.ndarray):  # device tensors: the padded batch is built on their device
+        import torch
+
+        if len(images) == 1:
+            return images[0].contiguous()[None]
+        height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
+        stacked = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=images[0].device)
+        for slot, image in zip(stacked, images):
+            slot[:image.shape[0], :image.shape[1]] = image
+        return stacked
     if len(images) == 1:  # the usual request: no copy here (the tensor is copied into shared memory anyway)
         return np.ascontiguousarray(images[0])[None]
     height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
@@ -344,11 +362,13 @@ def stack_images(images: list[np.ndarray]) -> np.ndarray:
     return stacked
 
 
-def unpad_image(padded: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The height x width image at the top left of one row of ``stack_images``' output; ValueError when the row is
-    not an HxWx3 uint8 array at least that large (postprocess's inputs can come from any client)."""
-    if padded.dtype != np.uint8 or padded.ndim != 3 or padded.shape[2] != 3:
-        raise ValueError(f"TARGET_RGB must be HxWx3 uint8, got {padded.dtype} {tuple(padded.shape)}")
+def unpad_image(padded: Any, height: int, width: int) -> Any:
+    """The height x width image at the top left of one row of ``stack_images``' output (a host array or a device
+    tensor, returned as the same kind); ValueError when the row is not an HxWx3 uint8 image at least that large
+    (postprocess's inputs can come from any client)."""
+    dtype = str(padded.dtype).removeprefix("torch.")
+    if dtype != "uint8" or padded.ndim != 3 or padded.shape[2] != 3:
+        raise ValueError(f"TARGET_RGB must be HxWx3 uint8, got {dtype} {tuple(padded.shape)}")
     if not (0 < height <= padded.shape[0] and 0 < width <= padded.shape[1]):
         raise ValueError(f"TARGET_RGB is {padded.shape[1]}x{padded.shape[0]}, smaller than the target's "
                          f"{width}x{height} in PRE_METADATA")

@@ -89,3 +89,32 @@ def instance_device(requested: str, args: dict[str, Any]) -> str:
     device = f"cuda:{int(args['model_instance_device_id'])}"
     torch.cuda.set_device(device)
     return device
+
+
+def input_value(tensor: Any) -> Any:
+    """A pb_utils input tensor as a host numpy array, or, when Triton hands it over in GPU memory (the model's
+    FORCE_CPU_ONLY_INPUT_TENSORS is "no"), as a torch CUDA tensor sharing that memory (DLPack, no copy)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    import torch.utils.dlpack
+
+    return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A numpy array, or a torch tensor (any device) copied to the host as one."""
+    return value if isinstance(value, np.ndarray) else value.contiguous().cpu().numpy()
+
+
+def output_tensor(pb_utils: Any, name: str, value: Any) -> Any:
+    """A pb_utils output tensor from a numpy array, or from a torch tensor through DLPack: a CUDA tensor stays in
+    GPU memory, so the next model of the ensemble can take it without a round trip through the host."""
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
+    import torch.utils.dlpack
+
+    if value.is_cuda:
+        # Triton copies the memory as soon as the response is sent, on its own stream: the producing kernels must
+        # have finished.
+        torch.cuda.current_stream(value.device).synchronize()
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))

@@ -240,3 +240,21 @@ def test_preprocessor_device_path_matches_host_path(host_detector, device_detect
                       corners @ np.linalg.pinv(np.vstack([b.target_matrix, [0, 0, 1]]))[:2].T).max() < 25
     assert [getattr(result, "code", None) for result in device[2:]] == [errors.INVALID_IMAGE, errors.INVALID_DEGREE]
     assert device[0].target_rgb is device[1].target_rgb  # rows sharing a target (a template) copy it down once
+
+
+def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
+    """targets_on_device (preprocess's TARGET_RGB in GPU memory, handed over through DLPack): the targets stay
+    tensors on the detector's device, the same pixels as the host copies; the crops still come to the host."""
+    source, target = benchmark_pair()
+    rows = [FusionRequest(source, target, 100.0, 50.0, b"{}"), FusionRequest(target, source, 80.0, 20.0, b"{}")]
+    mesh = FaceMesh()
+    host = Preprocessor(device_detector, mesh).prepare_batch(rows)
+    kept = Preprocessor(device_detector, mesh, targets_on_device=True).prepare_batch(rows)
+    for a, b in zip(host, kept):
+        assert isinstance(b.target_rgb, torch.Tensor) and b.target_rgb.device == device_detector.device
+        np.testing.assert_array_equal(b.target_rgb.cpu().numpy(), a.target_rgb)
+        assert isinstance(b.source_crop, np.ndarray)
+        np.testing.assert_array_equal(b.source_crop, a.source_crop)
+        np.testing.assert_array_equal(b.target_crop, a.target_crop)
+    host_only = Preprocessor(FaceDetector(max_side=640), mesh, targets_on_device=True).prepare_batch(rows[:1])
+    assert isinstance(host_only[0].target_rgb, np.ndarray)  # the host path has no device to keep them on

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from build.tensorrt import NGC_RELEASE, docker_build_command, tensorrt_image, triton_image
-from facefuse.local_server import ADMIN_HEADER, RESTRICTED_APIS
+from facefuse.local_server import ADMIN_HEADER, CUDA_POOL_BYTES, RESTRICTED_APIS, cuda_pool_args
 from gateway.render import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,18 @@ def test_command_serves_the_mounted_repository_with_gpu_configs(triton: dict) ->
     assert "--model-repository=/models" in command
     assert "--model-config-name=gpu" in command
     assert "--exit-timeout-secs=30" in command
+    # The CUDA memory pool that carries TARGET_RGB between the Python models in GPU memory: the local server's size.
+    assert f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}" in command
+
+
+def test_local_server_sizes_a_cuda_pool_for_each_visible_gpu(tmp_path) -> None:
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).touch()
+    flags = [f"--cuda-memory-pool-byte-size={n}:{CUDA_POOL_BYTES}" for n in (0, 1)]
+    assert cuda_pool_args(tmp_path, {}) == flags
+    assert cuda_pool_args(tmp_path, {"CUDA_VISIBLE_DEVICES": "3"}) == flags[:1]  # Triton numbers what it sees from 0
+    assert cuda_pool_args(tmp_path, {"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert cuda_pool_args(tmp_path / "none", {}) == []  # a CPU-only host: no flag (the pytriton binary needs none)
 
 
 def test_model_repository_volume(triton: dict) -> None:

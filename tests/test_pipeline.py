@@ -96,3 +96,25 @@ def test_targets_of_a_request_stack_padded_and_come_back_exactly():
         unpad_image(stacked[0], 56, 60)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         unpad_image(stacked[0].astype(np.float32), 10, 10)
+
+
+def test_device_targets_stack_and_unpad_as_tensors_like_arrays():
+    """The GPU handoff stacks and unpads torch tensors on their device: the same layout as the host arrays."""
+    import torch
+
+    rng = np.random.default_rng(10)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 60, 3), (55, 30, 3))]
+    tensors = [torch.from_numpy(image) for image in images]
+    stacked = stack_images(tensors)
+    assert isinstance(stacked, torch.Tensor) and stacked.dtype == torch.uint8
+    np.testing.assert_array_equal(stacked.numpy(), stack_images(images))
+    for row, image in zip(stacked, images):
+        back = unpad_image(row, *image.shape[:2])
+        assert isinstance(back, torch.Tensor)
+        np.testing.assert_array_equal(back.numpy(), image)
+    single = stack_images(tensors[:1])
+    assert tuple(single.shape) == (1, 40, 60, 3) and single.is_contiguous()
+    with pytest.raises(ValueError, match="smaller than the target"):
+        unpad_image(stacked[0], 56, 60)
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        unpad_image(stacked[0].float(), 10, 10)

@@ -32,6 +32,8 @@ from facefuse.triton_glue import (  # noqa: E402
     bytes_rows,
     bytes_tensor,
     error_response,
+    host_array,
+    input_value,
     instance_device,
     json_bytes,
     limit_threads,
@@ -99,15 +101,23 @@ class TritonPythonModel:
     def _rows(self, request):
         """The request's rows (targets on the postprocess device), or the exception that fails the request."""
         try:
-            tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in
+            # With FORCE_CPU_ONLY_INPUT_TENSORS "no", an input may arrive in GPU memory (preprocess's TARGET_RGB on a
+            # GPU host) as a torch tensor; the small ones are wanted on the host whatever their origin.
+            tensors = {name: input_value(pb_utils.get_input_tensor_by_name(request, name)) for name in
                        ("FUSED_CROP", "BLEND_MASK", "TARGET_RGB", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
+            for name in ("FUSED_CROP", "BLEND_MASK", "TARGET_MATRIX"):
+                tensors[name] = host_array(tensors[name])
             rows = []
             for row in range(len(tensors["FUSED_CROP"])):
                 metadata = json.loads(bytes_rows(tensors["PRE_METADATA"][row])[0])
                 options = parse_options(bytes_rows(tensors["OPTIONS"][row])[0])
                 target_rgb = unpad_image(tensors["TARGET_RGB"][row], metadata["target"]["height"],
                                          metadata["target"]["width"])
-                if self.device is not None:  # the 6 MB target goes up once; only the JPEG comes back
+                if self.device is None:
+                    target_rgb = host_array(target_rgb)
+                elif isinstance(target_rgb, torch.Tensor):  # already in GPU memory: no copy at all
+                    target_rgb = target_rgb.to(self.device)
+                else:  # the 6 MB target goes up once; only the JPEG comes back
                     target_rgb = image_to_device(target_rgb, self.device)
                 rows.append(FinishRow(target_rgb, tensors["FUSED_CROP"][row], tensors["BLEND_MASK"][row],
                                       tensors["TARGET_MATRIX"][row], options, metadata))

@@ -45,6 +45,7 @@ from facefuse.triton_glue import (  # noqa: E402,E501
     json_bytes,
     limit_threads,
     model_parameters,
+    output_tensor,
 )
 
 # The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
@@ -69,14 +70,20 @@ class TritonPythonModel:
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
         detector = FaceDetector(device=device, max_side=detector_max_side)
+        # TARGET_RGB in GPU memory (DLPack) when preprocess works on the GPU: postprocess (FORCE_CPU_ONLY_INPUT_TENSORS
+        # "no") takes it there, with no 6 MB trip through the host and Triton's shared memory per request.
+        target_on_gpu = parameters.get("target_rgb_on_gpu", "auto")
+        if target_on_gpu not in ("auto", "no"):
+            raise ValueError(f'target_rgb_on_gpu must be "auto" or "no", got {target_on_gpu!r}')
         self.preprocessor = Preprocessor(detector, FaceMesh(device=device), limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
-                                         identity_guard=identity_guard)
+                                         identity_guard=identity_guard, targets_on_device=target_on_gpu == "auto")
         self.preprocessor.warm_up()
+        target_place = "the GPU" if self.preprocessor.on_device and target_on_gpu == "auto" else "the host"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector (photos shrunk to {detector_max_side} px) and face "
-                                 f"mesh on {device}, limits {limits}, "
+                                 f"mesh on {device}, TARGET_RGB on {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}")
 
@@ -112,7 +119,7 @@ class TritonPythonModel:
         tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
         tensors["TARGET_RGB"] = stack_images([result.target_rgb for result in results])
         tensors["PRE_METADATA"] = bytes_tensor([json_bytes(result.metadata) for result in results])
-        return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        return pb_utils.InferenceResponse([output_tensor(pb_utils, name, value) for name, value in tensors.items()])
 
     def finalize(self):
         self.preprocessor = None
