@@ -49,16 +49,19 @@ from facefuse.pipeline import SOFTWARE, crop_footprint
 from facefuse.provenance import build_xmp
 from facefuse.watermark import (
     _MIN_SIDE,
+    _PILOT_Z,
     AMPLITUDE_REDUCTION,
     DETAIL_KSIZE,
     DETAIL_SIGMA,
     EARLIER_MARK_SAMPLES,
+    EARLIER_MARK_SIGMA,
     _amplitude_from_detail,
     _capped,
     _check_mark_arguments,
-    _earlier_mark_from,
+    _earlier_mark_of_fold,
     _mark_tile,
     _period,
+    _pilot_z,
     parse_watermark_id,
 )
 
@@ -216,19 +219,20 @@ def _gaussian_blur_u8(image: torch.Tensor, ksize: int, sigma: float) -> torch.Te
     bits.
     """
     taps = _fixed_point_gaussian(ksize, sigma)
-    radius = ksize // 2
-
-    def one_pass(values: torch.Tensor, dim: int) -> torch.Tensor:
-        length = values.shape[dim]
-        padded = _pad_reflect101(values, radius, dim)
-        total = taps[radius] * padded.narrow(dim, radius, length)
-        for offset in range(radius):
-            pair = padded.narrow(dim, offset, length) + padded.narrow(dim, ksize - 1 - offset, length)
-            total += taps[offset] * pair
-        return total
-
     bits = 2 * _BLUR_FRACTION_BITS
-    return (one_pass(one_pass(image.to(torch.int32), 1), 0) + (1 << (bits - 1))) >> bits
+    return (_symmetric_pass(_symmetric_pass(image.to(torch.int32), taps, 1), taps, 0) + (1 << (bits - 1))) >> bits
+
+
+def _symmetric_pass(values: torch.Tensor, taps: tuple[float, ...] | tuple[int, ...], dim: int) -> torch.Tensor:
+    """One pass of a symmetric (odd-length) filter along ``dim`` with BORDER_REFLECT_101, as OpenCV sums it: the
+    centre tap, then each pair of mirrored samples added first and scaled by their shared tap."""
+    ksize = len(taps)
+    radius, length = ksize // 2, values.shape[dim]
+    padded = _pad_reflect101(values, radius, dim)
+    total = taps[radius] * padded.narrow(dim, radius, length)
+    for offset in range(radius):
+        total += taps[offset] * (padded.narrow(dim, offset, length) + padded.narrow(dim, ksize - 1 - offset, length))
+    return total
 
 
 def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -316,14 +320,34 @@ def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
 
 
 def _earlier_mark_samples(luma: torch.Tensor, period: int) -> torch.Tensor | None:
-    """The device half of watermark._earlier_mark: the area resampling to 2 samples per chip (bit-exact); the fold,
-    demodulation and amplitude fit (watermark._earlier_mark_from) run on the host. None when no tile fits."""
+    """The area resampling of watermark._earlier_mark to 2 samples per chip (bit-exact). None when no tile fits."""
     tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
     if tiles_y * tiles_x == 0:
         return None
     region = luma[: tiles_y * period, : tiles_x * period]
     size = EARLIER_MARK_SAMPLES
     return _area_resize(region, tiles_y * size, tiles_x * size)
+
+
+def _gaussian_blur_float(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur(float32 image, (0, 0), sigma): OpenCV's kernel size for float images (8 sigma + 1, odd) and
+    float32 taps, BORDER_REFLECT_101; equal up to float rounding (summation order)."""
+    ksize = int(round(sigma * 4 * 2 + 1)) | 1
+    taps = tuple(cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().tolist())
+    return _symmetric_pass(_symmetric_pass(image, taps, 1), taps, 0)
+
+
+def _earlier_mark_fold(luma: torch.Tensor, period: int) -> torch.Tensor | None:
+    """The device half of watermark._earlier_mark: the area resampling (bit-exact), the high-pass and the fold of
+    all whole tiles into one EARLIER_MARK_SAMPLES-square tile (float32, within float rounding of OpenCV's); only
+    that tile goes to the host (watermark._earlier_mark_of_fold). None when no tile fits."""
+    samples = _earlier_mark_samples(luma, period)
+    if samples is None:
+        return None
+    size = EARLIER_MARK_SAMPLES
+    samples = samples.to(torch.float32)
+    high = samples - _gaussian_blur_float(samples, EARLIER_MARK_SIGMA)
+    return high.reshape(samples.shape[0] // size, size, samples.shape[1] // size, size).mean(dim=(0, 2))
 
 
 def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
@@ -333,8 +357,8 @@ def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
 
 def _earlier_mark_small(luma: torch.Tensor, period: int) -> tuple[int, float] | None:
     """watermark._earlier_mark of this luma (device half, then host half)."""
-    samples = _earlier_mark_samples(luma, period)
-    return None if samples is None else _earlier_mark_from(samples.cpu().numpy(), period)
+    folded = _earlier_mark_fold(luma, period)
+    return None if folded is None else _earlier_mark_of_fold(folded.cpu().numpy().astype(np.float64), period)
 
 
 def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float = 1.0) -> torch.Tensor:
@@ -358,7 +382,7 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
         _check_image(rgb)
         _check_mark_arguments(watermark_id, strength)
     marked: list[torch.Tensor | None] = [None] * len(images)
-    pending, small = [], []  # pending: (position, period, whether earlier-mark samples follow the detail map)
+    pending, small = [], []  # pending: (position, period, whether an earlier-mark fold follows the detail map)
     for position, rgb in enumerate(images):
         height, width = rgb.shape[:2]
         if min(height, width) < _MIN_SIDE:
@@ -367,14 +391,25 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
         period = _period(height, width)
         luma = _luma(rgb)
         small.append(_amplitude_detail(luma))
-        samples = _earlier_mark_samples(luma, period)
-        if samples is not None:
-            small.append(samples)
-        pending.append((position, period, samples is not None))
+        folded = _earlier_mark_fold(luma, period)
+        if folded is not None:
+            small.append(folded)
+        pending.append((position, period, folded is not None))
     host = iter(to_host(small))
-    for position, period, has_samples in pending:
-        amplitude = _capped(_amplitude_from_detail(next(host)), strength)
-        earlier = _earlier_mark_from(next(host), period) if has_samples else None
+    details, folds = [], {}
+    for position, _, has_fold in pending:
+        details.append(next(host))
+        if has_fold:
+            folds[position] = next(host).astype(np.float64)
+    # The re-marking check's pilot search for every row at once; only a row that may carry a mark (a margin below
+    # the threshold, for float rounding) takes the exact per-row path, which decides.
+    maybe_marked = set()
+    if folds:
+        scores = _pilot_z(np.stack(list(folds.values())), EARLIER_MARK_SAMPLES)
+        maybe_marked = {position for position, z in zip(folds, scores) if z >= _PILOT_Z - 0.5}
+    for (position, period, _), detail in zip(pending, details):
+        amplitude = _capped(_amplitude_from_detail(detail), strength)
+        earlier = _earlier_mark_of_fold(folds[position], period) if position in maybe_marked else None
         tile = _mark_tile(watermark_ids[position], period, earlier, float(np.mean(amplitude)))
         marked[position] = _add_mark(images[position], amplitude, tile, period)
     return marked  # type: ignore[return-value]

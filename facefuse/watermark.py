@@ -304,8 +304,9 @@ def embed_watermark(rgb: np.ndarray, watermark_id: int, strength: float = 1.0) -
     return out
 
 
-# The re-marking check resamples each tile to 2 samples per chip.
+# The re-marking check resamples each tile to 2 samples per chip and high-passes it (minus a Gaussian of this sigma).
 EARLIER_MARK_SAMPLES = 2 * _N
+EARLIER_MARK_SIGMA = 2.0
 
 
 def _earlier_mark(luma: np.ndarray, period: int) -> tuple[int, float] | None:
@@ -327,11 +328,19 @@ def _earlier_mark(luma: np.ndarray, period: int) -> tuple[int, float] | None:
 def _earlier_mark_from(small: np.ndarray, period: int) -> tuple[int, float] | None:
     """``_earlier_mark`` from the whole tiles already area-resampled to EARLIER_MARK_SAMPLES per tile side
     (also used by the torch path)."""
-    size, sigma = EARLIER_MARK_SAMPLES, 2.0
+    size = EARLIER_MARK_SAMPLES
     tiles_y, tiles_x = small.shape[0] // size, small.shape[1] // size
     small = small.astype(np.float32)
-    small -= cv2.GaussianBlur(small, (0, 0), sigma)
-    folded = small.reshape(tiles_y, size, tiles_x, size).mean(axis=(0, 2))
+    small -= cv2.GaussianBlur(small, (0, 0), EARLIER_MARK_SIGMA)
+    return _earlier_mark_of_fold(small.reshape(tiles_y, size, tiles_x, size).mean(axis=(0, 2)), period)
+
+
+def _earlier_mark_of_fold(folded: np.ndarray, period: int) -> tuple[int, float] | None:
+    """``_earlier_mark`` from the high-passed samples already folded into one EARLIER_MARK_SAMPLES-square tile (the
+    torch path folds on the device)."""
+    size, sigma = EARLIER_MARK_SAMPLES, EARLIER_MARK_SIGMA
+    if _pilot_z(folded[None], size)[0] < _PILOT_Z:  # the usual case, an unmarked target: no decoding
+        return None
     z, soft = _demodulate(folded, size, size)
     old_id = _decode_id(soft) if z >= _PILOT_Z else None
     if old_id is None:
@@ -475,18 +484,36 @@ def _smooth_rings(values: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(values, 2, mode="edge"), kernel, "valid")
 
 
+def _pilot_correlation(folded: np.ndarray, period_y: float, period_x: float) -> tuple[np.ndarray, np.ndarray]:
+    """(pre-emphasised chip bands, circular correlations with the pilot on the fold's sample grid) of folded tiles
+    (..., size, size), any number at once."""
+    size = folded.shape[-1]
+    band = np.fft.fft2(folded)[..., _BAND[:, None] % size, _BAND[None, :] % size] * _preemphasis(period_y, period_x)
+    cross = np.zeros((*folded.shape[:-2], size, size), dtype=complex)
+    cross[..., _BAND[:, None] % size, _BAND[None, :] % size] = band * np.conj(_PILOT_SPECTRUM)
+    return band, np.real(np.fft.ifft2(cross))
+
+
+def _z_scores(corr: np.ndarray) -> np.ndarray:
+    """The correlation peak of each (size x size) surface in robust standard deviations of the whole surface."""
+    flat = corr.reshape(*corr.shape[:-2], -1)
+    median = np.median(flat, axis=-1)
+    spread = 1.4826 * np.median(np.abs(flat - median[..., None]), axis=-1) + 1e-12
+    return (flat.max(axis=-1) - median) / spread
+
+
+def _pilot_z(folded: np.ndarray, period: float) -> np.ndarray:
+    """``_demodulate``'s pilot z-score of each of several folded tiles (n, size, size), in one vectorised pass."""
+    return _z_scores(_pilot_correlation(folded, period, period)[1])
+
+
 def _demodulate(folded: np.ndarray, period_y: float, period_x: float) -> tuple[float, np.ndarray]:
     """(pilot z-score, soft code bits) of a folded tile."""
     size = folded.shape[0]
-    band = _band_of(np.fft.fft2(folded)) * _preemphasis(period_y, period_x)
     # Phase: circular correlation with the pilot on the fold's sample grid; z against the whole surface.
-    cross = np.zeros((size, size), dtype=complex)
-    cross[np.ix_(_BAND % size, _BAND % size)] = band * np.conj(_PILOT_SPECTRUM)
-    corr = np.real(np.fft.ifft2(cross))
+    band, corr = _pilot_correlation(folded, period_y, period_x)
     sy, sx = divmod(int(np.argmax(corr)), size)
-    median = float(np.median(corr))
-    spread = 1.4826 * float(np.median(np.abs(corr - median))) + 1e-12
-    z = (float(corr[sy, sx]) - median) / spread
+    z = float(_z_scores(corr))
 
     def vertex(minus: float, centre: float, plus: float) -> float:
         curvature = minus - 2 * centre + plus

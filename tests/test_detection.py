@@ -216,6 +216,31 @@ def test_nms_fast_path_equals_reference():
     assert nms(boxes, np.array([0.9, 0.8, 0.7, 0.95]), 0.5, mode="min").tolist() == [3, 2]
 
 
+@pytest.mark.parametrize("rounds", [64, 2, 0], ids=["rounds", "rounds then loop", "loop only"])
+def test_greedy_rounds_equal_the_sequential_greedy_pass(rounds, monkeypatch):
+    """The vectorised greedy pass keeps exactly what the box-by-box one keeps, also when it has to finish box by
+    box (few rounds allowed) and on long chains of overlapping boxes."""
+    monkeypatch.setattr(detection, "_GREEDY_ROUNDS", rounds)
+    rng = np.random.default_rng(21)
+    for trial in range(40):
+        n = int(rng.integers(1, 400))
+        if trial % 4 == 0:  # one long chain: each box hits the next (the worst case for rounds)
+            first = np.arange(n - 1)
+            second = first + 1
+        else:
+            count = int(rng.integers(0, 4 * n))
+            a, b = rng.integers(0, n, count), rng.integers(0, n, count)
+            first, second = np.minimum(a, b), np.maximum(a, b)
+            keep = first < second
+            first, second = first[keep], second[keep]
+            order = np.argsort(first, kind="stable")
+            first, second = first[order], second[order]
+        expected = detection._greedy_from_pairs_loop(n, first, second)
+        np.testing.assert_array_equal(detection._greedy_from_pairs(n, first, second), expected)
+    chain = detection._greedy_from_pairs(5, np.arange(4), np.arange(1, 5))
+    np.testing.assert_array_equal(chain, [0, 2, 4])  # 0 kept, 1 suppressed, 2 kept, ...
+
+
 def test_grouped_nms_equals_nms_per_group():
     rng = np.random.default_rng(7)
     n = 900

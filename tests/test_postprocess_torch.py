@@ -199,6 +199,34 @@ def test_remarking_replaces_the_earlier_mark_like_embed_watermark(photo):
     assert extract_watermark(actual).watermark_id == f"{new_id:016x}"
 
 
+def test_remarking_check_of_a_batch_finds_only_the_marked_row(photo, generated):
+    """The re-marking check's fold runs on the device and its pilot search for all rows at once: a batch holding an
+    already-marked target and unmarked ones replaces that one mark (as embed_watermark does) and leaves the others
+    alone."""
+    first = decode_image(encode_image(embed_watermark(photo, WID), "jpeg", 92))
+    new_id = WID ^ 0xFFFFFFFFFFFFFFFF
+    images = [photo, first, generated]
+    batch = pt.embed_watermarks_torch([torch.from_numpy(image) for image in images], [3, new_id, 4])
+    for image, watermark_id, marked in zip(images, [3, new_id, 4], batch):
+        _assert_parity(embed_watermark(image, watermark_id), marked.numpy())
+    assert extract_watermark(batch[1].numpy()).watermark_id == f"{new_id:016x}"
+
+
+def test_earlier_mark_fold_matches_opencv_high_pass_and_fold(photo):
+    rng = np.random.default_rng(4)
+    values = rng.random((70, 150), dtype=np.float32) * 255
+    expected = cv2.GaussianBlur(values, (0, 0), 2.0)
+    np.testing.assert_allclose(pt._gaussian_blur_float(torch.from_numpy(values), 2.0).numpy(), expected, atol=1e-3)
+    luma = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    period = _period(*luma.shape)
+    small = pt._earlier_mark_samples(torch.from_numpy(luma).to(torch.int32), period).numpy().astype(np.float32)
+    size = small.shape[0] // (luma.shape[0] // period)
+    high = small - cv2.GaussianBlur(small, (0, 0), 2.0)
+    folded = high.reshape(small.shape[0] // size, size, small.shape[1] // size, size).mean(axis=(0, 2))
+    actual = pt._earlier_mark_fold(torch.from_numpy(luma).to(torch.int32), period).numpy()
+    np.testing.assert_allclose(actual, folded, atol=1e-3)
+
+
 def test_watermark_small_images_and_bad_arguments(photo):
     tiny = torch.from_numpy(np.ascontiguousarray(photo[:47, :300]))
     out = pt.embed_watermark_torch(tiny, WID)
