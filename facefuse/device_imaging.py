@@ -112,6 +112,12 @@ def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return arrays  # type: ignore[return-value]
 
 
+def crops_to_network(crops: torch.Tensor) -> torch.Tensor:
+    """``alignment.crop_to_tensor`` for a batch on its device: (N,S,S,3) uint8 -> (N,3,S,S) float32 in [0, 1],
+    bit-identical (the same correctly rounded float32 division)."""
+    return crops.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+
+
 def image_to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host HxWx3 uint8 array (read-only is fine) on ``device``; CUDA uploads go through page-locked memory (a
     pageable 6 MB upload is several times slower)."""

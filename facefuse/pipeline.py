@@ -29,7 +29,7 @@ from facefuse.alignment import (
 from facefuse.blocklist import IdentityGuard
 from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
-from facefuse.device_imaging import decode_on_device, to_host, warp_crops_of_images
+from facefuse.device_imaging import crops_to_network, decode_on_device, to_host, warp_crops_of_images
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry_batch
@@ -227,9 +227,10 @@ class Preprocessor:
                                          device=device)
         geometry_ms = round(_elapsed_ms(started) / len(prepared), 2)
         for position, row in enumerate(prepared):
+            ready = row.network_inputs  # the device path made the crops' float layout already
             row.network_inputs = {
-                "SOURCE_CROP": crop_to_tensor(row.source_crop),
-                "TARGET_CROP": crop_to_tensor(row.target_crop),
+                "SOURCE_CROP": ready["SOURCE_CROP"] if "SOURCE_CROP" in ready else crop_to_tensor(row.source_crop),
+                "TARGET_CROP": ready["TARGET_CROP"] if "TARGET_CROP" in ready else crop_to_tensor(row.target_crop),
                 **{name: geometry[name][position] for name in GEOMETRY_INPUTS},
                 "FACE_DEGREE": np.array([row.face_degree], np.float32),
                 "PROFILE_DEGREE": np.array([row.profile_degree], np.float32),
@@ -280,6 +281,7 @@ class Preprocessor:
             crops = [(warp_to_crop(plans[row].source_rgb, plans[row].source_matrix, self.crop_size),
                       warp_to_crop(plans[row].target_rgb, plans[row].target_matrix, self.crop_size)) for row in rows]
             targets = [plans[row].target_rgb for row in rows]
+            network_crops = [{} for _ in rows]  # crop_to_tensor in _add_geometry
         else:
             images: dict[int, int] = {}  # id(tensor) -> position: an image shared by rows is passed once
             tensors, image_index, matrices = [], [], []
@@ -292,18 +294,22 @@ class Preprocessor:
                     image_index.append(images[id(image)])
                     matrices.append(matrix)
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
+            # The network's float layout is made on the device too: the host would spend ~0.5 ms per crop on it.
+            down = [cut, crops_to_network(cut)]
             if self.targets_on_device:
-                (cut,) = to_host([cut])
+                cut, network = to_host(down)
                 targets = [plans[row].target_rgb for row in rows]
             else:  # a target shared by rows (a template) comes to the host once; sources never do
                 unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}
-                cut, *host_targets = to_host([cut, *unique_targets.values()])
+                cut, network, *host_targets = to_host([*down, *unique_targets.values()])
                 by_id = dict(zip(unique_targets, host_targets))
                 targets = [by_id[id(plans[row].target_rgb)] for row in rows]
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
+            network_crops = [{"SOURCE_CROP": network[2 * position], "TARGET_CROP": network[2 * position + 1]}
+                             for position in range(len(rows))]
         align_ms = round(_elapsed_ms(started) / len(rows), 2)
         prepared = {}
-        for row, (source_crop, target_crop), target_rgb in zip(rows, crops, targets):
+        for row, (source_crop, target_crop), target_rgb, network_inputs in zip(rows, crops, targets, network_crops):
             plan = plans[row]
             plan.metadata["timings_ms"]["align"] = round(plan.plan_ms + align_ms, 2)
             prepared[row] = PreparedFusion(
@@ -314,6 +320,7 @@ class Preprocessor:
                 target_matrix=plan.target_matrix.astype(np.float32),
                 target_rgb=target_rgb,
                 metadata=plan.metadata,
+                network_inputs=network_inputs,
             )
         return prepared
 

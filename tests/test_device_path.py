@@ -12,9 +12,10 @@ from PIL import Image
 
 from bench.inputs import benchmark_pair
 from facefuse import detection, errors
-from facefuse.alignment import alignment_matrix, invert_affine, transform_points, warp_to_crop
+from facefuse.alignment import alignment_matrix, crop_to_tensor, invert_affine, transform_points, warp_to_crop
 from facefuse.detection import FaceDetector
 from facefuse.device_imaging import (
+    crops_to_network,
     decode_on_device,
     image_to_device,
     nvjpeg_decoder,
@@ -256,5 +257,15 @@ def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
         assert isinstance(b.source_crop, np.ndarray)
         np.testing.assert_array_equal(b.source_crop, a.source_crop)
         np.testing.assert_array_equal(b.target_crop, a.target_crop)
+        for name, crop in (("SOURCE_CROP", b.source_crop), ("TARGET_CROP", b.target_crop)):  # made on the device
+            np.testing.assert_array_equal(b.network_inputs[name], crop_to_tensor(crop))
     host_only = Preprocessor(FaceDetector(max_side=640), mesh, targets_on_device=True).prepare_batch(rows[:1])
     assert isinstance(host_only[0].target_rgb, np.ndarray)  # the host path has no device to keep them on
+
+
+def test_network_layout_made_on_the_device_is_crop_to_tensor_exactly():
+    crops = np.random.default_rng(3).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    on_device = crops_to_network(torch.from_numpy(crops)).numpy()
+    assert on_device.dtype == np.float32 and on_device.flags.c_contiguous
+    for crop, network in zip(crops, on_device):
+        assert np.array_equal(network, crop_to_tensor(crop))
