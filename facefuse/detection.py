@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facefuse.device_imaging import to_host
+
 _PYRAMID_FACTOR = 0.709
 _PNET_CELL = 12  # P-Net's receptive field: one output cell sees a 12x12 window ...
 _PNET_STRIDE = 2  # ... and neighbouring cells are 2 input pixels apart.
@@ -667,6 +669,7 @@ class FaceDetector:
         same-size images; every window above the threshold is gathered on the device and reaches the host in one
         copy for the whole call; the NMS runs on the host, all images and levels at once."""
         picked, level_scales = [], []  # level_scales[k] = (sx, sy) of the k-th level run (over all groups)
+        pairs, count = [], 0  # grid-neighbour pairs of windows (indices into the table below) for the level NMS
         for pyramid in pyramids:
             images = torch.as_tensor(pyramid.images, device=self.device, dtype=torch.float64)
             for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
@@ -675,6 +678,8 @@ class FaceDetector:
                 prob, offsets = self.pnet(level.sub(127.5).mul_(0.0078125))
                 mask = prob >= self.thresholds[0]
                 where = mask.nonzero()  # (n, 3): batch index, row, column
+                pairs.append(_grid_neighbour_pairs(where, tuple(mask.shape), count, _NMS_PNET_SCALE))
+                count += len(where)
                 image_numbers = images[where[:, 0]]
                 columns = [image_numbers, torch.full_like(image_numbers, len(level_scales)),
                            where[:, 1:].double(), prob[mask].double()[:, None],
@@ -683,12 +688,13 @@ class FaceDetector:
                 level_scales.append((sx, sy))
         if not picked:
             return _no_proposals()
-        table = torch.cat(picked).cpu().numpy()  # (n, 9): image, level run, row, column, score, 4 offsets
+        # (n, 9): image, level run, row, column, score, 4 offsets; and the candidate pairs
+        table, neighbours = to_host([torch.cat(picked), torch.cat(pairs)])
         level_run = table[:, 1].astype(np.int64)
         sx, sy = np.asarray(level_scales)[level_run].T
         boxes = _window_boxes(table[:, 2], table[:, 3], sx, sy)
         return _pnet_proposals(table[:, 0].astype(np.int64), level_run, table[:, 2:4].astype(np.int64), boxes,
-                               table[:, 4], table[:, 5:9])
+                               table[:, 4], table[:, 5:9], neighbours)
 
     def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
@@ -748,19 +754,21 @@ def _window_boxes(rows: np.ndarray, cols: np.ndarray, sx: np.ndarray | float,
 
 
 def _pnet_proposals(image_ids: np.ndarray, levels: np.ndarray, cells: np.ndarray, boxes: np.ndarray,
-                    scores: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    scores: np.ndarray, offsets: np.ndarray,
+                    neighbours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """P-Net windows of every image and pyramid level -> square proposals for R-Net and their image numbers: NMS
     within each level of each image, then across the levels of each image, then the box regression.
 
     ``cells`` (n, 2) are the windows' (row, column) in P-Net's output grid. Exactly ``nms`` per level and then per
     image, but computed from the grid: within a level only windows a few cells apart can overlap enough, and
     windows of different levels differ so much in size that the second NMS can only drop something when the
-    levels are unusually close (checked, then it runs).
+    levels are unusually close (checked, then it runs). ``neighbours``: those grid-neighbour pairs when already
+    found (on the device, ``_grid_neighbour_pairs``).
     """
     if len(boxes) == 0:
         return _no_proposals()
     groups = image_ids * (int(levels.max()) + 1) + levels
-    keep = _grid_nms(groups, cells, boxes, scores, _NMS_PNET_SCALE)
+    keep = _grid_nms(groups, cells, boxes, scores, _NMS_PNET_SCALE, neighbours)
     image_ids, levels, boxes, scores, offsets = image_ids[keep], levels[keep], boxes[keep], scores[keep], offsets[keep]
     if _levels_may_overlap(image_ids, levels, boxes, _NMS_PNET_ALL):
         keep = nms_grouped(boxes, scores, image_ids, _NMS_PNET_ALL)
@@ -785,34 +793,62 @@ def _grid_shifts(threshold: float) -> list[tuple[int, int]]:
 
 
 def _grid_nms(groups: np.ndarray, cells: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-              threshold: float) -> np.ndarray:
+              threshold: float, neighbours: np.ndarray | None = None) -> np.ndarray:
     """``nms_grouped`` for windows on P-Net's grid (one group per image and level): candidate pairs come from the
-    few grid neighbours that can overlap by more than ``threshold``, not from a sweep; the overlaps themselves are
-    computed from the boxes as in ``nms``, so the result is identical."""
+    few grid neighbours that can overlap by more than ``threshold`` (``neighbours``, (p, 2) window indices, when
+    already found, else from the cells here), not from a sweep; the overlaps themselves are computed from the
+    boxes as in ``nms``, so the result is identical."""
     order = np.lexsort((-np.asarray(scores, dtype=np.float64), groups))
     n = len(order)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)  # position of each window in the processing order
-    rows, cols = cells[:, 0].astype(np.int64) + 8, cells[:, 1].astype(np.int64) + 8  # margins: no wrap-around
-    width, height = int(cols.max()) + 9, int(rows.max()) + 9
-    key = (groups.astype(np.int64) * height + rows) * width + cols
-    by_key = np.argsort(key)
-    sorted_keys = key[by_key]
-    firsts, seconds = [], []
-    for dr, dc in _grid_shifts(threshold):
-        wanted = key + dr * width + dc
-        at = np.minimum(np.searchsorted(sorted_keys, wanted), n - 1)
-        found = np.flatnonzero(sorted_keys[at] == wanted)
-        a, b = rank[found], rank[by_key[at[found]]]
-        firsts.append(np.minimum(a, b))
-        seconds.append(np.maximum(a, b))
-    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    if neighbours is None:
+        neighbours = _grid_neighbours(groups, cells, threshold)
+    a, b = rank[neighbours[:, 0]], rank[neighbours[:, 1]]
+    first, second = np.minimum(a, b), np.maximum(a, b)
     pair_order = np.argsort(first, kind="stable")
     first, second = first[pair_order], second[pair_order]
     ordered = np.asarray(boxes, dtype=np.float64)[order]
     areas = np.maximum(ordered[:, 2] - ordered[:, 0], 0.0) * np.maximum(ordered[:, 3] - ordered[:, 1], 0.0)
     hit = _overlap(ordered[first], areas[first], ordered[second], areas[second], "union") > threshold
     return order[_greedy_from_pairs(n, first[hit], second[hit])]
+
+
+def _grid_neighbours(groups: np.ndarray, cells: np.ndarray, threshold: float) -> np.ndarray:
+    """(p, 2) indices of the window pairs of one group that are ``_grid_shifts(threshold)`` apart on the grid."""
+    n = len(cells)
+    rows, cols = cells[:, 0].astype(np.int64) + 8, cells[:, 1].astype(np.int64) + 8  # margins: no wrap-around
+    width, height = int(cols.max()) + 9, int(rows.max()) + 9
+    key = (groups.astype(np.int64) * height + rows) * width + cols
+    by_key = np.argsort(key)
+    sorted_keys = key[by_key]
+    found_pairs = []
+    for dr, dc in _grid_shifts(threshold):
+        wanted = key + dr * width + dc
+        at = np.minimum(np.searchsorted(sorted_keys, wanted), n - 1)
+        found = np.flatnonzero(sorted_keys[at] == wanted)
+        found_pairs.append(np.stack([found, by_key[at[found]]], axis=1))
+    return np.concatenate(found_pairs)
+
+
+def _grid_neighbour_pairs(where: torch.Tensor, shape: tuple[int, int, int], offset: int,
+                          threshold: float) -> torch.Tensor:
+    """``_grid_neighbours`` of one P-Net level on its device: ``where`` (n, 3) are the (image, row, column) of its
+    windows above the threshold in a (B, H, W) output, numbered from ``offset`` in that order; returns (p, 2) int64
+    window numbers."""
+    number = torch.full(shape, -1, dtype=torch.int64, device=where.device)
+    number[where[:, 0], where[:, 1], where[:, 2]] = torch.arange(offset, offset + len(where), device=where.device)
+    height, width = shape[1:]
+    found = []
+    for dr, dc in _grid_shifts(threshold):  # window (r, c) and its neighbour (r + dr, c + dc)
+        left, right = max(0, -dc), width - max(0, dc)
+        if dr >= height or left >= right:
+            continue
+        here = number[:, : height - dr, left:right]
+        there = number[:, dr:, left + dc:right + dc]
+        both = (here >= 0) & (there >= 0)
+        found.append(torch.stack([here[both], there[both]], dim=1))
+    return torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.int64, device=where.device)
 
 
 def _levels_may_overlap(image_ids: np.ndarray, levels: np.ndarray, boxes: np.ndarray, threshold: float) -> bool:

@@ -77,6 +77,8 @@ _GRAY_WEIGHTS = (9798, 19235, 3735)
 _GRAY_SHIFT = 15
 # OpenCV's 8-bit GaussianBlur: kernel in 8-bit fixed point, both passes exact in integers, one rounding at the end.
 _BLUR_FRACTION_BITS = 8
+# Same-size images whose watermark analysis runs as one batch: bounds its int32 temporaries (~0.5 GB at 1080p).
+_IMAGES_PER_PASS = 8
 # Rows per band of the watermark add: bounds the float temporaries (~4 M px) whatever the image size.
 _BAND_PIXELS = 1 << 22
 
@@ -173,7 +175,8 @@ def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Watermark: OpenCV's arithmetic for the full-resolution steps, on the device.
+# Watermark: OpenCV's arithmetic for the full-resolution steps, on the device. Luma, blurs, area resizes and the fold
+# take (..., H, W) tensors: the images of one size in a batch go through them together (one launch per step).
 
 
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -220,7 +223,7 @@ def _gaussian_blur_u8(image: torch.Tensor, ksize: int, sigma: float) -> torch.Te
     """
     taps = _fixed_point_gaussian(ksize, sigma)
     bits = 2 * _BLUR_FRACTION_BITS
-    return (_symmetric_pass(_symmetric_pass(image.to(torch.int32), taps, 1), taps, 0) + (1 << (bits - 1))) >> bits
+    return (_symmetric_pass(_symmetric_pass(image.to(torch.int32), taps, -1), taps, -2) + (1 << (bits - 1))) >> bits
 
 
 def _symmetric_pass(values: torch.Tensor, taps: tuple[float, ...] | tuple[int, ...], dim: int) -> torch.Tensor:
@@ -273,24 +276,24 @@ def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     Integer factors take OpenCV's fast path: the block sum times 1/area, rounded half to even, except 2x2, which
     its SIMD code rounds half up. Other factors: the separable float32 area table, summed in OpenCV's order.
     """
-    source_height, source_width = image.shape
+    *lead, source_height, source_width = image.shape
     scale_x, scale_y = 1.0 / (width / source_width), 1.0 / (height / source_height)  # cv2's own expression
     fx, fy = round(scale_x), round(scale_y)
     if abs(scale_x - fx) < np.finfo(np.float64).eps and abs(scale_y - fy) < np.finfo(np.float64).eps:
-        blocks = image.to(torch.int32)[: height * fy, : width * fx].reshape(height * fy, width, fx).sum(dim=2)
-        blocks = blocks.reshape(height, fy, width).sum(dim=1)
+        blocks = image.to(torch.int32)[..., : height * fy, : width * fx].reshape(*lead, height * fy, width, fx).sum(-1)
+        blocks = blocks.reshape(*lead, height, fy, width).sum(dim=-2)
         if fx == 2 and fy == 2:
             return (blocks + 2) >> 2
         return torch.round(blocks.to(torch.float32) * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
     values = image.to(torch.float32)
-    for dim, (source, target) in ((1, (source_width, width)), (0, (source_height, height))):
+    for dim, (source, target) in ((-1, (source_width, width)), (-2, (source_height, height))):
         indices, weights = _area_taps(source, target)
         index_t = torch.tensor(indices, device=image.device)
         weight_t = torch.tensor(weights, device=image.device)
         total = None
         for k in range(indices.shape[1]):
             picked = values.index_select(dim, index_t[:, k])
-            term = picked * (weight_t[:, k] if dim == 1 else weight_t[:, k, None])
+            term = picked * (weight_t[:, k] if dim == -1 else weight_t[:, k, None])
             total = term if total is None else total + term
         values = total
     return torch.round(values).clamp(0, 255).to(torch.int32)
@@ -313,7 +316,7 @@ def _linear_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
 def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
     """The device half of watermark._amplitude: the 1/8-resolution texture map (uint8, bit-exact); its small blur
     and clipping (watermark._amplitude_from_detail) run on the host."""
-    height, width = luma.shape
+    height, width = luma.shape[-2:]
     detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
     return _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION)).to(
         torch.uint8)
@@ -321,10 +324,10 @@ def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
 
 def _earlier_mark_samples(luma: torch.Tensor, period: int) -> torch.Tensor | None:
     """The area resampling of watermark._earlier_mark to 2 samples per chip (bit-exact). None when no tile fits."""
-    tiles_y, tiles_x = luma.shape[0] // period, luma.shape[1] // period
+    tiles_y, tiles_x = luma.shape[-2] // period, luma.shape[-1] // period
     if tiles_y * tiles_x == 0:
         return None
-    region = luma[: tiles_y * period, : tiles_x * period]
+    region = luma[..., : tiles_y * period, : tiles_x * period]
     size = EARLIER_MARK_SAMPLES
     return _area_resize(region, tiles_y * size, tiles_x * size)
 
@@ -334,7 +337,7 @@ def _gaussian_blur_float(image: torch.Tensor, sigma: float) -> torch.Tensor:
     float32 taps, BORDER_REFLECT_101; equal up to float rounding (summation order)."""
     ksize = int(round(sigma * 4 * 2 + 1)) | 1
     taps = tuple(cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().tolist())
-    return _symmetric_pass(_symmetric_pass(image, taps, 1), taps, 0)
+    return _symmetric_pass(_symmetric_pass(image, taps, -1), taps, -2)
 
 
 def _earlier_mark_fold(luma: torch.Tensor, period: int) -> torch.Tensor | None:
@@ -347,7 +350,8 @@ def _earlier_mark_fold(luma: torch.Tensor, period: int) -> torch.Tensor | None:
     size = EARLIER_MARK_SAMPLES
     samples = samples.to(torch.float32)
     high = samples - _gaussian_blur_float(samples, EARLIER_MARK_SIGMA)
-    return high.reshape(samples.shape[0] // size, size, samples.shape[1] // size, size).mean(dim=(0, 2))
+    *lead, height, width = samples.shape
+    return high.reshape(*lead, height // size, size, width // size, size).mean(dim=(-4, -2))
 
 
 def _amplitude_small(luma: torch.Tensor) -> np.ndarray:
@@ -375,39 +379,50 @@ def embed_watermark_torch(rgb: torch.Tensor, watermark_id: int, strength: float 
 
 def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
                            strength: float = 1.0) -> list[torch.Tensor]:
-    """``embed_watermark_torch`` for several images (any sizes) at once: the device halves of every image are
-    queued first, their small results reach the host together (one wait instead of two per image), then the
-    marks are added."""
+    """``embed_watermark_torch`` for several images (any sizes) at once: the device halves are queued first, for
+    the images of one size together (up to _IMAGES_PER_PASS per pass), their small results reach the host with one
+    wait, then the marks are added image by image."""
     for rgb, watermark_id in zip(images, watermark_ids, strict=True):
         _check_image(rgb)
         _check_mark_arguments(watermark_id, strength)
     marked: list[torch.Tensor | None] = [None] * len(images)
-    pending, small = [], []  # pending: (position, period, whether an earlier-mark fold follows the detail map)
+    by_size: dict[tuple[int, int, torch.device], list[int]] = {}  # images of one size go through as one batch
     for position, rgb in enumerate(images):
         height, width = rgb.shape[:2]
         if min(height, width) < _MIN_SIDE:
             marked[position] = rgb.clone()
-            continue
+        else:
+            by_size.setdefault((height, width, rgb.device), []).append(position)
+    groups, small = [], []  # groups: (positions, period, whether an earlier-mark fold follows the detail maps)
+    chunks = [(height, width, positions[start:start + _IMAGES_PER_PASS])
+              for (height, width, _), positions in by_size.items()
+              for start in range(0, len(positions), _IMAGES_PER_PASS)]
+    for height, width, positions in chunks:
         period = _period(height, width)
-        luma = _luma(rgb)
+        stacked = images[positions[0]][None] if len(positions) == 1 else torch.stack([images[p] for p in positions])
+        luma = _luma(stacked)
         small.append(_amplitude_detail(luma))
         folded = _earlier_mark_fold(luma, period)
         if folded is not None:
             small.append(folded)
-        pending.append((position, period, folded is not None))
+        groups.append((positions, period, folded is not None))
     host = iter(to_host(small))
-    details, folds = [], {}
-    for position, _, has_fold in pending:
-        details.append(next(host))
-        if has_fold:
-            folds[position] = next(host).astype(np.float64)
+    pending, details, folds = [], [], {}  # pending: (position, period) in the order of details
+    for positions, period, has_fold in groups:
+        detail_maps = next(host)
+        fold_tiles = next(host).astype(np.float64) if has_fold else None
+        for slot, position in enumerate(positions):
+            pending.append((position, period))
+            details.append(detail_maps[slot])
+            if fold_tiles is not None:
+                folds[position] = fold_tiles[slot]
     # The re-marking check's pilot search for every row at once; only a row that may carry a mark (a margin below
     # the threshold, for float rounding) takes the exact per-row path, which decides.
     maybe_marked = set()
     if folds:
         scores = _pilot_z(np.stack(list(folds.values())), EARLIER_MARK_SAMPLES)
         maybe_marked = {position for position, z in zip(folds, scores) if z >= _PILOT_Z - 0.5}
-    for (position, period, _), detail in zip(pending, details):
+    for (position, period), detail in zip(pending, details):
         amplitude = _capped(_amplitude_from_detail(detail), strength)
         earlier = _earlier_mark_of_fold(folds[position], period) if position in maybe_marked else None
         tile = _mark_tile(watermark_ids[position], period, earlier, float(np.mean(amplitude)))

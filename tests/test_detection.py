@@ -285,6 +285,25 @@ def test_pnet_proposals_from_the_grid_equal_two_nms_passes(level_ratio):
     assert detection._levels_may_overlap(windows[0], windows[1], windows[3], 0.7) == (level_ratio > 0.8)
 
 
+def test_neighbour_pairs_found_on_the_device_equal_the_host_ones():
+    """The device path finds P-Net's grid-neighbour pairs from the output mask; the same pairs as the host's search
+    over the windows' cells (so the level NMS after it is the same)."""
+    rng = np.random.default_rng(8)
+    masks = [torch.from_numpy(rng.uniform(size=shape) < density)
+             for shape, density in (((3, 17, 23), 0.3), ((2, 1, 9), 0.6), ((1, 30, 2), 0.5), ((2, 5, 5), 0.0))]
+    offset, device_pairs, parts = 0, [], []
+    for level, mask in enumerate(masks):
+        where = mask.nonzero()
+        device_pairs.append(detection._grid_neighbour_pairs(where, tuple(mask.shape), offset, 0.5))
+        offset += len(where)
+        parts.append((where[:, 0].numpy() * 10 + level, where[:, 1:].numpy()))  # group: image and level
+    groups, cells = (np.concatenate(column) for column in zip(*parts))
+    found = torch.cat(device_pairs).numpy()
+    expected = detection._grid_neighbours(groups, cells, 0.5)
+    assert len(found) == len(expected) > 100
+    assert sorted(map(tuple, np.sort(found, axis=1))) == sorted(map(tuple, np.sort(expected, axis=1)))
+
+
 @pytest.mark.parametrize("min_face_size", [12, 48])
 def test_other_min_face_sizes_still_find_the_group(group, group_faces, min_face_size):
     faces = [f for f in FaceDetector(min_face_size=min_face_size).detect(group) if f.score > 0.9]

@@ -355,5 +355,19 @@ def test_watermarks_of_a_batch_equal_one_at_a_time(photo, generated):
     for image, watermark_id, marked in zip(images, ids, batch):
         assert torch.equal(marked, pt.embed_watermark_torch(image, watermark_id))
     assert torch.equal(batch[2], images[2])  # too small to carry a mark: a copy
+
+
+@pytest.mark.parametrize("per_pass", [8, 2])
+def test_watermarks_of_same_size_images_go_through_together_unchanged(photo, per_pass, monkeypatch):
+    """Images of one size are analysed as one batch (in passes of _IMAGES_PER_PASS): each result is still exactly
+    what the image alone gets, also for an already-marked one among them."""
+    monkeypatch.setattr(pt, "_IMAGES_PER_PASS", per_pass)
+    marked_before = decode_image(encode_image(embed_watermark(photo, WID), "jpeg", 92))
+    images = [torch.from_numpy(image.copy()) for image in (photo, photo[::-1], marked_before, photo[:, ::-1])]
+    ids = [11, 12, WID ^ 1, 13]
+    batch = pt.embed_watermarks_torch(images, ids)
+    for image, watermark_id, marked in zip(images, ids, batch):
+        assert torch.equal(marked, pt.embed_watermarks_torch([image], [watermark_id])[0])
+    assert extract_watermark(batch[2].numpy()).watermark_id == f"{WID ^ 1:016x}"
     with pytest.raises(ValueError):
         pt.embed_watermarks_torch(images[:2], ids)  # one id per image
