@@ -45,17 +45,18 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
         else:
             shutil.copy2(path, target)
     for name in set(instances) | set(queue_delays_us) | set(cpu_threads):
-        config_path = destination / name / "config.pbtxt"
-        text = config_path.read_text()
-        if name in cpu_threads:
-            text = _set_cpu_threads(text, cpu_threads[name], name)
-        if name in instances:
-            if instances[name] < 1:
-                raise ValueError(f"{name}: instance count must be >= 1")
-            text = _replace_one(text, r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", instances[name], name)
-        if name in queue_delays_us:
-            text = _replace_one(text, r"(max_queue_delay_microseconds:\s*)\d+", queue_delays_us[name], name)
-        config_path.write_text(text)
+        # config.pbtxt and the per-deployment copies (configs/gpu.pbtxt): whichever the server reads.
+        for config_path in [destination / name / "config.pbtxt", *sorted((destination / name).glob("configs/*.pbtxt"))]:
+            text = config_path.read_text()
+            if name in cpu_threads and 'backend: "python"' in text:  # a TensorRT plan's config has no threads
+                text = _set_cpu_threads(text, cpu_threads[name], name)
+            if name in instances:
+                if instances[name] < 1:
+                    raise ValueError(f"{name}: instance count must be >= 1")
+                text = _replace_one(text, r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", instances[name], name)
+            if name in queue_delays_us:
+                text = _replace_one(text, r"(max_queue_delay_microseconds:\s*)\d+", queue_delays_us[name], name)
+            config_path.write_text(text)
     return destination
 
 

@@ -17,3 +17,25 @@ def test_composing_breakdown_reads_each_model_of_the_ensemble_report():
     assert figures["postprocess_infer_ms"] == 333.149 and figures["postprocess_batch"] == round(322 / 30, 2)
     assert "face_fusion_infer_ms" not in figures  # the ensemble's own totals are not a composing model
     assert composing_breakdown("no report here") == {}
+
+
+def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
+    """`--instances` / `--cpu-threads` / `--queue-delay-us` reach every config the server may read (config.pbtxt,
+    and configs/gpu.pbtxt under --model-config-name=gpu), or a bench of the tuned copy would measure the untuned
+    config under the tuned name."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from bench.repository import tuned_repository
+
+    copy = tuned_repository(tmp_path / "repository", {"preprocess": 3, "fusion": 2}, {"preprocess": 5000},
+                            cpu_threads={"preprocess": 1, "fusion": 1})
+    for path in [copy / "preprocess" / "config.pbtxt", *sorted((copy / "preprocess" / "configs").glob("*.pbtxt")),
+                 copy / "fusion" / "config.pbtxt", copy / "fusion" / "configs" / "gpu.pbtxt"]:
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert config.instance_group[0].count == (3 if config.name == "preprocess" else 2), path
+        if config.name == "preprocess":
+            assert config.dynamic_batching.max_queue_delay_microseconds == 5000, path
+        if config.backend == "python":
+            assert config.parameters["cpu_threads"].string_value == "1", path
+    assert len(list((copy / "preprocess" / "configs").glob("*.pbtxt"))) == 1
