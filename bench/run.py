@@ -68,15 +68,27 @@ def machine_tag() -> str:
 
 
 def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measurement_ms: int,
-             out_csv: Path, protocol: str = "grpc", stability: int = 25) -> tuple[dict[str, float], str]:
-    """One perf_analyzer measurement; returns throughput and latency percentiles (ms) plus the console text."""
+             out_csv: Path, protocol: str = "grpc", stability: int = 25,
+             warmup_requests: int = 0) -> tuple[dict[str, float], str]:
+    """One perf_analyzer measurement (after ``warmup_requests`` unmeasured requests at the same concurrency);
+    returns throughput and latency percentiles (ms) plus the console text."""
     command, env = perf_analyzer_command()
     url = f"localhost:{ports.grpc if protocol == 'grpc' else ports.http}"
     command += ["-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
                 "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(measurement_ms),
                 "--stability-percentage", str(stability), "--max-trials", "6", "-f", str(out_csv), "--verbose-csv"]
+    if warmup_requests:
+        # A new load level first costs one-off work in the server (CUDA graphs and allocator pools for new batch
+        # sizes, shared memory growth: seconds of stall in the first window on the H200). Measure the steady state:
+        # a throwaway run at the same concurrency first, whatever it reports.
+        subprocess.run(command[:command.index("-f")] + ["--measurement-mode", "count_windows",
+                                                        "--measurement-request-count", str(warmup_requests),
+                                                        "--max-trials", "1"],
+                       capture_output=True, text=True, env=env)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     measurement = f"{measurement_ms} ms windows, stability {stability}%"
+    if warmup_requests:
+        measurement += f", after {warmup_requests} warm-up requests"
     wide = max(100, 2 * stability)
     if result.returncode != 0 and _unstable(result):
         # Python-backend throughput wobbles (more so with several instances and GPU batches); accept a wider band
@@ -214,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="face_fusion,preprocess,fusion,postprocess")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--stability", type=int, default=25, help="perf_analyzer --stability-percentage")
+    parser.add_argument("--warmup-requests", type=int, default=-1,
+                        help="unmeasured requests at each concurrency before measuring it (default: 4 x concurrency, "
+                             "at least 16; 0: none)")
     parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
                         help="serve this repository (e.g. a copy with other instance counts)")
     parser.add_argument("--distinct-pairs", type=int, default=32,
@@ -251,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             for level in levels:
                 print(f"[bench] perf_analyzer {model} concurrency {level} ...", flush=True)
                 try:
+                    warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests
                     figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
-                                                work / f"{model}_{level}.csv", stability=args.stability)
+                                                work / f"{model}_{level}.csv", stability=args.stability,
+                                                warmup_requests=warmup)
                 except RuntimeError as error:
                     lines = [line for line in str(error).splitlines() if line.strip()]
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
