@@ -87,8 +87,6 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
                        capture_output=True, text=True, env=env)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     measurement = f"{measurement_ms} ms windows, stability {stability}%"
-    if warmup_requests:
-        measurement += f", after {warmup_requests} warm-up requests"
     wide = max(100, 2 * stability)
     if result.returncode != 0 and _unstable(result):
         # Python-backend throughput wobbles (more so with several instances and GPU batches); accept a wider band
@@ -109,6 +107,8 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
         out_csv.with_suffix(".failed.txt").write_text(result.stdout + result.stderr)  # the passes, for the record
         raise RuntimeError(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
                            f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    if warmup_requests:
+        measurement += f", after {warmup_requests} warm-up requests"
     with open(out_csv) as handle:
         row = next(csv.DictReader(handle))
     figures = {
