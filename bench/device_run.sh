@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU benchmark on the device tool's host: the network alone (bench.network), the in-process profiles of preprocess
-# and of the image copies (bench.profile_detection, bench.profile_copies: their summary lines go to
-# profile.txt), then the served ensemble (bench.run, extra arguments passed on, e.g. --models face_fusion
-# --concurrency 1,16,64,128 --skip-baseline). Results go to ${OUT:-bench/results}.
+# GPU benchmark on the device tool's host: the network alone (bench.network), the in-process profiles of preprocess,
+# postprocess and the image copies (bench.profile_detection, bench.profile_postprocess, bench.profile_copies: their
+# summary lines go to profile.txt), served results against in-process ones (bench.served_check), then the served
+# ensemble (bench.run, extra arguments passed on, e.g. --models face_fusion --concurrency 1,16,64,128
+# --skip-baseline). Results go to ${OUT:-bench/results}.
 set -euo pipefail
 source bench/device_env.sh
 RESULTS="${OUT:-bench/results}"
@@ -10,6 +11,8 @@ mkdir -p "$RESULTS"
 python3 -m bench.network --out "$RESULTS"
 {
   python3 -m bench.profile_detection --device cuda --batches 2,64 --repeats 3 --preprocess | grep '^\[profile\]'
+  python3 -m bench.profile_postprocess --rows 1,32 | grep '^\[profile\]'
   python3 -m bench.profile_copies --images 32 --keep-freed-memory | grep '^\[copies\]'
 } | tee "$RESULTS/$(date +%F)_profile.txt"
+python3 -m bench.served_check --pairs 16 --device cuda --min-psnr 30 | tail -3
 python3 -m bench.run --out "$RESULTS" "$@"
