@@ -102,10 +102,11 @@ class TritonPythonModel:
         """The request's rows (targets on the postprocess device), or the exception that fails the request."""
         try:
             # With FORCE_CPU_ONLY_INPUT_TENSORS "no", an input may arrive in GPU memory (preprocess's TARGET_RGB on a
-            # GPU host) as a torch tensor; the small ones are wanted on the host whatever their origin.
+            # GPU host, a TensorRT fusion model's crops) as a torch tensor: the GPU path uses it there, the CPU path
+            # and the 2x3 matrix want host arrays.
             tensors = {name: input_value(pb_utils.get_input_tensor_by_name(request, name)) for name in
                        ("FUSED_CROP", "BLEND_MASK", "TARGET_RGB", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
-            for name in ("FUSED_CROP", "BLEND_MASK", "TARGET_MATRIX"):
+            for name in ("FUSED_CROP", "BLEND_MASK", "TARGET_MATRIX") if self.device is None else ("TARGET_MATRIX",):
                 tensors[name] = host_array(tensors[name])
             rows = []
             for row in range(len(tensors["FUSED_CROP"])):
