@@ -169,11 +169,16 @@ class TensorRTRuntime(FusionRuntime):
             return {name: out.cpu().numpy() for name, out in outputs.items()}
 
 
-def warm_up(runtime: FusionRuntime, batch: int = 2) -> None:
-    """One call at load time with plausible inputs: kernels are chosen and memory is reserved before traffic."""
+def warm_up(runtime: FusionRuntime, batch: int = 2) -> list[int]:
+    """Calls at load time with plausible inputs, so kernels are chosen and memory is reserved before traffic: one
+    batch of ``batch`` rows, or with CUDA graphs one per batch bucket (each bucket's graph is captured on its first
+    batch, a stall a request would otherwise wait for). Returns the batch sizes run."""
     from facefuse.network import example_inputs
 
-    runtime.run({name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, example_inputs(batch))})
+    sizes = list(runtime.BUCKETS) if getattr(runtime, "use_graphs", False) else [batch]
+    for size in sizes:
+        runtime.run({name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, example_inputs(size))})
+    return sizes
 
 
 def _cuda_available() -> bool:

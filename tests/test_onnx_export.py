@@ -55,3 +55,19 @@ def test_service_runtime_matches_and_does_not_spin(onnx_path):
         expected = FusionNetwork().eval()(*inputs)
     got = runtime.run({name: t.numpy() for name, t in zip(INPUT_NAMES, inputs)})
     assert max(float(np.abs(e.numpy() - got[name]).max()) for e, name in zip(expected, OUTPUT_NAMES)) < PARITY_TOLERANCE
+
+
+def test_warm_up_runs_one_batch_without_cuda_graphs():
+    from facefuse.fusion_runtime import TorchRuntime, warm_up
+
+    assert warm_up(TorchRuntime("cpu"), batch=3) == [3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_warm_up_captures_every_cuda_graph_bucket_at_load():
+    """With CUDA graphs each batch bucket's graph is captured at load, not on the first request of that size."""
+    from facefuse.fusion_runtime import TorchRuntime, warm_up
+
+    runtime = TorchRuntime("cuda")
+    assert warm_up(runtime) == list(runtime.BUCKETS)
+    assert sorted(runtime.graphs) == list(runtime.BUCKETS)

@@ -118,3 +118,16 @@ def test_device_targets_stack_and_unpad_as_tensors_like_arrays():
         unpad_image(stacked[0], 56, 60)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         unpad_image(stacked[0].float(), 10, 10)
+
+
+def test_warm_up_runs_the_whole_preprocess_on_faces_and_keeps_the_safety_settings():
+    """The load-time warm-up prepares real rows (faces detected, crops cut, mesh and splines run), also where the
+    deployment requires consent, and leaves the consent policy and blocklist as configured."""
+    from facefuse.consent import ConsentPolicy
+
+    policy = ConsentPolicy.parse("required")
+    preprocessor = Preprocessor(FaceDetector(max_side=640), FaceMesh(), consent=policy)
+    assert preprocessor.warm_up(requests=3) == 3
+    assert preprocessor.consent is policy and preprocessor.identity_guard is None
+    refused = preprocessor.prepare_batch([FusionRequest(b"x", b"y", 100.0, 100.0, b"{}")])[0]
+    assert isinstance(refused, FusionError) and refused.code == errors.CONSENT_REQUIRED
