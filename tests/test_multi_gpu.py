@@ -25,6 +25,7 @@ from deploy.multi_gpu import (
     write_instances,
     write_replicas,
 )
+from facefuse.local_server import CUDA_POOL_BYTES
 from gateway.render import ApiKey, GatewaySettings, render
 from tests.conftest import REPO_ROOT, require_nginx
 
@@ -111,7 +112,15 @@ def test_written_repository_is_a_full_copy_with_gpu_configs(tmp_path: Path, base
     assert (copy / ensemble).read_text() == (REPOSITORY / ensemble).read_text()
     # The override mounts the copy where the base file mounts ./model_repository; compose keys volumes by target.
     override = yaml.safe_load(compose_path.read_text())
-    assert override == render_instance_compose(copy)
+    assert override == render_instance_compose(copy, n_gpus=2)
+    # Each GPU gets the CUDA memory pool that carries TARGET_RGB between the Python models; the rest of the command
+    # is the base file's.
+    command = override["services"]["triton"]["command"]
+    pools = [part for part in command if part.startswith("--cuda-memory-pool-byte-size=")]
+    assert pools == [f"--cuda-memory-pool-byte-size={gpu}:{CUDA_POOL_BYTES}" for gpu in (0, 1)]
+    assert [part for part in command if part not in pools] == [
+        part for part in base_compose["services"]["triton"]["command"]
+        if not part.startswith("--cuda-memory-pool-byte-size=")]
     (volume,) = override["services"]["triton"]["volumes"]
     base_volume = next(v for v in base_compose["services"]["triton"]["volumes"] if ":/models" in v)
     assert volume.split(":")[1:] == base_volume.split(":")[1:]
