@@ -88,9 +88,11 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-# Python-backend models hand GPU tensors to each other (DLPack) through Triton's CUDA memory pool: 1 GiB per GPU holds
-# several batches of 32 1080p targets in flight (6 MB each); Triton's default of 64 MB holds ten.
-CUDA_POOL_BYTES = 1 << 30
+# Python-backend models hand GPU tensors to each other (DLPack) through Triton's CUDA memory pool: every request
+# between preprocess and the end of postprocess holds its target there (6 MB at 1080p). 2 GiB per GPU covers ~340
+# 1080p requests in flight, about what the queue limits admit; when the pool runs out Triton 2.51 hands the next model
+# an empty tensor (postprocess then fails that request with INTERNAL_ERROR naming the pool). Triton's default: 64 MB.
+CUDA_POOL_BYTES = 2 << 30
 
 
 def cuda_pool_args(device_folder: Path = Path("/dev"), environ: dict[str, str] | None = None) -> list[str]:

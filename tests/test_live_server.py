@@ -258,6 +258,32 @@ def test_one_request_of_two_rows_with_targets_of_different_sizes(triton_server, 
         assert abs(float(fused[:8, :8].mean()) - float(target[:8, :8].mean())) < 12
 
 
+def test_postprocess_names_the_cuda_pool_when_the_target_arrives_empty(triton_server):
+    """Triton 2.51 passes an empty tensor on when it cannot place a GPU tensor in its CUDA memory pool: postprocess
+    fails that request with a coded error naming the pool and the switch, not with an obscure shape error."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"localhost:{triton_server['ports'].grpc}")
+    metadata = json.dumps({"target": {"width": 64, "height": 48}, "timings_ms": {}}).encode()
+    values = {"FUSED_CROP": np.zeros((1, 3, 256, 256), np.float32),
+              "BLEND_MASK": np.zeros((1, 1, 256, 256), np.float32),
+              "TARGET_RGB": np.zeros((1, 0, 0, 3), np.uint8), "TARGET_MATRIX": np.eye(2, 3, dtype=np.float32)[None],
+              "PRE_METADATA": np.array([[metadata]], dtype=object), "OPTIONS": np.array([[b"{}"]], dtype=object)}
+    inputs = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
+                                       {np.dtype(np.float32): "FP32", np.dtype(np.uint8): "UINT8"}[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("postprocess", inputs)
+    assert "INTERNAL_ERROR: TARGET_RGB arrived empty" in caught.value.message()
+    assert "--cuda-memory-pool-byte-size" in caught.value.message()
+
+
 def test_zz_server_is_still_ready_and_no_stub_died(triton_server):
     for protocol in PROTOCOLS:
         with make_client(triton_server, protocol) as fusion_client:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.device_imaging import image_to_device  # noqa: E402
+from facefuse.errors import INTERNAL_ERROR, FusionError  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
@@ -39,6 +40,11 @@ from facefuse.triton_glue import (  # noqa: E402
     limit_threads,
     model_parameters,
 )
+
+# Inside the ensemble TARGET_RGB only arrives empty when Triton could not place preprocess's GPU tensor (Triton 2.51
+# then passes an empty tensor on rather than failing).
+EMPTY_TARGET = ("TARGET_RGB arrived empty: Triton's CUDA memory pool is probably exhausted (raise "
+                "--cuda-memory-pool-byte-size, or set preprocess's target_rgb_on_gpu parameter to \"no\")")
 
 
 class TritonPythonModel:
@@ -108,6 +114,9 @@ class TritonPythonModel:
                        ("FUSED_CROP", "BLEND_MASK", "TARGET_RGB", "TARGET_MATRIX", "PRE_METADATA", "OPTIONS")}
             for name in ("FUSED_CROP", "BLEND_MASK", "TARGET_MATRIX") if self.device is None else ("TARGET_MATRIX",):
                 tensors[name] = host_array(tensors[name])
+            targets = tensors["TARGET_RGB"]
+            if (targets.numel() if isinstance(targets, torch.Tensor) else targets.size) == 0:
+                raise FusionError(INTERNAL_ERROR, EMPTY_TARGET)
             rows = []
             for row in range(len(tensors["FUSED_CROP"])):
                 metadata = json.loads(bytes_rows(tensors["PRE_METADATA"][row])[0])
