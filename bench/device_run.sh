@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark on the device tool's host: the network alone (bench.network), the in-process profiles of preprocess,
 # postprocess and the image copies (bench.profile_detection, bench.profile_postprocess, bench.profile_copies: their
-# summary lines go to profile.txt), served results against in-process ones (bench.served_check), then the served
+# summary lines go to profile.txt), served results against in-process ones (bench.served_check), the served
 # ensemble (bench.run, extra arguments passed on, e.g. --models face_fusion --concurrency 1,16,64,128
-# --skip-baseline). Results go to ${OUT:-bench/results}.
+# --skip-baseline), then a per-model timeline at c=128 (bench.stall_probe). Results go to ${OUT:-bench/results}.
 set -euo pipefail
 source bench/device_env.sh
 RESULTS="${OUT:-bench/results}"
@@ -16,3 +16,4 @@ python3 -m bench.network --out "$RESULTS"
 } | tee "$RESULTS/$(date +%F)_profile.txt"
 python3 -m bench.served_check --pairs 16 --device cuda --min-psnr 30 | tail -3
 python3 -m bench.run --out "$RESULTS" "$@"
+python3 -m bench.stall_probe --concurrency 128 --seconds 30 --out "$RESULTS" | grep "^\[stall-probe\]"

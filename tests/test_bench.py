@@ -39,3 +39,21 @@ def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
         if config.backend == "python":
             assert config.parameters["cpu_threads"].string_value == "1", path
     assert len(list((copy / "preprocess" / "configs").glob("*.pbtxt"))) == 1
+
+
+def test_stall_probe_turns_cumulative_statistics_into_intervals_and_finds_quiet_spans():
+    from bench.stall_probe import cumulative, deltas, stalls
+
+    def stats(rows: int, executions: int, queue_ns: int) -> dict:
+        return {"model_stats": [{"name": "face_fusion", "version": "1", "execution_count": executions,
+                                 "inference_count": rows,
+                                 "inference_stats": {"queue": {"count": rows, "ns": queue_ns}}}]}
+
+    counts = [0, 4, 8, 8, 8, 8, 12, 12]  # completions by sample; nothing between 1.5 s and 2.5 s, then again at 3.5
+    samples = [(10.0 + 0.5 * k, cumulative(stats(rows, rows // 2, rows * 1_000_000))) for k, rows in enumerate(counts)]
+    rows = deltas(samples)
+    assert [row["rows"] for row in rows] == [4, 4, 0, 0, 0, 4, 0]
+    assert rows[0]["t"] == 0.5 and rows[0]["executions"] == 2 and rows[0]["queue_ms"] == 4.0
+    assert stalls(rows, min_seconds=1.0) == [(1.0, 2.5)]
+    assert stalls(rows, min_seconds=0.5) == [(1.0, 2.5), (3.0, 3.5)]
+    assert stalls(rows, min_seconds=2.0) == []
