@@ -112,6 +112,11 @@ def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return arrays  # type: ignore[return-value]
 
 
+def host_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy array as it is, or a tensor (any device) copied to the host as one."""
+    return value if isinstance(value, np.ndarray) else value.contiguous().cpu().numpy()
+
+
 def crops_to_network(crops: torch.Tensor) -> torch.Tensor:
     """``alignment.crop_to_tensor`` for a batch on its device: (N,S,S,3) uint8 -> (N,3,S,S) float32 in [0, 1],
     bit-identical (the same correctly rounded float32 division)."""
@@ -173,5 +178,5 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
-__all__ = ["decode_on_device", "image_to_device", "nvjpeg_decoder", "orient", "to_host", "warp_crops_of_images",
-           "warp_to_crops"]
+__all__ = ["crops_to_network", "decode_on_device", "host_array", "image_to_device", "nvjpeg_decoder", "orient",
+           "to_host", "warp_crops_of_images", "warp_to_crops"]

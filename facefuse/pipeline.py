@@ -30,7 +30,7 @@ from facefuse.alignment import (
 from facefuse.blocklist import IdentityGuard
 from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
-from facefuse.device_imaging import crops_to_network, decode_on_device, to_host, warp_crops_of_images
+from facefuse.device_imaging import crops_to_network, decode_on_device, host_array, to_host, warp_crops_of_images
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry_batch
@@ -150,6 +150,11 @@ class Preprocessor:
         return sum(isinstance(row, PreparedFusion) for row in prepared)
 
     @property
+    def keeps_targets_on_device(self) -> bool:
+        """True when prepared targets stay device tensors (the GPU path with targets_on_device)."""
+        return self.on_device and self.targets_on_device
+
+    @property
     def on_device(self) -> bool:
         """True when images are decoded and cropped as tensors on the detector's device (the GPU path)."""
         return bool(getattr(self.detector, "images_on_device", False))
@@ -245,10 +250,8 @@ class Preprocessor:
                                          device=device)
         geometry_ms = round(_elapsed_ms(started) / len(prepared), 2)
         for position, row in enumerate(prepared):
-            ready = row.network_inputs  # the device path made the crops' float layout already
             row.network_inputs = {
-                "SOURCE_CROP": ready["SOURCE_CROP"] if "SOURCE_CROP" in ready else crop_to_tensor(row.source_crop),
-                "TARGET_CROP": ready["TARGET_CROP"] if "TARGET_CROP" in ready else crop_to_tensor(row.target_crop),
+                **row.network_inputs,  # the crops in the network's layout, made by _align
                 **{name: geometry[name][position] for name in GEOMETRY_INPUTS},
                 "FACE_DEGREE": np.array([row.face_degree], np.float32),
                 "PROFILE_DEGREE": np.array([row.profile_degree], np.float32),
@@ -271,7 +274,7 @@ class Preprocessor:
                                    self.min_eye_distance)
         if self.identity_guard is not None:  # only the SOURCE face is brought into the result
             checked = time.perf_counter()
-            self.identity_guard.check(_host(source_rgb), source_face)
+            self.identity_guard.check(host_array(source_rgb), source_face)
             timings = {**timings, "identity": _elapsed_ms(checked)}
             started = time.perf_counter()
         metadata = {
@@ -299,7 +302,8 @@ class Preprocessor:
             crops = [(warp_to_crop(plans[row].source_rgb, plans[row].source_matrix, self.crop_size),
                       warp_to_crop(plans[row].target_rgb, plans[row].target_matrix, self.crop_size)) for row in rows]
             targets = [plans[row].target_rgb for row in rows]
-            network_crops = [{} for _ in rows]  # crop_to_tensor in _add_geometry
+            network_crops = [{"SOURCE_CROP": crop_to_tensor(source), "TARGET_CROP": crop_to_tensor(target)}
+                             for source, target in crops]
         else:
             images: dict[int, int] = {}  # id(tensor) -> position: an image shared by rows is passed once
             tensors, image_index, matrices = [], [], []
@@ -314,7 +318,7 @@ class Preprocessor:
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
             # The network's float layout is made on the device too: the host would spend ~0.5 ms per crop on it.
             down = [cut, crops_to_network(cut)]
-            if self.targets_on_device:
+            if self.keeps_targets_on_device:
                 cut, network = to_host(down)
                 targets = [plans[row].target_rgb for row in rows]
             else:  # a target shared by rows (a template) comes to the host once; sources never do
@@ -357,31 +361,23 @@ class _AlignmentPlan:
     plan_ms: float
 
 
-def _host(image: Any) -> np.ndarray:
-    """A device tensor (or array) as a host uint8 array."""
-    return image if isinstance(image, np.ndarray) else image.contiguous().cpu().numpy()
-
-
 def stack_images(images: list[Any]) -> Any:
     """HxWx3 uint8 images (host arrays, or tensors of one device) as one (N, H, W, 3) array or tensor, zero-padded
     at the bottom and right to the largest height and width when they differ (preprocess's TARGET_RGB;
     ``unpad_image`` takes each back out)."""
-    if not isinstance(images[0], np.ndarray):  # device tensors: the padded batch is built on their device
+    on_device = not isinstance(images[0], np.ndarray)
+    if len(images) == 1:  # the usual request: no copy here (Triton copies the tensor out anyway)
+        return (images[0].contiguous() if on_device else np.ascontiguousarray(images[0]))[None]
+    height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
+    shape = (len(images), height, width, 3)
+    if on_device:  # the padded batch is built on the images' device
         import torch
 
-        if len(images) == 1:
-            return images[0].contiguous()[None]
-        height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
-        stacked = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=images[0].device)
-        for slot, image in zip(stacked, images):
-            slot[:image.shape[0], :image.shape[1]] = image
-        return stacked
-    if len(images) == 1:  # the usual request: no copy here (the tensor is copied into shared memory anyway)
-        return np.ascontiguousarray(images[0])[None]
-    height, width = max(image.shape[0] for image in images), max(image.shape[1] for image in images)
-    if all(image.shape[:2] == (height, width) for image in images):
+        stacked = torch.zeros(shape, dtype=torch.uint8, device=images[0].device)
+    elif all(image.shape[:2] == (height, width) for image in images):
         return np.stack(images)
-    stacked = np.zeros((len(images), height, width, 3), np.uint8)
+    else:
+        stacked = np.zeros(shape, np.uint8)
     for slot, image in zip(stacked, images):
         slot[:image.shape[0], :image.shape[1]] = image
     return stacked

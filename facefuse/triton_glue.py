@@ -101,11 +101,6 @@ def input_value(tensor: Any) -> Any:
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
 
 
-def host_array(value: Any) -> np.ndarray:
-    """A numpy array, or a torch tensor (any device) copied to the host as one."""
-    return value if isinstance(value, np.ndarray) else value.contiguous().cpu().numpy()
-
-
 def output_tensor(pb_utils: Any, name: str, value: Any) -> Any:
     """A pb_utils output tensor from a numpy array, or from a torch tensor through DLPack: a CUDA tensor stays in
     GPU memory, so the next model of the ensemble can take it without a round trip through the host."""

@@ -339,8 +339,6 @@ def _earlier_mark_of_fold(folded: np.ndarray, period: int) -> tuple[int, float] 
     """``_earlier_mark`` from the high-passed samples already folded into one EARLIER_MARK_SAMPLES-square tile (the
     torch path folds on the device)."""
     size, sigma = EARLIER_MARK_SAMPLES, EARLIER_MARK_SIGMA
-    if _pilot_z(folded[None], size)[0] < _PILOT_Z:  # the usual case, an unmarked target: no decoding
-        return None
     z, soft = _demodulate(folded, size, size)
     old_id = _decode_id(soft) if z >= _PILOT_Z else None
     if old_id is None:

@@ -22,7 +22,7 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from facefuse.device_imaging import image_to_device  # noqa: E402
+from facefuse.device_imaging import host_array, image_to_device  # noqa: E402
 from facefuse.errors import INTERNAL_ERROR, FusionError  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
@@ -33,7 +33,6 @@ from facefuse.triton_glue import (  # noqa: E402
     bytes_rows,
     bytes_tensor,
     error_response,
-    host_array,
     input_value,
     instance_device,
     json_bytes,

@@ -79,7 +79,7 @@ class TritonPythonModel:
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, targets_on_device=target_on_gpu == "auto")
         warmed = self.preprocessor.warm_up()
-        target_place = "the GPU" if self.preprocessor.on_device and target_on_gpu == "auto" else "the host"
+        target_place = "the GPU" if self.preprocessor.keeps_targets_on_device else "the host"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector (photos shrunk to {detector_max_side} px) and face "
