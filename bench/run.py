@@ -33,6 +33,7 @@ from facefuse.local_server import (
     start,
     stop_process,
 )
+from facefuse.mps import start_mps
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
 
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
+    parser.add_argument("--mps", action="store_true",
+                        help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
     instances, delays = parse_assignments(args.instances), parse_assignments(args.queue_delay_us)
     threads = parse_assignments(args.cpu_threads)
@@ -259,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
               "preprocess": work / "ensemble.json"}
     inputs.update(composing_inputs(source, target, work))
     ports = free_ports()
-    server = start(ports, REPO_ROOT / "out" / "bench-triton.log", model_repository=args.model_repository)
+    mps = start_mps(REPO_ROOT / "out" / "mps") if args.mps else None  # MpsUnavailable says why it cannot
+    try:
+        server = start(ports, REPO_ROOT / "out" / "bench-triton.log", model_repository=args.model_repository,
+                       environment=mps.environment() if mps else None)
+    except BaseException:
+        if mps:
+            mps.stop()
+        raise
     rows: list[dict] = []
     try:
         for model in args.models.split(","):
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"p99 {figures['p99_ms']:.1f} ms", flush=True)
     finally:
         stop_process(server)
+        if mps:
+            mps.stop()
     baseline = {} if args.skip_baseline else classic_baseline(source, target)
     csv_path = args.out / f"{tag}_perf.csv"
     columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k != "concurrency", k))
@@ -292,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     ensemble = [row for row in rows if row["model"] == "face_fusion"]
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
-    summary = {"machine": tag, "python": platform.python_version(), "instances": instances,
+    summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,
                "queue_delays_us": delays, "cpu_threads": threads, "rows": rows, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])

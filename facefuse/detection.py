@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facefuse.batch_buckets import bucket_sizes, forward_in_bucket
 from facefuse.device_imaging import to_host
 
 _PYRAMID_FACTOR = 0.709
@@ -507,6 +509,8 @@ class FaceDetector:
         # Pyramid and crops on the device (default: on CUDA). The CPU does them faster with OpenCV.
         self.images_on_device = (not on_cpu) if images_on_device is None else bool(images_on_device)
         self._strip_pixels = _CPU_PNET_PIXELS if on_cpu else None
+        # Device-path batches padded to power-of-two buckets, all run once by warm_up (facefuse.batch_buckets).
+        self.pad_batches = self.images_on_device and self.device.type == "cuda"
         self._crop_pixels = _CPU_CROP_PIXELS if on_cpu else None
         self.pnet = _load(PNet(), "pnet", self.device)
         self.rnet = _load(RNet(), "rnet", self.device)
@@ -543,6 +547,31 @@ class FaceDetector:
             pts = landmarks[sel] / np.array([sx, sy])
             results.append(_to_faces(box, scores[sel], pts))
         return results
+
+    def warm_up(self, image_sizes: Sequence[tuple[int, int]] = ((1080, 1920),), largest_group: int = 64) -> int:
+        """On the device path, run each net once at every shape a batch can bring (facefuse.batch_buckets): P-Net
+        over the pyramid of each (height, width) photo size for groups of every bucket up to ``largest_group``
+        images, R-Net and O-Net at every crop bucket. New shapes cost a one-off each on the GPU (~0.1 s for a new
+        batch), paid here at load instead of by requests. Returns the number of forward passes (0 off the device
+        path)."""
+        if not (self.images_on_device and self.pad_batches):
+            return 0
+        passes = 0
+        with torch.inference_mode():
+            for height, width in image_sizes:
+                size = self._working_size(height, width) or (width, height)
+                for group in bucket_sizes(largest_group):
+                    work = torch.zeros((group, 3, size[1], size[0]), device=self.device)
+                    pyramid = self._pyramid(work)
+                    for level, for_pnet in zip(pyramid.levels, pyramid.for_pnet):
+                        if for_pnet:
+                            self.pnet(level)
+                            passes += 1
+            for net, side in ((self.rnet, 24), (self.onet, 48)):
+                for crops in bucket_sizes(self._crop_step(side)):
+                    net(torch.zeros((crops, 3, side, side), device=self.device))
+                    passes += 1
+        return passes
 
     # -- preparation ------------------------------------------------------------------------------------------
 
@@ -675,7 +704,8 @@ class FaceDetector:
             for level, (sx, sy), for_pnet in zip(pyramid.levels, pyramid.scales, pyramid.for_pnet):
                 if not for_pnet:
                     continue
-                prob, offsets = self.pnet(level.sub(127.5).mul_(0.0078125))
+                prob, offsets = forward_in_bucket(self.pnet, level.sub(127.5).mul_(0.0078125),
+                                                   self.pad_batches)
                 mask = prob >= self.thresholds[0]
                 where = mask.nonzero()  # (n, 3): batch index, row, column
                 pairs.append(_grid_neighbour_pairs(where, tuple(mask.shape), count, _NMS_PNET_SCALE))
@@ -696,9 +726,13 @@ class FaceDetector:
         return _pnet_proposals(table[:, 0].astype(np.int64), level_run, table[:, 2:4].astype(np.int64), boxes,
                                table[:, 4], table[:, 5:9], neighbours)
 
+    def _crop_step(self, size: int) -> int:
+        """Crops of ``size`` x ``size`` per R-/O-Net forward pass."""
+        return _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
+
     def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
-        step = _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
+        step = self._crop_step(size)
         if self.images_on_device:
             device_crops = torch.empty((len(boxes), 3, size, size), device=self.device)
             image_count = max(max(pyramid.images) for pyramid in pyramids) + 1
@@ -711,7 +745,8 @@ class FaceDetector:
                     device_crops[torch.as_tensor(part, device=self.device)] = pyramid.crops(
                         boxes[part], local[ids[part]], size)
             device_crops.sub_(127.5).mul_(0.0078125)
-            outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
+            outs = [forward_in_bucket(net, device_crops[s:s + step], self.pad_batches)
+                    for s in range(0, len(boxes), step)]
             return [torch.cat(parts).double().cpu().numpy() for parts in zip(*outs)]
         crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
         for i in np.unique(ids):

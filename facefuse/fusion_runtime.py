@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facefuse.batch_buckets import bucket_size, bucket_sizes
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
 
 RUNTIME_CHOICES = ("auto", "tensorrt", "torch-cuda", "onnxruntime-cpu", "torch-cpu")
@@ -59,7 +60,7 @@ class TorchRuntime(FusionRuntime):
     graph: the network is ~100 small kernels, so replaying a graph instead of launching them one by one is what
     makes small batches fast (8x at batch 1 on an H200)."""
 
-    BUCKETS = (1, 2, 4, 8, 16, 32)
+    BUCKETS = bucket_sizes(32)
 
     def __init__(self, device: str = "cuda", half: bool | None = None, cuda_graphs: bool = True) -> None:
         import torch
@@ -104,7 +105,7 @@ class TorchRuntime(FusionRuntime):
             if not self.use_graphs:
                 outputs = self.network(*tensors)
                 return {name: out.float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
-            bucket = next(size for size in self.BUCKETS if size >= batch)
+            bucket = bucket_size(batch)
             graph, static_inputs, static_outputs = self._graph(
                 bucket, {name: tuple(tensor.shape[1:]) for name, tensor in zip(INPUT_NAMES, tensors)})
             for static, tensor in zip(static_inputs, tensors):

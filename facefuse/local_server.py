@@ -143,15 +143,17 @@ def free_ports() -> Ports:
 
 
 def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = MODEL_REPOSITORY,
-          timeout_s: float = 240.0, extra: list[str] | None = None, quiet: bool = False) -> subprocess.Popen:
-    """Start the server in the background and wait until /v2/health/ready answers 200."""
+          timeout_s: float = 240.0, extra: list[str] | None = None, quiet: bool = False,
+          environment: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the server in the background (``environment`` added to its own, e.g. MpsDaemon.environment()) and wait
+    until /v2/health/ready answers 200."""
     if is_ready(ports):
         raise RuntimeError(f"a server already answers on HTTP port {ports.http}; stop it or choose other ports")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
     command = server_command(ports, model_repository, extra)
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=server_environment(),
-                               start_new_session=True)
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                               env={**server_environment(), **(environment or {})}, start_new_session=True)
     started = time.monotonic()
     if not quiet:
         print(f"[serve] tritonserver pid {process.pid}, HTTP {ports.http}, gRPC {ports.grpc}, "
@@ -201,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=defaults.grpc)
     parser.add_argument("--metrics-port", type=int, default=defaults.metrics)
     parser.add_argument("--log", type=Path, default=DEFAULT_LOG)
+    parser.add_argument("--mps", action="store_true",
+                        help="serve: run the GPU model processes under a private CUDA MPS daemon (facefuse/mps.py)")
     args = parser.parse_args(argv)
+    if args.mps and args.action != "serve":
+        parser.error("--mps works with `serve` (the daemon ends with the server)")
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     if args.action == "stop":
         if not PID_FILE.exists():
@@ -229,10 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     admin_secret = os.environ.get("TRITON_ADMIN_KEY")
     # Explicit model control lets the stub watchdog reload a model whose Python stub died (facefuse/watchdog.py).
     extra = [*SELF_HEAL_ARGS, *(restricted_api_args(admin_secret) if admin_secret else [])]
+    mps = None
+    if args.mps:
+        from facefuse.mps import MpsUnavailable, start_mps
+
+        try:
+            mps = start_mps(REPO_ROOT / "out" / "mps")
+        except MpsUnavailable as error:
+            print(f"[serve] --mps: {error}", file=sys.stderr)
+            return 1
+        print(f"[serve] CUDA MPS daemon started (pipes in {mps.pipe_folder})", flush=True)
     try:
-        process = start(ports, args.log, extra=extra)
+        process = start(ports, args.log, extra=extra, environment=mps.environment() if mps else None)
     except RuntimeError as error:
         print(f"[serve] {error}", file=sys.stderr)
+        if mps:
+            mps.stop()
         return 1
     if args.action == "start":
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return stop_process(process)
     finally:
         watchdog.stop()
+        if mps:
+            mps.stop()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ MIN_EYE_DISTANCE = 12.0
 # 1080p pairs, one CPU core: 211 vs 487 ms).
 SERVICE_DETECTOR_MAX_SIDE = 640
 SOFTWARE = f"facefuse {facefuse.__version__}"
+# (height, width) of the photos whose detector shapes are warmed up at load on the GPU: 16:9 and 4:3, landscape and
+# portrait (cameras and phones). Other aspect ratios pay their new shapes once, on first use.
+WARM_UP_PHOTO_SIZES = ((1080, 1920), (1920, 1080), (3024, 4032), (4032, 3024))
 VERSIONS = {
     "interface": "v1",
     "facefuse": facefuse.__version__,
@@ -130,8 +133,13 @@ class Preprocessor:
         """Prepare a batch of ``requests`` rows made from the shipped group photo (six faces) once, so the first
         real requests do not pay for kernel loading and selection, allocator growth and nvJPEG set-up (on the H200
         the first batch's face mesh alone took ~2 s): decode, every detector stage with faces present, the crops,
-        the mesh over 2 x ``requests`` crops and the spline solves. Consent and the identity blocklist are not
-        consulted (no caller's face is involved). Returns the number of rows prepared without error."""
+        the mesh over 2 x ``requests`` crops and the spline solves. Before that, on the GPU, the detector and the
+        mesh run once at every batch bucket (facefuse.batch_buckets; ~1.9 s per new mesh batch size on the H200).
+        Consent and the identity blocklist are not consulted (no caller's face is involved). Returns the number of
+        rows prepared without error."""
+        # On the GPU every batch shape the nets can meet, for the usual photo sizes (facefuse.batch_buckets).
+        self.detector.warm_up(WARM_UP_PHOTO_SIZES)
+        self.mesh.warm_up()
         try:
             photo = sample_image_path("t1.jpg").read_bytes()
         except FileNotFoundError:  # no sample photo installed: the detector and mesh at least see something

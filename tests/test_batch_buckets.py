@@ -1,0 +1,104 @@
+"""Power-of-two batch buckets (facefuse/batch_buckets.py): the sizes, padding that leaves real rows' outputs alone,
+and warm-ups that run every shape the detector and the face mesh can later meet. Padding is switched on here on
+the CPU (on a GPU host it is the default), so the shapes are the GPU's."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facefuse import face_mesh
+from facefuse.batch_buckets import bucket_size, bucket_sizes, forward_in_bucket
+from facefuse.detection import FaceDetector
+from facefuse.face_mesh import FaceMesh
+from facefuse.samples import sample_image_path
+
+
+def test_bucket_sizes_are_the_powers_of_two_that_cover_a_batch():
+    assert [bucket_size(count) for count in (0, 1, 2, 3, 4, 5, 31, 32, 33, 64)] == [1, 1, 2, 4, 4, 8, 32, 32, 64, 64]
+    assert bucket_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_sizes(48) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_sizes(1) == (1,)
+
+
+class _Recorder:
+    """Wraps a net and remembers the batch shapes it ran."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self.shapes = net, []
+
+    def __call__(self, batch: torch.Tensor):
+        self.shapes.append(tuple(batch.shape))
+        return self.net(batch)
+
+
+def test_padding_runs_the_bucket_and_leaves_the_real_rows_outputs_alone():
+    nets = FaceDetector()
+    rng = np.random.default_rng(5)
+    for net, shape in ((nets.pnet, (5, 3, 40, 52)), (nets.rnet, (5, 3, 24, 24)), (nets.onet, (5, 3, 48, 48))):
+        batch = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32))
+        recorder = _Recorder(net)
+        with torch.inference_mode():
+            padded, plain = forward_in_bucket(recorder, batch, pad=True), net(batch)
+            unpadded_by_default = forward_in_bucket(recorder, batch)  # a CPU tensor is not padded unless asked
+        assert [shape[0] for shape in recorder.shapes] == [8, 5]
+        assert isinstance(padded, tuple) and len(padded) == len(plain)
+        for got, want, default in zip(padded, plain, unpadded_by_default):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(default, want)
+
+
+def test_mesh_warm_up_runs_every_bucket_and_a_padded_batch_lands_in_one():
+    mesh = FaceMesh()
+    assert mesh.warm_up() == ()  # not padded on the CPU by default: nothing to warm
+    crops = np.asarray(Image.open(sample_image_path("Tom_Hanks_54745.png")).convert("RGB"))
+    crops = np.stack([cv2.resize(crops, (256, 256))] * 5)
+    points, presence = mesh.landmarks_and_presence(crops)
+    mesh.pad_batches = True
+    mesh.net = recorder = _Recorder(mesh.net)
+    assert mesh.warm_up() == bucket_sizes(face_mesh._MAX_BATCH)
+    warmed = set(recorder.shapes)
+    assert {shape[0] for shape in warmed} == set(bucket_sizes(face_mesh._MAX_BATCH))
+    recorder.shapes.clear()
+    padded_points, padded_presence = mesh.landmarks_and_presence(crops)
+    assert recorder.shapes == [(8, 3, 192, 192)] and set(recorder.shapes) <= warmed
+    np.testing.assert_allclose(padded_points, points, atol=1e-3)
+    np.testing.assert_allclose(padded_presence, presence, atol=1e-5)
+
+
+def test_detector_warm_up_runs_every_shape_a_device_batch_meets():
+    detector = FaceDetector(max_side=320, images_on_device=True)
+    assert detector.warm_up(((240, 320),)) == 0  # not padded on the CPU by default: nothing to warm
+    photo = np.asarray(Image.open(sample_image_path("t1.jpg")).convert("RGB"))
+    images = [cv2.resize(np.roll(photo, shift, axis=1), (320, 240)) for shift in (0, 40, 80)]
+    expected = detector.detect_batch(images)
+    detector.pad_batches = True
+    recorders = {name: _Recorder(getattr(detector, name)) for name in ("pnet", "rnet", "onet")}
+    for name, recorder in recorders.items():
+        setattr(detector, name, recorder)
+    passes = detector.warm_up(((240, 320),), largest_group=4)
+    warmed = {name: set(recorder.shapes) for name, recorder in recorders.items()}
+    assert passes == sum(len(shapes) for shapes in warmed.values())
+    assert {shape[0] for shape in warmed["rnet"]} == set(bucket_sizes(detector._crop_step(24)))
+    for recorder in recorders.values():
+        recorder.shapes.clear()
+    found = detector.detect_batch(images)
+    assert sum(len(faces) for faces in found) >= 6  # the group photo's faces, so R-Net and O-Net ran
+    for name, recorder in recorders.items():
+        assert recorder.shapes, f"{name} did not run"
+        assert set(recorder.shapes) <= warmed[name], f"{name} met shapes the warm-up did not run"
+    for padded_faces, plain_faces in zip(found, expected):
+        assert len(padded_faces) == len(plain_faces)
+        for padded, plain in zip(padded_faces, plain_faces):
+            np.testing.assert_allclose(padded.box, plain.box, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default padding is for CUDA tensors; no GPU here")
+def test_cuda_batches_are_padded_by_default():
+    recorder = _Recorder(torch.nn.Identity())
+    out = forward_in_bucket(recorder, torch.zeros((3, 2), device="cuda"))
+    assert recorder.shapes == [(4, 2)] and out.shape == (3, 2)
