@@ -46,9 +46,10 @@ CONFIG_NAME = "gpu"  # docker compose runs `tritonserver --model-config-name=gpu
 # The models that hold GPU work: TensorRT fusion, and the Python models (preprocess runs MTCNN and the face mesh on
 # CUDA). The ensemble has no instances of its own.
 GPU_MODELS = ("preprocess", "fusion", "postprocess")
-# One instance of each model per GPU to start with: one TensorRT instance with dynamic batching keeps a GPU busy,
-# and each Python instance is a process of its own. Raise a count where measurement shows requests queueing there.
-DEFAULT_COUNT_PER_GPU = 1
+# Instances per GPU unless told otherwise: each model's count in its GPU config (configs/gpu.pbtxt, else
+# config.pbtxt), i.e. what was measured on one H200: one TensorRT instance with dynamic batching keeps a GPU busy;
+# each Python instance is a process of its own, and preprocess needs several. Raise a count where measurement shows
+# requests queueing there.
 
 TRITON_SERVICE = "triton"
 GATEWAY_SERVICE = "gateway"
@@ -77,14 +78,19 @@ def load_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def _counts(count_per_gpu: int | Mapping[str, int] | None) -> dict[str, int]:
+def configured_count(model: str, repository: Path = REPOSITORY) -> int:
+    """The model's instance count in its GPU config (all groups together): the default count per GPU."""
+    return sum(group.count for group in load_config(source_config_path(model, repository)).instance_group) or 1
+
+
+def _counts(count_per_gpu: int | Mapping[str, int] | None, repository: Path = REPOSITORY) -> dict[str, int]:
     if count_per_gpu is None:
-        counts = dict.fromkeys(GPU_MODELS, DEFAULT_COUNT_PER_GPU)
+        counts = {model: configured_count(model, repository) for model in GPU_MODELS}
     elif isinstance(count_per_gpu, Mapping):
         unknown = sorted(set(count_per_gpu) - set(GPU_MODELS))
         if unknown:
             raise ValueError(f"no GPU instances for {', '.join(unknown)}; models: {', '.join(GPU_MODELS)}")
-        counts = {model: count_per_gpu.get(model, DEFAULT_COUNT_PER_GPU) for model in GPU_MODELS}
+        counts = {model: count_per_gpu.get(model, configured_count(model, repository)) for model in GPU_MODELS}
     else:
         counts = dict.fromkeys(GPU_MODELS, count_per_gpu)
     for model, count in counts.items():
@@ -123,14 +129,16 @@ def _header(model: str, source: Path, repository: Path, n_gpus: int, count: int)
     return "".join(f"# {line}\n" for line in lines)
 
 
-def render_instance_config(model: str, n_gpus: int, count: int = DEFAULT_COUNT_PER_GPU,
+def render_instance_config(model: str, n_gpus: int, count: int | None = None,
                            repository: Path = REPOSITORY) -> str:
-    """configs/gpu.pbtxt text for one model: its source config with the instance groups replaced, nothing else."""
+    """configs/gpu.pbtxt text for one model: its source config with the instance groups replaced (``count`` per GPU,
+    default the source's own count), nothing else."""
     check_gpu_count(n_gpus)
+    count = _counts(count, repository)[model]
     source = source_config_path(model, repository)
     config = load_config(source)
     del config.instance_group[:]
-    config.instance_group.extend(gpu_instance_groups(n_gpus, _counts(count)[model]))
+    config.instance_group.extend(gpu_instance_groups(n_gpus, count))
     return _header(model, source, repository, n_gpus, count) + text_format.MessageToString(config)
 
 
@@ -138,7 +146,7 @@ def render_instance_configs(n_gpus: int, count_per_gpu: int | Mapping[str, int] 
                             repository: Path = REPOSITORY) -> dict[str, str]:
     """Model name -> configs/gpu.pbtxt text, for every model with GPU instances."""
     check_gpu_count(n_gpus)
-    counts = _counts(count_per_gpu)
+    counts = _counts(count_per_gpu, repository)
     return {model: render_instance_config(model, n_gpus, counts[model], repository) for model in GPU_MODELS}
 
 
@@ -364,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("instances", "replicas"), default="instances",
                         help="instances: one Triton, instance groups per GPU (default); replicas: one Triton per GPU")
     parser.add_argument("--count-per-gpu", action="append", metavar="C|MODEL=C",
-                        help=f"instances per GPU, for every model or one (default {DEFAULT_COUNT_PER_GPU}; "
-                             "instances mode)")
+                        help="instances per GPU, for every model or one (default: each model's count in its GPU "
+                             "config; instances mode)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     try:

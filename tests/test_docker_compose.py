@@ -293,3 +293,33 @@ def test_stub_watchdog_runs_beside_triton(triton: dict) -> None:
     assert "TRITON_ADMIN_KEY" in watchdog["environment"]
     assert watchdog["depends_on"]["triton"]["condition"] == "service_healthy"
     assert "ports" not in watchdog
+
+
+MPS_OVERRIDE = ROOT / "docker-compose.mps.yml"
+
+
+def _fake_control(folder: Path, exit_code: int) -> Path:
+    binary = folder / "nvidia-cuda-mps-control"
+    binary.write_text(f'#!/bin/sh\necho "$@" > "{folder}/control-args"\nexit {exit_code}\n')
+    binary.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("daemon_starts", [True, False])
+def test_mps_override_starts_the_daemon_then_runs_the_command(tmp_path: Path, daemon_starts: bool) -> None:
+    """The override's entrypoint, run by a real /bin/sh with a stand-in for the driver's control binary (no GPU
+    here): the daemon is started in the background mode (-d), then the compose command runs as given; if the daemon
+    fails, the command does not run and the reason is printed."""
+    import subprocess
+
+    override = yaml.safe_load(MPS_OVERRIDE.read_text())
+    assert set(override["services"]) == {"triton"} and set(override["services"]["triton"]) == {"entrypoint"}
+    entrypoint = override["services"]["triton"]["entrypoint"]
+    folder = _fake_control(tmp_path, 0 if daemon_starts else 1)
+    result = subprocess.run([*entrypoint, "echo", "tritonserver", "--model-repository=/models"],
+                            capture_output=True, text=True, env={"PATH": f"{folder}:/usr/bin:/bin"}, check=False)
+    assert (folder / "control-args").read_text().strip() == "-d"
+    if daemon_starts:
+        assert result.returncode == 0 and result.stdout == "tritonserver --model-repository=/models\n"
+    else:
+        assert result.returncode == 1 and result.stdout == "" and "MPS daemon did not start" in result.stderr

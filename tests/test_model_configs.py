@@ -117,3 +117,15 @@ def test_instance_device_resolves_auto_and_keeps_explicit_choices():
     assert instance_device("auto", {"model_instance_kind": "CPU"}) == expected
     assert instance_device("cpu", {"model_instance_kind": "GPU", "model_instance_device_id": "1"}) == "cpu"
     assert instance_device("cuda:3", {}) == "cuda:3"
+
+
+@pytest.mark.parametrize("model", ["preprocess", "postprocess"])
+def test_gpu_copies_of_python_models_differ_only_in_instances_and_consent(model):
+    """configs/gpu.pbtxt replaces config.pbtxt whole under --model-config-name=gpu (docker compose): a full copy with
+    its own instance count (measured on the H200) and, for preprocess, consent required (tests/test_consent.py)."""
+    local, gpu = load(REPOSITORY / model / "config.pbtxt"), load(REPOSITORY / model / "configs" / "gpu.pbtxt")
+    assert sum(group.count for group in gpu.instance_group) > sum(group.count for group in local.instance_group)
+    for config in (local, gpu):
+        config.ClearField("instance_group")
+        config.parameters.pop("consent", None)
+    assert text_format.MessageToString(gpu) == text_format.MessageToString(local)
