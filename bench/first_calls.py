@@ -20,10 +20,11 @@ from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preproce
 
 
 def _stage_ms(prepared: list) -> dict[str, float]:
+    """Each stage's time per request (a row's timings_ms hold the batch's stage time divided among its rows)."""
     stages: dict[str, float] = {}
     for row in prepared:
         for name, ms in getattr(row, "metadata", {}).get("timings_ms", {}).items():
-            stages[name] = round(max(stages.get(name, 0.0), ms), 1)  # a batch's stage time is shared by its rows
+            stages[name] = round(max(stages.get(name, 0.0), ms), 1)
     return stages
 
 
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             timings.append((1000 * (time.perf_counter() - started), _stage_ms(prepared)))
         (first, first_stages), (second, second_stages) = timings
-        print(f"[first-calls] {size} requests: first {first:.0f} ms {first_stages}; second {second:.0f} ms "
-              f"{second_stages}", flush=True)
+        print(f"[first-calls] {size} requests: first {first:.0f} ms (per request by stage {first_stages}); "
+              f"second {second:.0f} ms ({second_stages})", flush=True)
     return 0
 
 
