@@ -57,3 +57,18 @@ def test_stall_probe_turns_cumulative_statistics_into_intervals_and_finds_quiet_
     assert stalls(rows, min_seconds=1.0) == [(1.0, 2.5)]
     assert stalls(rows, min_seconds=0.5) == [(1.0, 2.5), (3.0, 3.5)]
     assert stalls(rows, min_seconds=2.0) == []
+
+
+def test_first_calls_times_a_new_batch_size_twice(capsys):
+    """bench.first_calls on the CPU: one line per size with both calls and every preprocess stage."""
+    import re
+
+    from bench import first_calls
+
+    assert first_calls.main(["--device", "cpu", "--sizes", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[first-calls] 1 requests")]
+    assert len(lines) == 1
+    match = re.search(r"first (\d+) ms .*second (\d+) ms", lines[0])
+    assert match and int(match.group(1)) > 0 and int(match.group(2)) > 0
+    for stage in ("decode", "detect", "align", "mesh", "geometry"):
+        assert lines[0].count(f"'{stage}'") == 2, stage
