@@ -83,9 +83,14 @@ clean:
 eval: build
 	$(PY) -m evaluation.run --out out/eval
 
-.PHONY: bench bench-network gateway-config
+.PHONY: bench bench-gpu bench-network gateway-config
 bench: build
 	$(PY) -m bench.run --out bench/results
+
+# GPU hosts: the ensemble with the GPU configs' instance counts under CUDA MPS, the H200 sweep of README Benchmarks.
+bench-gpu: build
+	$(PY) -m bench.run --out bench/results --mps --instances gpu --models face_fusion --concurrency 1,16,64,128 \
+		--skip-baseline
 
 bench-network: $(STAMP)
 	$(PY) -m bench.network --out bench/results

@@ -24,6 +24,14 @@ def parse_assignments(text: str) -> dict[str, int]:
     return values
 
 
+def gpu_config_counts(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
+    """The instance count of every GPU model in its GPU config (configs/gpu.pbtxt, else config.pbtxt): what docker
+    compose serves, measured on the H200 (deploy.multi_gpu reads the same)."""
+    from deploy.multi_gpu import GPU_MODELS, configured_count
+
+    return {model: configured_count(model, repository) for model in GPU_MODELS}
+
+
 def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_us: dict[str, int],
                      source: Path = MODEL_REPOSITORY, cpu_threads: dict[str, int] | None = None) -> Path:
     """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay / `cpu_threads`

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
-from bench.repository import parse_assignments, tuned_repository
+from bench.repository import gpu_config_counts, parse_assignments, tuned_repository
 from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -236,14 +236,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="different 1080p (source, target) pairs sent in turn (>= the largest batch, so that no "
                              "batch holds the same image twice)")
     parser.add_argument("--instances", default="",
-                        help="instance counts to measure, e.g. preprocess=4,postprocess=4 (serves a tuned copy)")
+                        help="instance counts to measure, e.g. preprocess=4,postprocess=4 (serves a tuned copy); "
+                             "`gpu`: the counts of the GPU configs (configs/gpu.pbtxt)")
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
-    instances, delays = parse_assignments(args.instances), parse_assignments(args.queue_delay_us)
+    instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
+                 else parse_assignments(args.instances))
+    delays = parse_assignments(args.queue_delay_us)
     threads = parse_assignments(args.cpu_threads)
     if instances or delays or threads:
         args.model_repository = tuned_repository(REPO_ROOT / ".cache" / "bench" / "repository", instances, delays,

@@ -72,3 +72,15 @@ def test_first_calls_times_a_new_batch_size_twice(capsys):
     assert match and int(match.group(1)) > 0 and int(match.group(2)) > 0
     for stage in ("decode", "detect", "align", "mesh", "geometry"):
         assert lines[0].count(f"'{stage}'") == 2, stage
+
+
+def test_gpu_instance_counts_are_the_gpu_configs_counts():
+    """`bench.run --instances gpu` measures what docker compose serves: each GPU model's count in its GPU config."""
+    from bench.repository import gpu_config_counts
+    from tests.test_multi_gpu import source_config
+
+    counts = gpu_config_counts()
+    assert set(counts) == {"preprocess", "fusion", "postprocess"}
+    for model, count in counts.items():
+        assert count == sum(group.count for group in source_config(model).instance_group) >= 1
+    assert counts["preprocess"] > 1  # the measured choice (README Benchmarks), unlike config.pbtxt's single instance
