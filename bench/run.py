@@ -33,7 +33,7 @@ from facefuse.local_server import (
     start,
     stop_process,
 )
-from facefuse.mps import start_mps
+from facefuse.mps import mps_problem, start_mps
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
 
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
+    if args.mps and mps_problem():
+        print(f"[bench] --mps: {mps_problem()}", file=sys.stderr)
+        return 2
     instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
                  else parse_assignments(args.instances))
     delays = parse_assignments(args.queue_delay_us)

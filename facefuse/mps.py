@@ -43,14 +43,22 @@ class MpsDaemon:
             self.control("quit")
 
 
+def mps_problem(device_folder: Path = Path("/dev")) -> str | None:
+    """Why MPS cannot run on this host (no GPU, no control binary), or None when it can be tried."""
+    if not any(path.name.removeprefix("nvidia").isdigit() for path in device_folder.glob("nvidia*")):
+        return "MPS needs an NVIDIA GPU; none is visible (/dev/nvidiaN)"
+    if shutil.which(CONTROL) is None:
+        return f"{CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities)"
+    return None
+
+
 def start_mps(folder: Path, device_folder: Path = Path("/dev")) -> MpsDaemon:
     """Start an MPS control daemon private to ``folder``; MpsUnavailable when there is no GPU or no control binary
     (it ships with the NVIDIA driver's utilities) or the daemon does not come up."""
-    if not any(path.name.removeprefix("nvidia").isdigit() for path in device_folder.glob("nvidia*")):
-        raise MpsUnavailable("MPS needs an NVIDIA GPU; none is visible (/dev/nvidiaN)")
+    problem = mps_problem(device_folder)
+    if problem:
+        raise MpsUnavailable(problem)
     binary = shutil.which(CONTROL)
-    if binary is None:
-        raise MpsUnavailable(f"{CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities)")
     daemon = MpsDaemon(folder / "pipe", folder / "log")
     for path in (daemon.pipe_folder, daemon.log_folder):
         path.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,12 @@ def test_daemon_starts_and_answers(tmp_path: Path):
         assert set(daemon.environment()) == {"CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"}
     finally:
         daemon.stop()
+
+
+@pytest.mark.skipif(shutil.which(CONTROL) is not None and bool(list(Path("/dev").glob("nvidia[0-9]*"))),
+                    reason="this host could run MPS; the refusal is for hosts that cannot")
+def test_bench_refuses_mps_where_it_cannot_run_before_doing_any_work(capsys: pytest.CaptureFixture[str]):
+    from bench import run
+
+    assert run.main(["--mps", "--out", "/nonexistent/never-written"]) == 2
+    assert "--mps:" in capsys.readouterr().err
