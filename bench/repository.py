@@ -32,12 +32,25 @@ def gpu_config_counts(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
     return {model: configured_count(model, repository) for model in GPU_MODELS}
 
 
+def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:
+    """["preprocess.detector_max_side=1280"] -> {"preprocess": {"detector_max_side": "1280"}}."""
+    values: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, _, value = item.partition("=")
+        model, _, key = target.partition(".")
+        if not model or not key or not _:
+            raise ValueError(f"expected model.parameter=value, got {item!r}")
+        values.setdefault(model, {})[key] = value
+    return values
+
+
 def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_us: dict[str, int],
-                     source: Path = MODEL_REPOSITORY, cpu_threads: dict[str, int] | None = None) -> Path:
+                     source: Path = MODEL_REPOSITORY, cpu_threads: dict[str, int] | None = None,
+                     parameters: dict[str, dict[str, str]] | None = None) -> Path:
     """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay / `cpu_threads`
-    parameter replaced."""
-    cpu_threads = cpu_threads or {}
-    unknown = (set(instances) | set(queue_delays_us) | set(cpu_threads)) - {
+    parameter / existing string parameters replaced."""
+    cpu_threads, parameters = cpu_threads or {}, parameters or {}
+    unknown = (set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters)) - {
         path.name for path in source.iterdir() if path.is_dir()}
     if unknown:
         raise ValueError(f"no such model(s) in {source}: {', '.join(sorted(unknown))}")
@@ -52,7 +65,7 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             target.symlink_to(path.resolve())
         else:
             shutil.copy2(path, target)
-    for name in set(instances) | set(queue_delays_us) | set(cpu_threads):
+    for name in set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters):
         # config.pbtxt and the per-deployment copies (configs/gpu.pbtxt): whichever the server reads.
         for config_path in [destination / name / "config.pbtxt", *sorted((destination / name).glob("configs/*.pbtxt"))]:
             text = config_path.read_text()
@@ -64,13 +77,16 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
                 text = _replace_one(text, r"(instance_group\s*\[\s*\{\s*count:\s*)\d+", instances[name], name)
             if name in queue_delays_us:
                 text = _replace_one(text, r"(max_queue_delay_microseconds:\s*)\d+", queue_delays_us[name], name)
+            for key, value in parameters.get(name, {}).items():
+                text = _replace_one(text, rf'(key:\s*"{re.escape(key)}"\s*value:\s*{{\s*string_value:\s*")[^"]*(?=")',
+                                    value, name)
             config_path.write_text(text)
     return destination
 
 
-def _replace_one(text: str, pattern: str, value: int, model: str) -> str:
+def _replace_one(text: str, pattern: str, value: int | str, model: str) -> str:
     # Plain text edits (the GPU host has no tritonclient protobufs); our configs name each setting exactly once.
-    edited, count = re.subn(pattern, rf"\g<1>{value}", text)
+    edited, count = re.subn(pattern, lambda match: f"{match.group(1)}{value}", text)
     if count != 1:
         raise ValueError(f"{model}/config.pbtxt: expected one match of {pattern!r}, found {count}")
     return edited

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
-from bench.repository import gpu_config_counts, parse_assignments, tuned_repository
+from bench.repository import gpu_config_counts, parse_assignments, parse_parameters, tuned_repository
 from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
+    parser.add_argument("--parameter", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                        help="set an existing string parameter of a model's config, e.g. "
+                             "preprocess.detector_max_side=1280 (serves a tuned copy; repeatable)")
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
@@ -251,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
                  else parse_assignments(args.instances))
     delays = parse_assignments(args.queue_delay_us)
     threads = parse_assignments(args.cpu_threads)
-    if instances or delays or threads:
+    parameters = parse_parameters(args.parameter)
+    if instances or delays or threads or parameters:
         args.model_repository = tuned_repository(REPO_ROOT / ".cache" / "bench" / "repository", instances, delays,
-                                                 args.model_repository, threads)
+                                                 args.model_repository, threads, parameters)
         print(f"[bench] serving a copy with instances {instances or 'as configured'}, queue delays (us) "
-              f"{delays or 'as configured'}, cpu_threads {threads or 'as configured'}", flush=True)
+              f"{delays or 'as configured'}, cpu_threads {threads or 'as configured'}, parameters "
+              f"{parameters or 'as configured'}", flush=True)
     levels = [int(level) for level in args.concurrency.split(",")]
     tag = f"{datetime.date.today().isoformat()}_{args.machine or machine_tag()}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ensemble = [row for row in rows if row["model"] == "face_fusion"]
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
     summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,
-               "queue_delays_us": delays, "cpu_threads": threads, "rows": rows, **baseline}
+               "queue_delays_us": delays, "cpu_threads": threads, "parameters": parameters, "rows": rows, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])
         summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.run import composing_breakdown
 
 REPORT = Path(__file__).resolve().parent.parent / "bench" / "results" / \
@@ -26,19 +28,26 @@ def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from bench.repository import tuned_repository
+    from bench.repository import parse_parameters, tuned_repository
 
     copy = tuned_repository(tmp_path / "repository", {"preprocess": 3, "fusion": 2}, {"preprocess": 5000},
-                            cpu_threads={"preprocess": 1, "fusion": 1})
+                            cpu_threads={"preprocess": 1, "fusion": 1},
+                            parameters=parse_parameters(["preprocess.detector_max_side=1280"]))
     for path in [copy / "preprocess" / "config.pbtxt", *sorted((copy / "preprocess" / "configs").glob("*.pbtxt")),
                  copy / "fusion" / "config.pbtxt", copy / "fusion" / "configs" / "gpu.pbtxt"]:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         assert config.instance_group[0].count == (3 if config.name == "preprocess" else 2), path
         if config.name == "preprocess":
             assert config.dynamic_batching.max_queue_delay_microseconds == 5000, path
+            assert config.parameters["detector_max_side"].string_value == "1280", path
+            assert config.parameters["consent"].string_value in ("off", "required"), path  # others untouched
         if config.backend == "python":
             assert config.parameters["cpu_threads"].string_value == "1", path
     assert len(list((copy / "preprocess" / "configs").glob("*.pbtxt"))) == 1
+    with pytest.raises(ValueError, match="expected one match"):  # only parameters the config has
+        tuned_repository(tmp_path / "again", {}, {}, parameters={"preprocess": {"no_such_key": "1"}})
+    with pytest.raises(ValueError, match="model.parameter=value"):
+        parse_parameters(["detector_max_side=1280"])
 
 
 def test_stall_probe_turns_cumulative_statistics_into_intervals_and_finds_quiet_spans():
