@@ -560,7 +560,7 @@ class FaceDetector:
         with torch.inference_mode():
             for height, width in image_sizes:
                 size = self._working_size(height, width) or (width, height)
-                for group in bucket_sizes(largest_group):
+                for group in bucket_sizes(min(largest_group, self._images_per_pass(height, width))):
                     work = torch.zeros((group, 3, size[1], size[0]), device=self.device)
                     pyramid = self._pyramid(work)
                     for level, for_pnet in zip(pyramid.levels, pyramid.for_pnet):
@@ -603,9 +603,7 @@ class FaceDetector:
         groups, back_scales = [], [(1.0, 1.0)] * len(images)
         for (h, w), members in by_size.items():
             size = self._working_size(h, w)
-            # Bound both the float copies of the decoded images and the batched P-Net activations.
-            working_pixels = h * w if size is None else size[0] * size[1]
-            per_pass = max(1, min(_MAX_DEVICE_PIXELS // (h * w), _MAX_PNET_PIXELS // working_pixels))
+            per_pass = self._images_per_pass(h, w)
             for first in range(0, len(members), per_pass):
                 chunk = members[first:first + per_pass]
                 pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(images[i]))
@@ -620,6 +618,15 @@ class FaceDetector:
                 for i in chunk:
                     back_scales[i] = scale
         return groups, back_scales
+
+    def _images_per_pass(self, h: int, w: int) -> int:
+        """Same-size h x w photos prepared and run through P-Net together on the device: bounds both the float
+        copies of the decoded images and the batched P-Net activations."""
+        size = self._working_size(h, w)
+        working_pixels = h * w if size is None else size[0] * size[1]
+        limit = max(1, min(_MAX_DEVICE_PIXELS // (h * w), _MAX_PNET_PIXELS // working_pixels))
+        # With padded batches a power of two, so that padding the last pass never goes past the bound.
+        return 1 << (limit.bit_length() - 1) if self.pad_batches else limit
 
     def _pnet_scales(self, h: int, w: int) -> list[float]:
         scales = []

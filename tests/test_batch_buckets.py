@@ -102,3 +102,13 @@ def test_cuda_batches_are_padded_by_default():
     recorder = _Recorder(torch.nn.Identity())
     out = forward_in_bucket(recorder, torch.zeros((3, 2), device="cuda"))
     assert recorder.shapes == [(4, 2)] and out.shape == (3, 2)
+
+
+def test_padded_pnet_passes_stay_within_the_memory_bound():
+    """Photos per pass on the device: with padding a power of two, so a padded last pass holds no more pixels than
+    the unpadded bounds allow (decoded pixels, P-Net's working pixels)."""
+    detector = FaceDetector(max_side=640, images_on_device=True)
+    sizes = ((3024, 4032), (1536, 2048), (1080, 1920))  # 12 MP phone photo, 3 MP, 1080p
+    assert [detector._images_per_pass(*size) for size in sizes] == [11, 42, 64]
+    detector.pad_batches = True
+    assert [detector._images_per_pass(*size) for size in sizes] == [8, 32, 64]
