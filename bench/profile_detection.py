@@ -15,12 +15,12 @@ import time
 import torch
 
 from bench.inputs import benchmark_pairs
-from facefuse.detection import FaceDetector
+from facefuse.detection import PROPOSAL_CHOICES, FaceDetector
 from facefuse.imaging import decode_image
 from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE
 
-_STAGES = ("_prepare", "_prepare_groups", "_pyramid", "_stage_pnet", "_stage_pnet_tensor", "_stage_rnet",
-           "_stage_onet")
+_STAGES = ("_prepare", "_prepare_groups", "_pyramid", "_crop_pyramid", "_blazeface_proposals", "_stage_pnet",
+           "_stage_pnet_tensor", "_stage_rnet", "_stage_onet")
 
 
 def _timed(detector: FaceDetector, totals: dict[str, float]) -> None:
@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--preprocess", action="store_true", help="also profile whole preprocess batches")
+    parser.add_argument("--proposals", choices=PROPOSAL_CHOICES, default="auto",
+                        help="the detector's candidate faces (preprocess parameter detector_proposals)")
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.batches.split(",")]
     pairs = benchmark_pairs((max(sizes) + 1) // 2)
     images = [decode_image(data) for pair in pairs for data in pair]
     if args.device.startswith("cuda"):
         images = [torch.from_numpy(image).to(args.device) for image in images]
-    detector = FaceDetector(device=args.device, max_side=SERVICE_DETECTOR_MAX_SIDE)
+    detector = FaceDetector(device=args.device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals=args.proposals)
     for size in sizes:
         batch = images[:size]
         detector.detect_batch(batch)  # warm-up (kernels, allocator)

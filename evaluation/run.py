@@ -32,6 +32,7 @@ import torch
 from evaluation import dlib_models
 from evaluation.baseline import classic_fuse
 from evaluation.metrics import identity_distances, intended_landmarks, landmark_error, seam_metrics
+from facefuse.detection import PROPOSAL_CHOICES
 from facefuse.engine import FUSION_MODEL_DIR, LocalFusion
 from facefuse.errors import FusionError
 from facefuse.imaging import decode_image
@@ -462,6 +463,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch and OpenCV threads during the run (default 1: the yardstick is per core, and"
                              " on a shared machine extra threads only oversubscribe it; 0 = the libraries' choice)")
+    parser.add_argument("--proposals", choices=PROPOSAL_CHOICES, default="auto",
+                        help="where the detector's candidate faces come from (preprocess parameter "
+                             "detector_proposals)")
     return parser.parse_args(argv)
 
 
@@ -482,7 +486,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runtime_choice = args.runtime or default_runtime()
     started = time.perf_counter()
-    engine = LocalFusion(runtime=runtime_choice)
+    engine = LocalFusion(runtime=runtime_choice, detector_proposals=args.proposals)
     # The service's own detector: face indices are its order (largest first), which depends on its settings (at
     # 640 and 1280 px two faces of t1.jpg of nearly equal size swap places).
     faces = load_faces(engine.preprocessor.detector.detect)
@@ -515,6 +519,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     info = {
         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
         "fusion runtime": f"{runtime_name} (requested {runtime_choice!r}); network {network}",
+        "detector proposals": f"{engine.preprocessor.detector.proposals} (requested {args.proposals!r})",
         "machine": f"{os.cpu_count()} CPU cores; Python {sys.version.split()[0]}; both methods run interleaved in"
                    f" one process, so CPU contention affects them alike; threads: PyTorch {torch.get_num_threads()},"
                    f" OpenCV {cv2.getNumThreads()}, dlib 1, ONNX Runtime its own"

@@ -149,7 +149,7 @@ def build_blocklist(paths: Sequence[Path], detector: FaceDetector | None = None,
     from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE
 
     # Enrol faces as the service will see them (the same detector settings, so the same boxes).
-    detector = detector or FaceDetector(max_side=SERVICE_DETECTOR_MAX_SIDE)
+    detector = detector or FaceDetector(max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto")
     names: list[str] = []
     descriptors: list[np.ndarray] = []
     problems: list[str] = []

