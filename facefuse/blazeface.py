@@ -4,7 +4,11 @@ MediaPipe's weighted NMS."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import io
 import pathlib
+import warnings
 
 import cv2
 import numpy as np
@@ -54,14 +58,50 @@ def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     return np.array(kept, dtype=np.float64).reshape(-1, width)
 
 
-class BlazeFace:
-    """Faces in HxWx3 uint8 RGB photos: rows (x1, y1, x2, y2, score, 6 x (x, y)) in photo pixels, best first."""
+@functools.lru_cache(maxsize=1)
+def _onnx_model() -> bytes:
+    """The graph exported to ONNX (in memory, once per process: a few seconds)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the exporter's notes on its legacy path are not for service logs
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TFLiteGraph(model_path()).eval(), (torch.zeros((1, 3, INPUT_SIZE, INPUT_SIZE)),), buffer,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
+    return buffer.getvalue()
 
-    def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5) -> None:
+
+class BlazeFace:
+    """Faces in HxWx3 uint8 RGB photos: rows (x1, y1, x2, y2, score, 6 x (x, y)) in photo pixels, best first.
+
+    On the CPU the graph runs in ONNX Runtime when it is installed (``runtime`` "auto"): 4x faster than PyTorch's
+    depthwise convolutions on 2 cores, outputs within 1e-4."""
+
+    def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5, runtime: str = "auto") -> None:
+        if runtime not in ("auto", "torch", "onnxruntime"):
+            raise ValueError(f"runtime must be auto, torch or onnxruntime, got {runtime!r}")
         self.device = torch.device(device)
         self.net = TFLiteGraph(model_path()).to(self.device).eval()
+        self.session = None
+        if runtime == "onnxruntime" or (runtime == "auto" and self.device.type == "cpu"
+                                        and importlib.util.find_spec("onnxruntime") is not None):
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # the model instance's cap (cpu_threads)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
+            self.session = onnxruntime.InferenceSession(_onnx_model(), options, providers=["CPUExecutionProvider"])
         self.anchors = _anchor_centres()
         self.min_score = float(min_score)
+
+    def _forward(self, canvases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N,192,192,3) uint8 -> the graph's (N,2304,16) box/keypoint offsets and (N,2304) score logits."""
+        if self.session is not None:
+            x = canvases.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+            regressors, classifiers = self.session.run(None, {"x": np.ascontiguousarray(x)})
+            return regressors, classifiers[..., 0]
+        batch = torch.from_numpy(canvases).to(self.device)
+        with torch.inference_mode():
+            regressors, classifiers = self.net(batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0))
+        return regressors.float().cpu().numpy(), classifiers.float().cpu().numpy()[..., 0]
 
     def letterbox(self, rgb: np.ndarray) -> tuple[np.ndarray, float, float, float]:
         """The photo scaled to fit 192x192, centred on black: (input, scale, pad_x, pad_y)."""
@@ -78,12 +118,9 @@ class BlazeFace:
         if not images:
             return []
         boxed = [self.letterbox(rgb) for rgb in images]
-        batch = torch.from_numpy(np.stack([canvas for canvas, *_ in boxed])).to(self.device)
-        with torch.inference_mode():
-            regressors, classifiers = self.net(batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0))
-        regressors = regressors.float().cpu().numpy().astype(np.float64) / INPUT_SIZE
-        scores = 1.0 / (1.0 + np.exp(-np.clip(classifiers.float().cpu().numpy()[..., 0].astype(np.float64),
-                                              -100.0, 100.0)))
+        regressors, logits = self._forward(np.stack([canvas for canvas, *_ in boxed]))
+        regressors = regressors.astype(np.float64) / INPUT_SIZE
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -100.0, 100.0)))
         results = []
         for raw, score, (_, scale, pad_x, pad_y) in zip(regressors, scores, boxed):
             keep = score >= self.min_score

@@ -174,7 +174,7 @@ class TFLiteGraph(nn.Module):
                 # The graph's fixed output size, scaled with the input: a fully convolutional graph runs at any
                 # size the model's strides divide.
                 graph_in = self.shapes[options["input"]]
-                size = tuple(round(options["size"][axis] * x.shape[2 + axis] / graph_in[1 + axis]) for axis in (0, 1))
+                size = tuple(options["size"][axis] * int(x.shape[2 + axis]) // graph_in[1 + axis] for axis in (0, 1))
                 y = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             elif name == "RESHAPE":  # (N, H, W, C) -> (N, H*W, C) style: the middle size follows the input's
                 y = (x.permute(0, 2, 3, 1) if x.ndim == 4 else x).reshape(x.shape[0], -1, self.shapes[outs[0]][-1])

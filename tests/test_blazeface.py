@@ -96,3 +96,15 @@ def test_blazeface_proposals_keep_every_confident_face_of_the_benchmark_photos()
             width = face.box[2] - face.box[0]
             assert any(np.abs(other.box - face.box).max() < 0.3 * width for other in fast), face.box
     assert confident >= 20
+
+
+def test_onnx_runtime_and_pytorch_give_the_same_faces():
+    """On the CPU the graph runs in ONNX Runtime (exported from our PyTorch runner): the same rows as PyTorch's."""
+    photo = _photo("t1.jpg")
+    fast, plain = BlazeFace(), BlazeFace(runtime="torch")
+    assert fast.session is not None and plain.session is None
+    rows_fast, rows_plain = fast.detect_batch([photo])[0], plain.detect_batch([photo])[0]
+    assert rows_fast.shape == rows_plain.shape
+    np.testing.assert_allclose(rows_fast, rows_plain, atol=0.05)  # pixels; scores within 1e-4
+    with pytest.raises(ValueError, match="runtime must be"):
+        BlazeFace(runtime="tflite")
