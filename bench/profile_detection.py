@@ -1,7 +1,7 @@
 """Where preprocess's time goes: the detector's stages (synchronised wall times on CUDA) and a cProfile of
 detect_batch, then (--preprocess) a cProfile of Preprocessor.prepare_batch over the same number of requests.
 
-    python -m bench.profile_detection [--device cuda] [--batches 2,32] [--repeats 3] [--preprocess]
+    python -m bench.profile_detection [--device cuda] [--batches 2,32] [--repeats 3] [--preprocess] [--no-cuda-graphs]
 """
 
 from __future__ import annotations
@@ -52,13 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preprocess", action="store_true", help="also profile whole preprocess batches")
     parser.add_argument("--proposals", choices=PROPOSAL_CHOICES, default="auto",
                         help="the detector's candidate faces (preprocess parameter detector_proposals)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run the nets eagerly on CUDA (preprocess parameter cuda_graphs = no)")
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.batches.split(",")]
     pairs = benchmark_pairs((max(sizes) + 1) // 2)
     images = [decode_image(data) for pair in pairs for data in pair]
     if args.device.startswith("cuda"):
         images = [torch.from_numpy(image).to(args.device) for image in images]
-    detector = FaceDetector(device=args.device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals=args.proposals)
+    detector = FaceDetector(device=args.device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals=args.proposals,
+                            cuda_graphs=args.cuda_graphs)
     for size in sizes:
         batch = images[:size]
         detector.detect_batch(batch)  # warm-up (kernels, allocator)
@@ -91,7 +94,7 @@ def _profile_preprocess(pairs: list[tuple[bytes, bytes]], sizes: list[int], dete
     from facefuse.face_mesh import FaceMesh
     from facefuse.pipeline import FusionRequest, Preprocessor
 
-    preprocessor = Preprocessor(detector, FaceMesh(device=args.device))
+    preprocessor = Preprocessor(detector, FaceMesh(device=args.device, cuda_graphs=args.cuda_graphs))
     preprocessor.warm_up()
     for size in sizes:
         requests = [FusionRequest(*pairs[i % len(pairs)], 100.0, 100.0, b"{}") for i in range((size + 1) // 2)]

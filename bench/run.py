@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from facefuse.local_server import (
     stop_process,
 )
 from facefuse.mps import mps_problem, start_mps
+from facefuse.procfs import cpu_seconds, machine_cpu_seconds, stub_processes
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
 
@@ -121,6 +123,32 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
         "measurement": measurement,
     }
     return figures, result.stdout
+
+
+def cpu_snapshot(server_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the server process, by each model's stubs together, by finished children of this
+    process (perf_analyzer runs), and by the whole machine (busy and total), with a monotonic clock."""
+    snapshot = {"server": cpu_seconds(server_pid) or 0.0}
+    for stub in stub_processes(server_pid).values():
+        snapshot[stub.model] = snapshot.get(stub.model, 0.0) + (cpu_seconds(stub.pid) or 0.0)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    snapshot["perf_analyzer"] = children.ru_utime + children.ru_stime
+    snapshot["machine_busy"], snapshot["machine_total"] = machine_cpu_seconds()
+    snapshot["clock"] = time.monotonic()
+    return snapshot
+
+
+def cpu_cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Cores each part kept busy on average between two snapshots (``cpu_<part>_cores``), and the machine's busy
+    cores against all of them (``cpu_machine_busy_cores``, ``cpu_machine_cores``)."""
+    elapsed = max(after["clock"] - before["clock"], 1e-9)
+    machine_elapsed = max(after["machine_total"] - before["machine_total"], 1e-9)
+    cores = {f"cpu_{part}_cores": round((after[part] - before.get(part, 0.0)) / elapsed, 2)
+             for part in after if part not in ("clock", "machine_busy", "machine_total")}
+    cores["cpu_machine_cores"] = os.cpu_count() or 1
+    cores["cpu_machine_busy_cores"] = round((after["machine_busy"] - before["machine_busy"]) / machine_elapsed
+                                            * cores["cpu_machine_cores"], 2)
+    return cores
 
 
 def _unstable(result: subprocess.CompletedProcess) -> bool:
@@ -288,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] perf_analyzer {model} concurrency {level} ...", flush=True)
                 try:
                     warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests
+                    before = cpu_snapshot(server.pid)
                     figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
                                                 work / f"{model}_{level}.csv", stability=args.stability,
                                                 warmup_requests=warmup)
+                    # The host's view of the level (its warm-up included): who keeps which cores busy.
+                    figures.update(cpu_cores(before, cpu_snapshot(server.pid)))
                 except RuntimeError as error:
                     lines = [line for line in str(error).splitlines() if line.strip()]
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
@@ -302,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": model, **figures})
                 print(f"[bench]   {figures['throughput_per_s']:.2f}/s  p50 {figures['p50_ms']:.1f} ms  "
                       f"p99 {figures['p99_ms']:.1f} ms", flush=True)
+                parts = ", ".join(f"{key[4:-6]} {value:.1f}" for key, value in figures.items()
+                                  if key.startswith("cpu_") and key.endswith("_cores") and "machine" not in key)
+                print(f"[bench]   cpu cores busy: {parts}; machine {figures['cpu_machine_busy_cores']:.1f} of "
+                      f"{figures['cpu_machine_cores']}", flush=True)
     finally:
         stop_process(server)
         if mps:

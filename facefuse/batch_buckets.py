@@ -41,3 +41,56 @@ def forward_in_bucket(net: Callable[[torch.Tensor], Any], batch: torch.Tensor, p
     if isinstance(outputs, torch.Tensor):
         return outputs[:count]
     return type(outputs)(output[:count] for output in outputs)
+
+
+class BucketedNet:
+    """``net`` with its batches padded to buckets (``pad``, as ``forward_in_bucket``) and, with ``cuda_graphs``,
+    each bucket of up to ``max_graph_rows`` rows replayed from a CUDA graph captured on its first batch (warm-up).
+
+    The detector's and mesh's nets are a hundred-odd small kernels each; launching them one by one costs more host
+    time than the GPU spends on them at small batches, and the Python models are host-bound. A graph replay is one
+    launch. The graphs of one net share one memory pool (they never run at once); outputs are copied out of the
+    graph's buffers, so that a later replay cannot overwrite what a caller still holds."""
+
+    def __init__(self, net: Callable[[torch.Tensor], Any], pad: bool, cuda_graphs: bool = True,
+                 max_graph_rows: int = 1024) -> None:
+        self.net = net
+        self.pad = pad
+        self.cuda_graphs = bool(cuda_graphs and pad)
+        self.max_graph_rows = int(max_graph_rows)
+        self.graphs: dict[tuple, tuple[Any, torch.Tensor, Any]] = {}
+        self._pool = None
+
+    def __call__(self, batch: torch.Tensor) -> Any:
+        count = len(batch)
+        bucket = bucket_size(count)
+        if not self.pad or not self.cuda_graphs or count == 0 or bucket > self.max_graph_rows \
+                or batch.device.type != "cuda":
+            return forward_in_bucket(self.net, batch, self.pad)
+        graph, static_input, static_outputs = self._graph(bucket, batch)
+        static_input[:count].copy_(batch)
+        if count < bucket:
+            static_input[count:].zero_()
+        graph.replay()
+        if isinstance(static_outputs, tuple):
+            return tuple(output[:count].clone() for output in static_outputs)
+        return static_outputs[:count].clone()
+
+    def _graph(self, bucket: int, batch: torch.Tensor) -> tuple[Any, torch.Tensor, Any]:
+        import torch
+
+        key = (bucket, tuple(batch.shape[1:]), batch.dtype, batch.device)
+        if key not in self.graphs:
+            static_input = batch.new_zeros((bucket, *batch.shape[1:]))
+            stream = torch.cuda.Stream(batch.device)
+            stream.wait_stream(torch.cuda.current_stream(batch.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # cuDNN's algorithm choice and lazy set-up happen outside the capture
+                    self.net(static_input)
+            torch.cuda.current_stream(batch.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_outputs = self.net(static_input)
+            self._pool = graph.pool()
+            self.graphs[key] = (graph, static_input, static_outputs)
+        return self.graphs[key]

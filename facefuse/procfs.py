@@ -1,4 +1,4 @@
-"""Find a Triton server's Python-backend stub processes and read their memory, from /proc (Linux only).
+"""Find a Triton server's Python-backend stub processes and read their memory and CPU time, from /proc (Linux only).
 
 The Python backend runs each model instance in its own `triton_python_backend_stub` child process. Its command line
 is `<stub> <repository>/<model>/<version>/model.py <shm region> <sizes> <parent pid> <backend dir> <ipc> <instance>
@@ -83,3 +83,19 @@ def find_server_pid(name: str = "tritonserver") -> int | None:
             if args and Path(args[0]).name == name and is_alive(int(entry)):
                 found.append(int(entry))
     return found[0] if len(found) == 1 else None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) `pid` has used so far, or None when it is gone."""
+    fields = _stat_fields(pid)
+    if len(fields) < 13:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, over all cores (/proc/stat; idle and iowait count as
+    not busy)."""
+    values = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (total - values[3] - values[4]) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")

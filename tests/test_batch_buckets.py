@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from facefuse import face_mesh
-from facefuse.batch_buckets import bucket_size, bucket_sizes, forward_in_bucket
+from facefuse.batch_buckets import BucketedNet, bucket_size, bucket_sizes, forward_in_bucket
 from facefuse.detection import FaceDetector
 from facefuse.face_mesh import FaceMesh
 from facefuse.samples import sample_image_path
@@ -59,7 +59,7 @@ def test_mesh_warm_up_runs_every_bucket_and_a_padded_batch_lands_in_one():
     crops = np.stack([cv2.resize(crops, (256, 256))] * 5)
     points, presence = mesh.landmarks_and_presence(crops)
     mesh.pad_batches = True
-    mesh.net = recorder = _Recorder(mesh.net)
+    mesh.runner = BucketedNet(recorder := _Recorder(mesh.net), pad=True)
     assert mesh.warm_up() == bucket_sizes(face_mesh._MAX_BATCH)
     warmed = set(recorder.shapes)
     assert {shape[0] for shape in warmed} == set(bucket_sizes(face_mesh._MAX_BATCH))
@@ -78,8 +78,8 @@ def test_detector_warm_up_runs_every_shape_a_device_batch_meets():
     expected = detector.detect_batch(images)
     detector.pad_batches = True
     recorders = {name: _Recorder(getattr(detector, name)) for name in ("pnet", "rnet", "onet")}
-    for name, recorder in recorders.items():
-        setattr(detector, name, recorder)
+    detector.pnet = recorders["pnet"]
+    detector._rnet, detector._onet = (BucketedNet(recorders[name], pad=True) for name in ("rnet", "onet"))
     passes = detector.warm_up(((240, 320),), largest_group=4)
     warmed = {name: set(recorder.shapes) for name, recorder in recorders.items()}
     assert passes == sum(len(shapes) for shapes in warmed.values())
@@ -112,3 +112,31 @@ def test_padded_pnet_passes_stay_within_the_memory_bound():
     assert [detector._images_per_pass(*size) for size in sizes] == [11, 42, 64]
     detector.pad_batches = True
     assert [detector._images_per_pass(*size) for size in sizes] == [8, 32, 64]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none here")
+@pytest.mark.parametrize("count", [1, 3, 8, 13])
+def test_cuda_graph_replays_give_the_eager_outputs_and_outputs_outlive_the_next_replay(count):
+    detector = FaceDetector(device="cuda", max_side=640)
+    mesh = FaceMesh(device="cuda")
+    rng = np.random.default_rng(count)
+    cases = ((detector._onet, detector.onet, (count, 3, 48, 48)), (mesh.runner, mesh.net, (count, 3, 192, 192)))
+    for runner, net, shape in cases:
+        assert runner.cuda_graphs
+        batch = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32)).cuda()
+        with torch.inference_mode():
+            graphed, eager = runner(batch), forward_in_bucket(net, batch, pad=True)
+            runner(torch.zeros_like(batch))  # a later replay must not change the outputs already returned
+        assert (bucket_size(count), *shape[1:]) in [key[:1] + key[1] for key in runner.graphs]
+        for got, want in zip(graphed, eager):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bucketed_net_off_cuda_is_the_padded_forward():
+    """On the CPU (tests here) nothing is captured: the padded eager pass, as forward_in_bucket."""
+    recorder = _Recorder(torch.nn.Identity())
+    runner = BucketedNet(recorder, pad=True, cuda_graphs=True)
+    out = runner(torch.arange(6.0).reshape(3, 2))
+    assert recorder.shapes == [(4, 2)] and out.shape == (3, 2) and not runner.graphs
+    assert BucketedNet(recorder, pad=False)(torch.zeros((3, 2))).shape == (3, 2)
+    assert recorder.shapes[-1] == (3, 2)

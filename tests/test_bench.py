@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,30 @@ def test_gpu_instance_counts_are_the_gpu_configs_counts():
     for model, count in counts.items():
         assert count == sum(group.count for group in source_config(model).instance_group) >= 1
     assert counts["preprocess"] > 1  # the measured choice (README Benchmarks), unlike config.pbtxt's single instance
+
+
+def test_cpu_time_of_a_process_and_the_machine_are_read_from_proc():
+    from facefuse.procfs import cpu_seconds, machine_cpu_seconds
+
+    before, (busy_before, total_before) = cpu_seconds(os.getpid()), machine_cpu_seconds()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn 0.3 s of CPU in this process
+        pass
+    after, (busy_after, total_after) = cpu_seconds(os.getpid()), machine_cpu_seconds()
+    assert after - before >= 0.2
+    assert busy_after - busy_before >= 0.2 and total_after - total_before >= busy_after - busy_before
+    assert cpu_seconds(2 ** 22 + 12345) is None  # no such process
+
+
+def test_cpu_cores_divides_each_parts_cpu_time_by_the_wall_time():
+    from bench.run import cpu_cores
+
+    before = {"server": 10.0, "preprocess": 5.0, "perf_analyzer": 1.0, "machine_busy": 100.0,
+              "machine_total": 400.0, "clock": 50.0}
+    after = {"server": 12.0, "preprocess": 13.0, "perf_analyzer": 2.0, "postprocess": 4.0, "machine_busy": 140.0,
+             "machine_total": 480.0, "clock": 54.0}
+    cores = cpu_cores(before, after)
+    assert cores["cpu_server_cores"] == 0.5 and cores["cpu_preprocess_cores"] == 2.0
+    assert cores["cpu_postprocess_cores"] == 1.0  # a stub first seen in the second snapshot (started meanwhile)
+    assert cores["cpu_perf_analyzer_cores"] == 0.25
+    assert cores["cpu_machine_busy_cores"] == round(40 / 80 * os.cpu_count(), 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from facefuse.blazeface import BlazeFace, weighted_nms
@@ -70,14 +71,52 @@ def test_blazeface_proposals_give_the_cascades_faces_and_landmarks(cascade_faces
 def test_bad_proposal_choices_are_refused():
     with pytest.raises(ValueError, match="proposals must be one of"):
         FaceDetector(proposals="yolo")
-    with pytest.raises(ValueError, match="host path"):
-        FaceDetector(proposals="blazeface", images_on_device=True)
 
 
-def test_auto_proposals_are_blazeface_on_the_host_path_and_pnet_on_the_device_path():
+def test_auto_proposals_are_blazeface_on_both_paths():
     assert FaceDetector(proposals="auto").proposals == "blazeface"
-    assert FaceDetector(proposals="auto", images_on_device=True).proposals == "mtcnn"
+    assert FaceDetector(proposals="auto", images_on_device=True).proposals == "blazeface"
     assert FaceDetector().proposals == "mtcnn"  # the plain class keeps the full cascade
+
+
+def test_device_path_blazeface_gives_the_host_paths_faces(cascade_faces):
+    """Letterbox, BlazeFace, R-/O-Net crops all on the device (here the CPU's torch, as on the GPU): the host path's
+    faces and landmarks, and P-Net's fallback for the aligned crop BlazeFace does not see."""
+    photos = [_photo("t1.jpg"), _photo("Tom_Hanks_54745.png"), _photo("t1.jpg")[:, ::-1]]
+    host = FaceDetector(max_side=640, proposals="blazeface").detect_batch(photos)
+    device_detector = FaceDetector(max_side=640, proposals="blazeface", images_on_device=True)
+    assert device_detector.blazeface.net is not None  # the PyTorch graph, on the detector's device
+    device = device_detector.detect_batch([torch.from_numpy(np.array(photo)) for photo in photos])
+    assert [len(faces) for faces in device] == [len(faces) for faces in host] == [6, 1, 6]
+    for host_faces, device_faces in zip(host, device):
+        for face in host_faces:
+            eye_distance = np.linalg.norm(face.landmarks[0] - face.landmarks[1])
+            closest = min(device_faces, key=lambda other: np.abs(other.landmarks - face.landmarks).max())
+            assert np.abs(closest.landmarks - face.landmarks).max() < 0.1 * eye_distance
+
+
+def test_blazeface_on_tensors_gives_the_rows_of_host_photos():
+    """detect_tensors (device letterbox, threshold on the device) and detect_batch (OpenCV letterbox) agree; photos
+    of two sizes go through in one pass."""
+    group, hanks = _photo("t1.jpg"), _photo("Tom_Hanks_54745.png")
+    wide = np.ascontiguousarray(np.concatenate([group, group[:, ::-1]], axis=1))
+    blazeface = BlazeFace(runtime="torch", pad_batches=True)  # padded as on the GPU
+    host_rows = blazeface.detect_batch([group, wide, hanks])
+    batches = [torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() for photo in (group, wide)]
+    tensor_rows = blazeface.detect_tensors(batches)
+    assert len(tensor_rows) == 2 and len(tensor_rows[0]) == len(host_rows[0]) == 6
+    # Faces the model is sure of match both ways (the two letterboxes resample differently: borderline faces of
+    # the half-size wide photo may fall on either side of the threshold).
+    for first, second in ((host_rows, tensor_rows), (tensor_rows, host_rows)):
+        for rows, others in zip(first[:2], second[:2]):
+            sure = rows[rows[:, 4] > 0.6]  # the group photo's scores run 0.53-0.91, the wide one's 0.51-0.76
+            assert len(sure) >= 2
+            for row in sure:
+                closest = others[np.argmin(np.abs(others[:, :4] - row[:4]).max(axis=1))]
+                assert np.abs(closest[:4] - row[:4]).max() < 0.05 * (row[2] - row[0])
+                assert abs(closest[4] - row[4]) < 0.1
+    with pytest.raises(ValueError, match="runtime='torch'"):
+        BlazeFace(runtime="onnxruntime").detect_tensors(batches)
 
 
 def test_blazeface_proposals_keep_every_confident_face_of_the_benchmark_photos():

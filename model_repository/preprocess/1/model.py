@@ -69,23 +69,28 @@ class TritonPythonModel:
         if parameters.get("blocklist_path", "").strip():  # dlib loads only then
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
+        cuda_graphs = parameters.get("cuda_graphs", "yes")
+        if cuda_graphs not in ("yes", "no"):
+            raise ValueError(f'cuda_graphs must be "yes" or "no", got {cuda_graphs!r}')
         detector = FaceDetector(device=device, max_side=detector_max_side,
-                                proposals=parameters.get("detector_proposals", "auto"))
+                                proposals=parameters.get("detector_proposals", "auto"),
+                                cuda_graphs=cuda_graphs == "yes")
         # TARGET_RGB in GPU memory (DLPack) when preprocess works on the GPU: postprocess (FORCE_CPU_ONLY_INPUT_TENSORS
         # "no") takes it there, with no 6 MB trip through the host and Triton's shared memory per request.
         target_on_gpu = parameters.get("target_rgb_on_gpu", "auto")
         if target_on_gpu not in ("auto", "no"):
             raise ValueError(f'target_rgb_on_gpu must be "auto" or "no", got {target_on_gpu!r}')
-        self.preprocessor = Preprocessor(detector, FaceMesh(device=device), limits,
+        self.preprocessor = Preprocessor(detector, FaceMesh(device=device, cuda_graphs=cuda_graphs == "yes"), limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, targets_on_device=target_on_gpu == "auto")
         warmed = self.preprocessor.warm_up()
         target_place = "the GPU" if self.preprocessor.keeps_targets_on_device else "the host"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
+        graphs = "CUDA graphs" if detector.pad_batches and cuda_graphs == "yes" else "no CUDA graphs"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
-                                 f"{detector_max_side} px) and face "
-                                 f"mesh on {device}, TARGET_RGB on {target_place}, limits {limits}, "
+                                 f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
+                                 f"TARGET_RGB on {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
 
