@@ -117,6 +117,20 @@ def host_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.contiguous().cpu().numpy()
 
 
+def stack_rows(rows: list[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """Equal-shape rows (host arrays, or tensors of one device) stacked into one batch of their kind."""
+    return np.stack(rows) if isinstance(rows[0], np.ndarray) else torch.stack(rows)
+
+
+def concat_rows(batches: list[np.ndarray | torch.Tensor],
+                device: torch.device | None) -> np.ndarray | torch.Tensor:
+    """Batches (host arrays or tensors, mixed) concatenated: as one tensor on ``device`` (host arrays uploaded), or
+    with ``device`` None as one host array (tensors brought down)."""
+    if device is None:
+        return np.concatenate([host_array(batch) for batch in batches])
+    return torch.cat([torch.as_tensor(batch).to(device) for batch in batches])
+
+
 def crops_to_network(crops: torch.Tensor) -> torch.Tensor:
     """``alignment.crop_to_tensor`` for a batch on its device: (N,S,S,3) uint8 -> (N,3,S,S) float32 in [0, 1],
     bit-identical (the same correctly rounded float32 division)."""

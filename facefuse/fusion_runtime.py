@@ -7,6 +7,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,14 @@ Arrays = dict[str, np.ndarray]
 class FusionRuntime:
     name = "base"
     max_batch = 32
+
+    @property
+    def gpu_tensors(self) -> bool:
+        """True when ``run_on_device`` takes and returns tensors in GPU memory (PyTorch on CUDA)."""
+        return False
+
+    def run_on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.name} runs on host arrays only")
 
     def run(self, inputs: Arrays) -> Arrays:
         """Run any batch size by chunking it to the runtime's maximum."""
@@ -97,14 +106,33 @@ class TorchRuntime(FusionRuntime):
         return self.graphs[bucket]
 
     def _run(self, inputs: Arrays) -> Arrays:
+        return {name: output.cpu().numpy() for name, output in self._forward(inputs).items()}
+
+    @property
+    def gpu_tensors(self) -> bool:
+        return self.device.type == "cuda"
+
+    def run_on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``run`` with inputs that may already be tensors (e.g. in GPU memory, from preprocess through DLPack) and
+        float32 outputs left on the runtime's device (for postprocess, through DLPack): no trip through the host."""
+        torch = self.torch
+        batch = len(inputs[INPUT_NAMES[0]])
+        parts = [self._forward({name: value[first:first + self.max_batch] for name, value in inputs.items()})
+                 for first in range(0, batch, self.max_batch)]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.cat([part[name] for part in parts]) for name in OUTPUT_NAMES}
+
+    def _forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Float32 output tensors on the device, owned by the caller (not the graph's buffers, which the next
+        replay overwrites)."""
         torch = self.torch
         batch = len(inputs[INPUT_NAMES[0]])
         with torch.inference_mode():
-            tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=np.float32))
-                       .to(self.device, self.dtype) for name in INPUT_NAMES]
+            tensors = [self._tensor(inputs[name]) for name in INPUT_NAMES]
             if not self.use_graphs:
                 outputs = self.network(*tensors)
-                return {name: out.float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+                return {name: out.to(torch.float32) for name, out in zip(OUTPUT_NAMES, outputs)}
             bucket = bucket_size(batch)
             graph, static_inputs, static_outputs = self._graph(
                 bucket, {name: tuple(tensor.shape[1:]) for name, tensor in zip(INPUT_NAMES, tensors)})
@@ -113,7 +141,13 @@ class TorchRuntime(FusionRuntime):
                 if batch < bucket:  # padding rows repeat the first row: valid inputs, results discarded
                     static[batch:].copy_(tensor[:1].expand(bucket - batch, *tensor.shape[1:]))
             graph.replay()
-            return {name: out[:batch].float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, static_outputs)}
+            return {name: out[:batch].to(torch.float32, copy=True) for name, out in zip(OUTPUT_NAMES, static_outputs)}
+
+    def _tensor(self, value: Any) -> Any:
+        """An input batch (host array or tensor) on the runtime's device in its dtype."""
+        if isinstance(value, np.ndarray):
+            value = self.torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        return value.to(self.device, self.dtype)
 
 
 class TensorRTRuntime(FusionRuntime):

@@ -87,7 +87,7 @@ class PreparedFusion:
     face_degree: float
     profile_degree: float
     target_matrix: np.ndarray  # (2, 3) float32, target image pixels -> crop pixels
-    target_rgb: Any  # (H, W, 3) uint8, orientation-corrected: a host array, or a device tensor (targets_on_device)
+    target_rgb: Any  # (H, W, 3) uint8, orientation-corrected: a host array, or a device tensor (outputs_on_device)
     metadata: dict[str, Any] = field(default_factory=dict)
     network_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # per row, no batch axis; see network.py
 
@@ -117,7 +117,7 @@ class Preprocessor:
     def __init__(self, detector: FaceDetector, mesh: FaceMesh, limits: ImageLimits | None = None,
                  crop_size: int = CROP_SIZE, min_eye_distance: float = MIN_EYE_DISTANCE,
                  consent: ConsentPolicy | None = None, identity_guard: IdentityGuard | None = None,
-                 targets_on_device: bool = False):
+                 outputs_on_device: bool = False):
         self.detector = detector
         self.mesh = mesh
         self.limits = limits or ImageLimits()
@@ -125,9 +125,10 @@ class Preprocessor:
         self.min_eye_distance = float(min_eye_distance)  # FACE_TOO_SMALL below this (preprocess parameter)
         self.consent = consent or ConsentPolicy()  # preprocess parameter `consent` (CONSENT_REQUIRED)
         self.identity_guard = identity_guard  # preprocess parameter `blocklist_path` (BLOCKED_IDENTITY); None = off
-        # On the GPU path, PreparedFusion.target_rgb stays a device tensor (handed to postprocess through DLPack)
-        # instead of coming to the host; ignored on the host path.
-        self.targets_on_device = targets_on_device
+        # On the GPU path, PreparedFusion.target_rgb and the network's crops (network_inputs SOURCE_CROP and
+        # TARGET_CROP) stay device tensors (handed to fusion and postprocess through DLPack) instead of coming to the
+        # host; ignored on the host path.
+        self.outputs_on_device = outputs_on_device
 
     def warm_up(self, requests: int = 8) -> int:
         """Prepare a batch of ``requests`` rows made from the shipped group photo (six faces) once, so the first
@@ -158,9 +159,10 @@ class Preprocessor:
         return sum(isinstance(row, PreparedFusion) for row in prepared)
 
     @property
-    def keeps_targets_on_device(self) -> bool:
-        """True when prepared targets stay device tensors (the GPU path with targets_on_device)."""
-        return self.on_device and self.targets_on_device
+    def keeps_outputs_on_device(self) -> bool:
+        """True when prepared targets and network crops stay device tensors (the GPU path with
+        outputs_on_device)."""
+        return self.on_device and self.outputs_on_device
 
     @property
     def on_device(self) -> bool:
@@ -326,8 +328,8 @@ class Preprocessor:
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
             # The network's float layout is made on the device too: the host would spend ~0.5 ms per crop on it.
             down = [cut, crops_to_network(cut)]
-            if self.keeps_targets_on_device:
-                cut, network = to_host(down)
+            if self.keeps_outputs_on_device:  # only the uint8 crops (for the face mesh) come to the host
+                cut, network = to_host([cut])[0], down[1]
                 targets = [plans[row].target_rgb for row in rows]
             else:  # a target shared by rows (a template) comes to the host once; sources never do
                 unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}

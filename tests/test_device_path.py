@@ -244,13 +244,14 @@ def test_preprocessor_device_path_matches_host_path(host_detector, device_detect
 
 
 def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
-    """targets_on_device (preprocess's TARGET_RGB in GPU memory, handed over through DLPack): the targets stay
-    tensors on the detector's device, the same pixels as the host copies; the crops still come to the host."""
+    """outputs_on_device (preprocess's TARGET_RGB and network crops in GPU memory, handed over through DLPack): the
+    targets and the network's crops stay tensors on the detector's device, the same values as the host copies; the
+    uint8 crops (the face mesh's input) still come to the host."""
     source, target = benchmark_pair()
     rows = [FusionRequest(source, target, 100.0, 50.0, b"{}"), FusionRequest(target, source, 80.0, 20.0, b"{}")]
     mesh = FaceMesh()
     host = Preprocessor(device_detector, mesh).prepare_batch(rows)
-    kept = Preprocessor(device_detector, mesh, targets_on_device=True).prepare_batch(rows)
+    kept = Preprocessor(device_detector, mesh, outputs_on_device=True).prepare_batch(rows)
     for a, b in zip(host, kept):
         assert isinstance(b.target_rgb, torch.Tensor) and b.target_rgb.device == device_detector.device
         np.testing.assert_array_equal(b.target_rgb.cpu().numpy(), a.target_rgb)
@@ -258,8 +259,11 @@ def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
         np.testing.assert_array_equal(b.source_crop, a.source_crop)
         np.testing.assert_array_equal(b.target_crop, a.target_crop)
         for name, crop in (("SOURCE_CROP", b.source_crop), ("TARGET_CROP", b.target_crop)):  # made on the device
-            np.testing.assert_array_equal(b.network_inputs[name], crop_to_tensor(crop))
-    host_only = Preprocessor(FaceDetector(max_side=640), mesh, targets_on_device=True).prepare_batch(rows[:1])
+            assert isinstance(b.network_inputs[name], torch.Tensor)
+            assert b.network_inputs[name].device == device_detector.device
+            np.testing.assert_array_equal(b.network_inputs[name].cpu().numpy(), crop_to_tensor(crop))
+            np.testing.assert_array_equal(a.network_inputs[name], crop_to_tensor(crop))
+    host_only = Preprocessor(FaceDetector(max_side=640), mesh, outputs_on_device=True).prepare_batch(rows[:1])
     assert isinstance(host_only[0].target_rgb, np.ndarray)  # the host path has no device to keep them on
 
 
@@ -269,3 +273,17 @@ def test_network_layout_made_on_the_device_is_crop_to_tensor_exactly():
     assert on_device.dtype == np.float32 and on_device.flags.c_contiguous
     for crop, network in zip(crops, on_device):
         assert np.array_equal(network, crop_to_tensor(crop))
+
+
+def test_rows_are_stacked_and_batches_concatenated_in_their_kind():
+    from facefuse.device_imaging import concat_rows, stack_rows
+
+    rows = [np.full((2, 3), value, np.float32) for value in (1, 2)]
+    assert isinstance(stack_rows(rows), np.ndarray) and stack_rows(rows).shape == (2, 2, 3)
+    stacked = stack_rows([torch.from_numpy(row) for row in rows])
+    assert isinstance(stacked, torch.Tensor) and stacked.shape == (2, 2, 3)
+    mixed = [rows[0][None], torch.from_numpy(rows[1])[None]]  # a host batch and a tensor batch
+    on_host = concat_rows(mixed, None)
+    assert isinstance(on_host, np.ndarray) and on_host[:, 0, 0].tolist() == [1, 2]
+    on_device = concat_rows(mixed, torch.device("cpu"))
+    assert isinstance(on_device, torch.Tensor) and on_device[:, 0, 0].tolist() == [1, 2]

@@ -103,7 +103,7 @@ def test_target_rgb_may_travel_in_gpu_memory():
     """preprocess hands TARGET_RGB over in GPU memory when it works on the GPU (both of its configs), and postprocess
     accepts inputs wherever they are (else Triton would copy them to the host first)."""
     for path in (REPOSITORY / "preprocess" / "config.pbtxt", REPOSITORY / "preprocess" / "configs" / "gpu.pbtxt"):
-        assert load(path).parameters["target_rgb_on_gpu"].string_value == "auto", path
+        assert load(path).parameters["outputs_on_gpu"].string_value == "auto", path
     post = load(REPOSITORY / "postprocess" / "config.pbtxt")
     assert post.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
 

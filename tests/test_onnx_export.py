@@ -71,3 +71,35 @@ def test_warm_up_captures_every_cuda_graph_bucket_at_load():
     runtime = TorchRuntime("cuda")
     assert warm_up(runtime) == list(runtime.BUCKETS)
     assert sorted(runtime.graphs) == list(runtime.BUCKETS)
+
+
+def test_run_on_device_takes_tensors_and_gives_the_host_runs_outputs():
+    """The fusion model's GPU-memory path (tensors_on_gpu): tensor inputs (as preprocess hands them over) in, owned
+    float32 tensors out, the same values as run() on host arrays; a run longer than max_batch is chunked."""
+    from facefuse.fusion_runtime import OnnxRuntimeCpu, TorchRuntime
+
+    runtime = TorchRuntime("cpu")
+    assert not runtime.gpu_tensors  # on the CPU the fusion model keeps host arrays
+    runtime.max_batch = 2
+    inputs = example_inputs(batch=3, seed=8)
+    host = runtime.run({name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, inputs)})
+    on_device = runtime.run_on_device({name: tensor for name, tensor in zip(INPUT_NAMES, inputs)})
+    for name in OUTPUT_NAMES:
+        assert isinstance(on_device[name], torch.Tensor) and on_device[name].dtype == torch.float32
+        np.testing.assert_allclose(on_device[name].numpy(), host[name], atol=1e-5)
+    with pytest.raises(NotImplementedError, match="host arrays only"):
+        OnnxRuntimeCpu.run_on_device(OnnxRuntimeCpu.__new__(OnnxRuntimeCpu), {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-memory tensors need a CUDA device")
+def test_cuda_graph_outputs_on_the_device_outlive_the_next_replay():
+    from facefuse.fusion_runtime import TorchRuntime
+
+    runtime = TorchRuntime("cuda")
+    assert runtime.gpu_tensors
+    first = runtime.run_on_device({name: t.cuda() for name, t in zip(INPUT_NAMES, example_inputs(batch=3, seed=1))})
+    kept = {name: value.clone() for name, value in first.items()}
+    runtime.run_on_device({name: t.cuda() for name, t in zip(INPUT_NAMES, example_inputs(batch=3, seed=2))})
+    for name in OUTPUT_NAMES:
+        assert first[name].is_cuda and first[name].dtype == torch.float32
+        torch.testing.assert_close(first[name], kept[name])

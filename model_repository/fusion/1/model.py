@@ -19,13 +19,13 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
         sys.path.insert(0, _path)
 
-import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from facefuse.device_imaging import concat_rows  # noqa: E402
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
-from facefuse.triton_glue import guarded, limit_threads, model_parameters  # noqa: E402
+from facefuse.triton_glue import guarded, input_value, limit_threads, model_parameters, output_tensor  # noqa: E402
 
 
 class TritonPythonModel:
@@ -37,6 +37,11 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", 0) or 0)
         self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,
                                     report=pb_utils.Logger.log_info)
+        tensors_on_gpu = parameters.get("tensors_on_gpu", "auto")
+        if tensors_on_gpu not in ("auto", "no"):
+            raise ValueError(f'tensors_on_gpu must be "auto" or "no", got {tensors_on_gpu!r}')
+        self.gpu_tensors = tensors_on_gpu == "auto" and self.runtime.gpu_tensors
+        pb_utils.Logger.log_info(f"fusion: tensors in {'GPU' if self.gpu_tensors else 'host'} memory")
 
     def execute(self, requests):
         return guarded(pb_utils, requests, self._execute)
@@ -46,14 +51,17 @@ class TritonPythonModel:
         columns = {name: [] for name in INPUT_NAMES}
         counts = []
         for request in requests:
-            for name in INPUT_NAMES:
-                columns[name].append(pb_utils.get_input_tensor_by_name(request, name).as_numpy())
+            for name in INPUT_NAMES:  # a host array, or a torch tensor where the input arrived in GPU memory
+                columns[name].append(input_value(pb_utils.get_input_tensor_by_name(request, name)))
             counts.append(len(columns[INPUT_NAMES[0]][-1]))
-        outputs = self.runtime.run({name: np.concatenate(parts) for name, parts in columns.items()})
+        if self.gpu_tensors:
+            outputs = self.runtime.run_on_device({name: concat_rows(parts, self.runtime.device)
+                                                  for name, parts in columns.items()})
+        else:
+            outputs = self.runtime.run({name: concat_rows(parts, None) for name, parts in columns.items()})
         responses, start = [], 0
         for count in counts:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(outputs[name][start:start + count]))
-                       for name in OUTPUT_NAMES]
+            tensors = [output_tensor(pb_utils, name, outputs[name][start:start + count]) for name in OUTPUT_NAMES]
             responses.append(pb_utils.InferenceResponse(tensors))
             start += count
         return responses

@@ -43,7 +43,7 @@ from facefuse.triton_glue import (  # noqa: E402
 # Inside the ensemble TARGET_RGB only arrives empty when Triton could not place preprocess's GPU tensor (Triton 2.51
 # then passes an empty tensor on rather than failing).
 EMPTY_TARGET = ("TARGET_RGB arrived empty: Triton's CUDA memory pool is probably exhausted (raise "
-                "--cuda-memory-pool-byte-size, or set preprocess's target_rgb_on_gpu parameter to \"no\")")
+                "--cuda-memory-pool-byte-size, or set preprocess's outputs_on_gpu parameter to \"no\")")
 
 
 class TritonPythonModel:

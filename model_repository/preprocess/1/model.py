@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from facefuse.blocklist import IdentityGuard  # noqa: E402
 from facefuse.consent import ConsentPolicy  # noqa: E402
 from facefuse.detection import FaceDetector  # noqa: E402
+from facefuse.device_imaging import stack_rows  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
@@ -75,22 +76,23 @@ class TritonPythonModel:
         detector = FaceDetector(device=device, max_side=detector_max_side,
                                 proposals=parameters.get("detector_proposals", "auto"),
                                 cuda_graphs=cuda_graphs == "yes")
-        # TARGET_RGB in GPU memory (DLPack) when preprocess works on the GPU: postprocess (FORCE_CPU_ONLY_INPUT_TENSORS
-        # "no") takes it there, with no 6 MB trip through the host and Triton's shared memory per request.
-        target_on_gpu = parameters.get("target_rgb_on_gpu", "auto")
-        if target_on_gpu not in ("auto", "no"):
-            raise ValueError(f'target_rgb_on_gpu must be "auto" or "no", got {target_on_gpu!r}')
+        # TARGET_RGB and the network's crops in GPU memory (DLPack) when preprocess works on the GPU: postprocess and
+        # fusion (FORCE_CPU_ONLY_INPUT_TENSORS "no") take them there, with no trip through the host and Triton's
+        # shared memory (6 MB + 1.5 MB per request).
+        outputs_on_gpu = parameters.get("outputs_on_gpu", "auto")
+        if outputs_on_gpu not in ("auto", "no"):
+            raise ValueError(f'outputs_on_gpu must be "auto" or "no", got {outputs_on_gpu!r}')
         self.preprocessor = Preprocessor(detector, FaceMesh(device=device, cuda_graphs=cuda_graphs == "yes"), limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
-                                         identity_guard=identity_guard, targets_on_device=target_on_gpu == "auto")
+                                         identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
         warmed = self.preprocessor.warm_up()
-        target_place = "the GPU" if self.preprocessor.keeps_targets_on_device else "the host"
+        target_place = "the GPU" if self.preprocessor.keeps_outputs_on_device else "the host"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         graphs = "CUDA graphs" if detector.pad_batches and cuda_graphs == "yes" else "no CUDA graphs"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
                                  f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
-                                 f"TARGET_RGB on {target_place}, limits {limits}, "
+                                 f"TARGET_RGB and crops on {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
 
@@ -120,7 +122,7 @@ class TritonPythonModel:
 
     @staticmethod
     def _response(results):
-        tensors = {name: np.stack([result.network_inputs[name] for result in results]) for name in NETWORK_OUTPUTS}
+        tensors = {name: stack_rows([result.network_inputs[name] for result in results]) for name in NETWORK_OUTPUTS}
         tensors["CHECKED_FACE_DEGREE"] = np.stack([result.network_inputs["FACE_DEGREE"] for result in results])
         tensors["CHECKED_PROFILE_DEGREE"] = np.stack([result.network_inputs["PROFILE_DEGREE"] for result in results])
         tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
