@@ -371,3 +371,15 @@ def test_watermarks_of_same_size_images_go_through_together_unchanged(photo, per
     assert extract_watermark(batch[2].numpy()).watermark_id == f"{WID ^ 1:016x}"
     with pytest.raises(ValueError):
         pt.embed_watermarks_torch(images[:2], ids)  # one id per image
+
+
+def test_fused_crops_as_tensors_finish_like_host_arrays(photo):
+    """The fusion model's GPU-memory handoff gives postprocess the crop and mask as tensors (on the GPU; the CPU's
+    torch here): the same bytes as from host arrays."""
+    matrix = _similarity((610.0, 380.0), 300.0, 17.0)
+    crop, mask = _crop_and_mask(photo, matrix, seed=3)
+    options = FusionOptions(format="jpeg", quality=90, watermark_id=WID_HEX)
+    from_arrays = pt.finish_torch(torch.from_numpy(photo), crop, mask, matrix, options, {"timings_ms": {}})
+    from_tensors = pt.finish_torch(torch.from_numpy(photo), torch.from_numpy(crop), torch.from_numpy(mask), matrix,
+                                   options, {"timings_ms": {}})
+    assert from_tensors[0] == from_arrays[0]
