@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sourced on a GPU host with the device tool's image (Python 3.12 + CUDA torch, no internet): unpacks the carried
 # Triton bundle (.device/triton_bundle.tar.xz: pytriton's tritonserver + 3.12 stub, its libraries, perf_analyzer,
-# the weight files and sample photos) and a numpy<2 overlay (FACTS.md: numpy 2 empties Python-backend outputs),
-# and exports PYTHONPATH/PATH so that `python3 -m bench.run` serves the real Triton on the GPU.
+# the weight files (MTCNN, the face mesh, BlazeFace) and sample photos) and a numpy<2 overlay (FACTS.md: numpy 2
+# empties Python-backend outputs), and exports PYTHONPATH/PATH so that `python3 -m bench.run` serves the real Triton
+# on the GPU.
 BUNDLE=/tmp/ffbundle
 mkdir -p "$BUNDLE" /tmp/ffsite
 [ -x "$BUNDLE/perf/perf_analyzer" ] || tar -xJf .device/triton_bundle.tar.xz -C "$BUNDLE"

@@ -2,8 +2,9 @@
 # GPU benchmark on the device tool's host: the network alone (bench.network), the in-process profiles of preprocess,
 # postprocess and the image copies (bench.profile_detection, bench.profile_postprocess, bench.profile_copies: their
 # summary lines go to profile.txt), served results against in-process ones (bench.served_check), the served
-# ensemble (bench.run, extra arguments passed on, e.g. --mps --instances gpu --models face_fusion
-# --concurrency 1,16,64,128 --skip-baseline for README's latest figures), then a per-model timeline at c=128
+# ensemble (bench.run, extra arguments passed on, e.g. --mps --instances preprocess=6,postprocess=6 --models
+# face_fusion --concurrency 1,16,64,128 --skip-baseline for README's latest figures; `--instances gpu` reads the
+# configs with tritonclient's protobufs, which the lent GPU host lacks), then a per-model timeline at c=128
 # (bench.stall_probe, one instance each, no MPS). Results go to ${OUT:-bench/results}.
 set -euo pipefail
 source bench/device_env.sh
