@@ -119,3 +119,13 @@ class ManagedServer:
         except subprocess.TimeoutExpired:
             self.kill()
             return self.process.returncode
+
+
+def set_parameter(key: str, value: str) -> Callable[[str], str]:
+    """A config edit giving the model's existing string parameter `key` the value `value`."""
+    def edit(text: str) -> str:
+        text, found = re.subn(rf'(\{{ key: "{re.escape(key)}" value: \{{ string_value: )"[^"]*"',
+                              rf'\g<1>"{value}"', text)
+        assert found == 1, f"the config has no parameter {key}"
+        return text
+    return edit

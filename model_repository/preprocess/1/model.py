@@ -73,9 +73,13 @@ class TritonPythonModel:
         cuda_graphs = parameters.get("cuda_graphs", "yes")
         if cuda_graphs not in ("yes", "no"):
             raise ValueError(f'cuda_graphs must be "yes" or "no", got {cuda_graphs!r}')
+        detector_images = parameters.get("detector_images", "auto")
+        if detector_images not in ("auto", "device"):
+            raise ValueError(f'detector_images must be "auto" or "device", got {detector_images!r}')
         detector = FaceDetector(device=device, max_side=detector_max_side,
                                 proposals=parameters.get("detector_proposals", "auto"),
-                                cuda_graphs=cuda_graphs == "yes")
+                                cuda_graphs=cuda_graphs == "yes",
+                                images_on_device=True if detector_images == "device" else None)
         # TARGET_RGB and the network's crops in GPU memory (DLPack) when preprocess works on the GPU: postprocess and
         # fusion (FORCE_CPU_ONLY_INPUT_TENSORS "no") take them there, with no trip through the host and Triton's
         # shared memory (6 MB + 1.5 MB per request).
@@ -86,13 +90,13 @@ class TritonPythonModel:
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
         warmed = self.preprocessor.warm_up()
-        target_place = "the GPU" if self.preprocessor.keeps_outputs_on_device else "the host"
+        target_place = f"{device} tensors" if self.preprocessor.keeps_outputs_on_device else "host arrays"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         graphs = "CUDA graphs" if detector.pad_batches and cuda_graphs == "yes" else "no CUDA graphs"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
                                  f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
-                                 f"TARGET_RGB and crops on {target_place}, limits {limits}, "
+                                 f"TARGET_RGB and crops as {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
 
