@@ -66,3 +66,30 @@ def test_device_path_fails_bad_input_with_the_codes(device_path_server, faceless
                 client.fuse(source, target, 100, 100, OPTIONS)
             assert caught.value.code == code, caught.value.raw
         assert client.fuse(group_jpg, group_jpg, 50, 50, OPTIONS).image  # and it keeps serving
+
+
+def test_hostile_catalogue_gets_its_codes_on_the_device_path(device_path_server):
+    """bench/hostile.py's encoded cases (over gRPC) through the tensor decode (EXIF orientation, limits, odd
+    formats), BlazeFace and the tensor crops: each gets its code or a correct result, and the server stays ready with
+    no stub traceback."""
+    from bench.hostile import OK, build_catalogue, check_result, preprocess_limits
+
+    offset = device_path_server.log.stat().st_size
+    failures = []
+    with FusionClient(f"localhost:{device_path_server.ports.grpc}", "grpc", timeout_s=300) as client:
+        for case in build_catalogue(preprocess_limits()):
+            try:
+                result = client.fuse(case.source, case.target, case.face_degree, case.profile_degree, case.options)
+            except FusionServerError as error:
+                if error.code != case.expect:
+                    failures.append(f"{case.name}: expected {case.expect}, got {error.raw[:200]}")
+                continue
+            if case.expect != OK:
+                failures.append(f"{case.name}: expected {case.expect}, got a result")
+            failures += [f"{case.name}: {problem}" for problem in check_result(case, result.image, result.metadata)]
+    assert not failures, "\n".join(failures)
+    assert device_path_server.running
+    with open(device_path_server.log, "rb") as log:
+        log.seek(offset)
+        new = log.read().decode(errors="replace")
+    assert not [line for line in new.splitlines() if "Traceback" in line or "Stub process" in line]
