@@ -8,10 +8,10 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from facefuse.local_server import MODEL_REPOSITORY, Ports, free_ports, start
+from facefuse.local_server import MODEL_REPOSITORY, REPO_ROOT, Ports, free_ports, start
 from facefuse.local_server import is_ready as local_is_ready
 
 
@@ -129,3 +129,17 @@ def set_parameter(key: str, value: str) -> Callable[[str], str]:
         assert found == 1, f"the config has no parameter {key}"
         return text
     return edit
+
+
+def serve_patched_copy(folder: Path, log_name: str,
+                       edits: dict[str, Callable[[str], str]]) -> Iterator[ManagedServer]:
+    """For a module fixture: a server on a copy of the repository with `edits` (see copy_repository) in `folder`,
+    logging to out/`log_name` (emptied first); stopped when the fixture ends."""
+    repository = copy_repository(folder / "model_repository", edits)
+    log = REPO_ROOT / "out" / log_name
+    log.parent.mkdir(exist_ok=True)
+    log.write_text("")
+    server = ManagedServer(log, repository)
+    server.start()
+    yield server
+    server.stop()

@@ -15,8 +15,7 @@ import pytest
 
 from bench.hostile import _jpeg, _png, hanks, scene
 from client.api import FusionClient, FusionServerError, is_retryable
-from tests.conftest import REPO_ROOT
-from tests.servers import ManagedServer, copy_repository, is_ready, set_queue_policy
+from tests.servers import is_ready, serve_patched_copy, set_queue_policy
 
 pytestmark = pytest.mark.live
 FLOOD = 24  # concurrent requests, half over each protocol
@@ -25,15 +24,8 @@ REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")
 
 @pytest.fixture(scope="module")
 def tiny_queue_server(tmp_path_factory):
-    repository = copy_repository(tmp_path_factory.mktemp("tiny_queue") / "model_repository",
-                                 {"preprocess": set_queue_policy(1, 2_000_000)})
-    log = REPO_ROOT / "out" / "test-overload-triton.log"
-    log.parent.mkdir(exist_ok=True)
-    log.write_text("")
-    server = ManagedServer(log, repository)
-    server.start()
-    yield server
-    server.stop()
+    yield from serve_patched_copy(tmp_path_factory.mktemp("tiny_queue"), "test-overload-triton.log",
+                                  {"preprocess": set_queue_policy(1, 2_000_000)})
 
 
 def test_flood_is_refused_fast_and_the_rest_succeeds(tiny_queue_server):

@@ -12,8 +12,7 @@ from client.api import FusionClient, FusionServerError
 from facefuse import errors
 from facefuse.imaging import decode_image
 from facefuse.watermark import extract_watermark
-from tests.conftest import REPO_ROOT
-from tests.servers import ManagedServer, copy_repository, set_parameter
+from tests.servers import serve_patched_copy, set_parameter
 
 pytestmark = pytest.mark.live
 OPTIONS = {"target_face": 0, "format": "png", "watermark_id": "00000000c0ffee00"}
@@ -21,15 +20,8 @@ OPTIONS = {"target_face": 0, "format": "png", "watermark_id": "00000000c0ffee00"
 
 @pytest.fixture(scope="module")
 def device_path_server(tmp_path_factory):
-    repository = copy_repository(tmp_path_factory.mktemp("device_path") / "model_repository",
-                                 {"preprocess": set_parameter("detector_images", "device")})
-    log = REPO_ROOT / "out" / "test-device-path-triton.log"
-    log.parent.mkdir(exist_ok=True)
-    log.write_text("")
-    server = ManagedServer(log, repository)
-    server.start()
-    yield server
-    server.stop()
+    yield from serve_patched_copy(tmp_path_factory.mktemp("device_path"), "test-device-path-triton.log",
+                                  {"preprocess": set_parameter("detector_images", "device")})
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
