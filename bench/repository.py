@@ -78,10 +78,16 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             if name in queue_delays_us:
                 text = _replace_one(text, r"(max_queue_delay_microseconds:\s*)\d+", queue_delays_us[name], name)
             for key, value in parameters.get(name, {}).items():
-                text = _replace_one(text, rf'(key:\s*"{re.escape(key)}"\s*value:\s*{{\s*string_value:\s*")[^"]*(?=")',
-                                    value, name)
+                text = set_string_parameter(text, key, value, name)
             config_path.write_text(text)
     return destination
+
+
+def set_string_parameter(text: str, key: str, value: str, model: str) -> str:
+    """Config text with the existing string parameter ``key`` set to ``value`` (ValueError when it is not there
+    exactly once)."""
+    return _replace_one(text, rf'(key:\s*"{re.escape(key)}"\s*value:\s*{{\s*string_value:\s*")[^"]*(?=")',
+                        value, model)
 
 
 def _replace_one(text: str, pattern: str, value: int | str, model: str) -> str:

@@ -123,12 +123,9 @@ class ManagedServer:
 
 def set_parameter(key: str, value: str) -> Callable[[str], str]:
     """A config edit giving the model's existing string parameter `key` the value `value`."""
-    def edit(text: str) -> str:
-        text, found = re.subn(rf'(\{{ key: "{re.escape(key)}" value: \{{ string_value: )"[^"]*"',
-                              rf'\g<1>"{value}"', text)
-        assert found == 1, f"the config has no parameter {key}"
-        return text
-    return edit
+    from bench.repository import set_string_parameter
+
+    return lambda text: set_string_parameter(text, key, value, "edited model")
 
 
 def serve_patched_copy(folder: Path, log_name: str,
