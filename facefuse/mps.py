@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def mps_problem(device_folder: Path = Path("/dev")) -> str | None:
     return None
 
 
-def start_mps(folder: Path, device_folder: Path = Path("/dev")) -> MpsDaemon:
+def start_mps(folder: Path, device_folder: Path = Path("/dev"), wait_s: float = 60.0) -> MpsDaemon:
     """Start an MPS control daemon private to ``folder``; MpsUnavailable when there is no GPU or no control binary
-    (it ships with the NVIDIA driver's utilities) or the daemon does not come up."""
+    (it ships with the NVIDIA driver's utilities) or the daemon does not come up.
+
+    A daemon told to quit lingers until its last client (a server's model processes) has exited, and meanwhile
+    refuses a new one ("already running"): seen when one benchmark followed another. Retry for up to ``wait_s``."""
     problem = mps_problem(device_folder)
     if problem:
         raise MpsUnavailable(problem)
@@ -62,8 +66,14 @@ def start_mps(folder: Path, device_folder: Path = Path("/dev")) -> MpsDaemon:
     daemon = MpsDaemon(folder / "pipe", folder / "log")
     for path in (daemon.pipe_folder, daemon.log_folder):
         path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([binary, "-d"], capture_output=True, text=True, timeout=30, check=False,
-                            env={**os.environ, **daemon.environment()})
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = subprocess.run([binary, "-d"], capture_output=True, text=True, timeout=30, check=False,
+                                env={**os.environ, **daemon.environment()})
+        if result.returncode == 0 or "already running" not in (result.stderr + result.stdout) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if result.returncode != 0:
         raise MpsUnavailable(f"{CONTROL} -d failed ({result.returncode}): {(result.stderr or result.stdout).strip()}")
     return daemon

@@ -42,3 +42,25 @@ def test_bench_refuses_mps_where_it_cannot_run_before_doing_any_work(capsys: pyt
 
     assert run.main(["--mps", "--out", "/nonexistent/never-written"]) == 2
     assert "--mps:" in capsys.readouterr().err
+
+
+def test_start_waits_for_a_quitting_daemon_of_the_same_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real control binary refuses `-d` while a daemon told to quit still has clients; stand in for it with a
+    script that refuses twice, then starts (a stand-in: this host has no GPU driver)."""
+    devices, tools = tmp_path / "dev", tmp_path / "bin"
+    devices.mkdir(), tools.mkdir()
+    (devices / "nvidia0").touch()
+    attempts = tmp_path / "attempts"
+    control = tools / CONTROL
+    control.write_text(f'#!/bin/sh\necho x >> "{attempts}"\n'
+                       f'[ "$(wc -l < "{attempts}")" -ge 3 ] && exit 0\n'
+                       'echo "An instance of this daemon is already running" >&2; exit 1\n')
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    daemon = start_mps(tmp_path / "mps", device_folder=devices, wait_s=10.0)
+    assert daemon.pipe_folder == tmp_path / "mps" / "pipe"
+    assert len(attempts.read_text().splitlines()) == 3
+    attempts.unlink()
+    control.write_text('#!/bin/sh\necho "An instance of this daemon is already running" >&2; exit 1\n')
+    with pytest.raises(MpsUnavailable, match="already running"):
+        start_mps(tmp_path / "mps", device_folder=devices, wait_s=1.0)
