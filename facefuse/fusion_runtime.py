@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from facefuse.batch_buckets import bucket_size, bucket_sizes
-from facefuse.network import INPUT_NAMES, OUTPUT_NAMES
+from facefuse.network import INPUT_NAMES, OUTPUT_NAMES, input_dtype
 
 RUNTIME_CHOICES = ("auto", "tensorrt", "torch-cuda", "onnxruntime-cpu", "torch-cpu")
 log = logging.getLogger("facefuse.fusion")
@@ -71,7 +71,11 @@ class TorchRuntime(FusionRuntime):
 
     BUCKETS = bucket_sizes(32)
 
-    def __init__(self, device: str = "cuda", half: bool | None = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, device: str = "cuda", half: bool | None = None, cuda_graphs: bool = True,
+                 compile_network: bool = False) -> None:
+        """``compile_network``: run the network through torch.compile (Inductor fuses its element-wise steps; H200,
+        FP16, batch 32: 1.7x the eager graph's faces/s) at the price of minutes of compiling at load (each bucket
+        compiles on its first call; Inductor's on-disk cache shortens later loads)."""
         import torch
 
         from facefuse.network import FusionNetwork
@@ -81,9 +85,11 @@ class TorchRuntime(FusionRuntime):
         self.half = self.device.type == "cuda" if half is None else half
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.name = (f"torch-{self.device.type}" + ("-fp16" if self.half else "")
-                     + ("-graphs" if self.use_graphs else ""))
+                     + ("-graphs" if self.use_graphs else "") + ("-compiled" if compile_network else ""))
         network = FusionNetwork().eval().to(self.device)
         self.network = network.half() if self.half else network
+        # Every bucket's batch size through one compiled function (dynamic batch axis).
+        self.forward = torch.compile(self.network, dynamic=True) if compile_network else self.network
         self.dtype = torch.float16 if self.half else torch.float32
         self.max_batch = self.BUCKETS[-1] if self.use_graphs else 1 << 30
         self.graphs: dict[int, tuple[object, list, tuple]] = {}
@@ -91,17 +97,17 @@ class TorchRuntime(FusionRuntime):
     def _graph(self, bucket: int, shapes: dict[str, tuple[int, ...]]) -> tuple[object, list, tuple]:
         torch = self.torch
         if bucket not in self.graphs:
-            static_inputs = [torch.zeros((bucket, *shapes[name]), dtype=self.dtype, device=self.device)
-                             for name in INPUT_NAMES]
+            static_inputs = [torch.zeros((bucket, *shapes[name]), dtype=input_dtype(name, self.dtype),
+                                         device=self.device) for name in INPUT_NAMES]
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):  # warm-up on a side stream, as graph capture requires
-                    self.network(*static_inputs)
+                    self.forward(*static_inputs)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.inference_mode():
-                static_outputs = self.network(*static_inputs)
+                static_outputs = self.forward(*static_inputs)
             self.graphs[bucket] = (graph, static_inputs, static_outputs)
         return self.graphs[bucket]
 
@@ -129,9 +135,9 @@ class TorchRuntime(FusionRuntime):
         torch = self.torch
         batch = len(inputs[INPUT_NAMES[0]])
         with torch.inference_mode():
-            tensors = [self._tensor(inputs[name]) for name in INPUT_NAMES]
+            tensors = [self._tensor(inputs[name], input_dtype(name, self.dtype)) for name in INPUT_NAMES]
             if not self.use_graphs:
-                outputs = self.network(*tensors)
+                outputs = self.forward(*tensors)
                 return {name: out.to(torch.float32) for name, out in zip(OUTPUT_NAMES, outputs)}
             bucket = bucket_size(batch)
             graph, static_inputs, static_outputs = self._graph(
@@ -143,11 +149,11 @@ class TorchRuntime(FusionRuntime):
             graph.replay()
             return {name: out[:batch].to(torch.float32, copy=True) for name, out in zip(OUTPUT_NAMES, static_outputs)}
 
-    def _tensor(self, value: Any) -> Any:
-        """An input batch (host array or tensor) on the runtime's device in its dtype."""
+    def _tensor(self, value: Any, dtype: Any) -> Any:
+        """An input batch (host array or tensor) on the runtime's device in ``dtype``."""
         if isinstance(value, np.ndarray):
             value = self.torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-        return value.to(self.device, self.dtype)
+        return value.to(self.device, dtype)
 
 
 class TensorRTRuntime(FusionRuntime):
@@ -225,14 +231,15 @@ def _cuda_available() -> bool:
 
 
 def load_runtime(model_dir: Path, choice: str = "auto", device_id: int = 0,
-                 report: Callable[[str], None] = log.info) -> FusionRuntime:
-    """Load the runtime named by `choice`, or with "auto" the best one that works, reporting each decision."""
+                 report: Callable[[str], None] = log.info, torch_compile: bool = False) -> FusionRuntime:
+    """Load the runtime named by `choice`, or with "auto" the best one that works, reporting each decision.
+    ``torch_compile``: torch-cuda compiles the network (TorchRuntime's compile_network)."""
     if choice not in RUNTIME_CHOICES:
         raise ValueError(f"unknown fusion runtime {choice!r}; choose from {RUNTIME_CHOICES}")
     plan_path, onnx_path = model_dir / "model.plan", model_dir / "model.onnx"
     attempts: list[tuple[str, Callable[[], FusionRuntime]]] = [
         ("tensorrt", lambda: TensorRTRuntime(plan_path, device_id)),
-        ("torch-cuda", lambda: TorchRuntime(f"cuda:{device_id}")),
+        ("torch-cuda", lambda: TorchRuntime(f"cuda:{device_id}", compile_network=torch_compile)),
         ("onnxruntime-cpu", lambda: OnnxRuntimeCpu(onnx_path)),
         ("torch-cpu", lambda: TorchRuntime("cpu")),
     ]

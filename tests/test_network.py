@@ -16,6 +16,7 @@ from facefuse.geometry import (
     fusion_geometry_batch,
     synthetic_mesh,
 )
+from facefuse.network import INPUT_NAMES as INPUT_NAMES_FOR_TEST
 from facefuse.network import FusionNetwork, LaplacianBlend, masked_colour_match, polygon_distance
 
 
@@ -193,15 +194,11 @@ def test_change_grows_with_face_degree(network):
 
 
 def test_change_stays_inside_the_paste_mask(network):
-    inputs = list(example_inputs(batch=2))
-    # Photo-like (smooth) crops: on pixel noise any sub-pixel warp would look like a change.
-    for position in (0, 1):
-        inputs[position] = torch.nn.functional.interpolate(inputs[position][..., ::16, ::16], size=(256, 256),
-                                                           mode="bicubic", align_corners=False).clamp(0, 1)
+    inputs = list(example_inputs(batch=2, smooth=True))  # on pixel noise any sub-pixel warp would look like a change
     inputs[6], inputs[7] = _degrees(100, 2), _degrees(100, 2)
     with torch.inference_mode():
         fused, mask = network(*inputs)
-        grids = network._sampling_grids(inputs[2], inputs[3])
+        grids = (network._sampling_grids(inputs[2], inputs[3], torch.float32) + 1.0) * (CROP_SIZE / 2.0) - 0.5
     outside = mask < 1e-3
     assert outside.float().mean() > 0.2  # the corners and background are untouched
     # Outside the paste mask the warp has died down to a pixel or two (the target is pasted back there anyway).
@@ -215,3 +212,37 @@ def test_outputs_have_the_wire_shapes(network):
         fused, mask = network(*example_inputs(batch=3))
     assert fused.shape == (3, 3, CROP_SIZE, CROP_SIZE) and mask.shape == (3, 1, CROP_SIZE, CROP_SIZE)
     assert fused.min() >= 0 and fused.max() <= 1 and mask.min() >= 0 and mask.max() <= 1
+
+
+def test_geometry_stays_fp32_when_the_pixels_go_fp16():
+    """An FP16 network keeps its coordinate grids in FP32 and takes the geometry in FP32 (input_dtype): the spline
+    warp it computes is the FP32 network's to 0.15 px (FP16's spacing near |1| is 0.125 px; with the geometry in FP16
+    the sampling positions were off by pixels)."""
+    from facefuse.network import INPUT_NAMES, PIXEL_INPUTS, input_dtype
+
+    half_network = FusionNetwork().eval().half()
+    assert all(getattr(half_network, name).dtype == torch.float32 for name in FusionNetwork.GEOMETRY_BUFFERS)
+    assert half_network.border_fade.dtype == torch.float16  # pixel-side buffers do follow the module
+    assert [input_dtype(name, torch.float16) for name in INPUT_NAMES] == [
+        torch.float16 if name in PIXEL_INPUTS else torch.float32 for name in INPUT_NAMES]
+    inputs = example_inputs(batch=4, seed=7)
+    with torch.inference_mode():
+        exact = FusionNetwork().eval()._sampling_grids(inputs[2], inputs[3], torch.float32)
+        half = half_network._sampling_grids(inputs[2], inputs[3], torch.float16)
+    assert half.dtype == torch.float16
+    error_px = (half.float() - exact).abs().max().item() * CROP_SIZE / 2.0
+    assert error_px < 0.15, error_px
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP16 grid sampling runs on CUDA (PyTorch's CPU FP16 "
+                    "grid_sample crashes); the FP16 network is the CUDA path")
+def test_fp16_network_on_cuda_matches_fp32():
+    from facefuse.fusion_runtime import TorchRuntime
+
+    inputs = {name: tensor.numpy()
+              for name, tensor in zip(INPUT_NAMES_FOR_TEST, example_inputs(batch=8, seed=3, smooth=True))}
+    exact = TorchRuntime("cuda", half=False, cuda_graphs=False).run(inputs)
+    half = TorchRuntime("cuda", half=True, cuda_graphs=True).run(inputs)
+    fused_error = np.abs(half["FUSED_CROP"] - exact["FUSED_CROP"])
+    assert fused_error.mean() < 2e-3 and fused_error.max() < 0.05, (fused_error.mean(), fused_error.max())
+    assert np.abs(half["BLEND_MASK"] - exact["BLEND_MASK"]).max() < 0.02

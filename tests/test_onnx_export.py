@@ -103,3 +103,19 @@ def test_cuda_graph_outputs_on_the_device_outlive_the_next_replay():
     for name in OUTPUT_NAMES:
         assert first[name].is_cuda and first[name].dtype == torch.float32
         torch.testing.assert_close(first[name], kept[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the network is offered for CUDA only")
+def test_compiled_network_gives_the_eager_networks_results():
+    """The fusion model's torch_compile: the compiled FP16 network under CUDA graphs gives the eager FP16 network's
+    outputs (Inductor computes element-wise chains in FP32, so not bit for bit), at two bucket sizes."""
+    from facefuse.fusion_runtime import TorchRuntime
+
+    eager, compiled = TorchRuntime("cuda"), TorchRuntime("cuda", compile_network=True)
+    assert compiled.name.endswith("-compiled")
+    for batch in (3, 8):
+        inputs = {name: t.numpy() for name, t in zip(INPUT_NAMES, example_inputs(batch, seed=batch, smooth=True))}
+        expected, got = eager.run(inputs), compiled.run(inputs)
+        for name in OUTPUT_NAMES:
+            error = np.abs(got[name] - expected[name])
+            assert error.mean() < 0.01 and np.quantile(error, 0.999) < 0.1, (name, error.mean(), error.max())

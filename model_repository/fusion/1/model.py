@@ -35,8 +35,11 @@ class TritonPythonModel:
         keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         model_dir = Path(args["model_repository"]) / args["model_version"]
         device_id = int(args.get("model_instance_device_id", 0) or 0)
+        torch_compile = parameters.get("torch_compile", "no")
+        if torch_compile not in ("yes", "no"):
+            raise ValueError(f'torch_compile must be "yes" or "no", got {torch_compile!r}')
         self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,
-                                    report=pb_utils.Logger.log_info)
+                                    report=pb_utils.Logger.log_info, torch_compile=torch_compile == "yes")
         tensors_on_gpu = parameters.get("tensors_on_gpu", "auto")
         if tensors_on_gpu not in ("auto", "no"):
             raise ValueError(f'tensors_on_gpu must be "auto" or "no", got {tensors_on_gpu!r}')
