@@ -93,7 +93,7 @@ bench-gpu: build
 		--skip-baseline
 
 bench-network: $(STAMP)
-	$(PY) -m bench.network --out bench/results
+	$(PY) -m bench.network --out bench/results --compile
 
 gateway-config: $(STAMP)
 	$(PY) -m gateway.render
