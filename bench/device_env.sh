@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Sourced on a GPU host with the device tool's image (Python 3.12 + CUDA torch, no internet): unpacks the carried
 # Triton bundle (.device/triton_bundle.tar.xz: pytriton's tritonserver + 3.12 stub, its libraries, perf_analyzer,
-# the weight files (MTCNN, the face mesh, BlazeFace) and sample photos) and a numpy<2 overlay (FACTS.md: numpy 2
-# empties Python-backend outputs), and exports PYTHONPATH/PATH so that `python3 -m bench.run` serves the real Triton
-# on the GPU.
+# the weight files (MTCNN, the face mesh, BlazeFace) and sample photos), a numpy<2 overlay (FACTS.md: numpy 2
+# empties Python-backend outputs) and, if carried, py-spy; exports PYTHONPATH/PATH so that `python3 -m bench.run`
+# serves the real Triton on the GPU.
 BUNDLE=/tmp/ffbundle
 mkdir -p "$BUNDLE" /tmp/ffsite
 [ -x "$BUNDLE/perf/perf_analyzer" ] || tar -xJf .device/triton_bundle.tar.xz -C "$BUNDLE"
 python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
+# py-spy for bench.run --profile-stubs, when its wheel was carried too (its binary lands in /tmp/ffsite/bin).
+ls .device/py_spy-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite \
+    .device/py_spy-*.whl 2>/dev/null
 export PYTHONPATH="/tmp/ffsite:$BUNDLE/minipkgs:$BUNDLE:$PWD"
-export PATH="$BUNDLE/perf:$PATH"
+export PATH="$BUNDLE/perf:/tmp/ffsite/bin:$PATH"
 ln -sf "$BUNDLE/perf/perf_analyzer" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/perf_analyzer" 2>/dev/null || true
 python3 -c "import numpy, torch; print('numpy', numpy.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"

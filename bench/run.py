@@ -25,6 +25,7 @@ import numpy as np
 
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
 from bench.repository import gpu_config_counts, parse_assignments, parse_parameters, tuned_repository
+from bench.stub_profile import StubProfiler, find_py_spy
 from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -281,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parameter", action="append", default=[], metavar="MODEL.KEY=VALUE",
                         help="set an existing string parameter of a model's config, e.g. "
                              "preprocess.detector_max_side=1280 (serves a tuned copy; repeatable)")
+    parser.add_argument("--profile-stubs", action="store_true",
+                        help="py-spy every model stub during each face_fusion level (bench.stub_profile): "
+                             "<tag>_face_fusion_c<N>_stubs.txt")
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
     if args.mps and mps_problem():
         print(f"[bench] --mps: {mps_problem()}", file=sys.stderr)
+        return 2
+    if args.profile_stubs and find_py_spy() is None:
+        print("[bench] --profile-stubs: py-spy is not installed (requirements.txt pins it)", file=sys.stderr)
         return 2
     instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
                  else parse_assignments(args.instances))
@@ -323,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models.split(","):
             for level in levels:
                 print(f"[bench] perf_analyzer {model} concurrency {level} ...", flush=True)
+                # Samples the level's warm-up too: the same concurrency, the same work.
+                profiler = (StubProfiler(server.pid, max(5.0, 3 * args.measurement_ms / 1000),
+                                         work / "stub_profile" / f"c{level}")
+                            if args.profile_stubs and model == "face_fusion" else None)
                 try:
                     warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests
                     before = cpu_snapshot(server.pid)
@@ -334,11 +345,17 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as error:
                     lines = [line for line in str(error).splitlines() if line.strip()]
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
+                    if profiler is not None:
+                        profiler.finish()
                     continue
                 if model == "face_fusion":
                     figures.update(composing_breakdown(console))
                     # perf_analyzer's own report (composing models' queue and compute times) beside the CSV.
                     (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
+                if profiler is not None:
+                    report = profiler.finish()
+                    (args.out / f"{tag}_face_fusion_c{level}_stubs.txt").write_text(report)
+                    print("[bench]   py-spy: " + report.strip().replace("\n", "\n[bench]   "), flush=True)
                 rows.append({"model": model, **figures})
                 # Written after every level, so a run cut short (a time limit on a lent GPU) keeps what it measured.
                 write_rows(rows, args.out / f"{tag}_perf.csv")
