@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,15 +78,29 @@ class StubProfiler:
         self.seconds, self.rate = seconds, rate
         folder.mkdir(parents=True, exist_ok=True)
         self.runs: list[tuple[str, Path, subprocess.Popen]] = []
+        commands = []
         for instance, stub in sorted(stub_processes(server_pid).items()):
             path = folder / f"{instance}.raw"
-            process = subprocess.Popen(
-                [binary, "record", "--pid", str(stub.pid), "--duration", str(int(seconds)), "--rate", str(rate),
-                 "--format", "raw", "--nonblocking", "-o", str(path)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            self.runs.append((stub.model, path, process))
+            path.unlink(missing_ok=True)  # a report must not pick up an earlier run's samples
+            commands.append([binary, "record", "--pid", str(stub.pid), "--duration", str(int(seconds)), "--rate",
+                             str(rate), "--format", "raw", "--nonblocking", "-o", str(path)])
+            self.runs.append((stub.model, path, self._spawn(commands[-1])))
         if not self.runs:
             raise RuntimeError(f"no Python-backend stubs found under server pid {server_pid}")
+        # A py-spy that failed at once is started again (on this CI-like host one sometimes could not read a Python
+        # process's version at the first try).
+        for _ in range(2):
+            time.sleep(1.0)
+            failed = [index for index, (_, _, process) in enumerate(self.runs) if process.poll() not in (None, 0)]
+            for index in failed:
+                model, path, _ = self.runs[index]
+                self.runs[index] = (model, path, self._spawn(commands[index]))
+            if not failed:
+                break
+
+    @staticmethod
+    def _spawn(command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def finish(self) -> str:
         profiles: dict[str, ModelProfile] = {}

@@ -61,3 +61,24 @@ def test_profile_of_the_live_server_names_each_models_work(triton_server, hanks_
     for model, work in (("preprocess", "prepare_batch"), ("postprocess", "finish"), ("fusion", "run")):
         section = next(part for part in report.split("\n\n") if part.startswith(f"{model}:"))
         assert work in section, section
+
+
+def test_a_py_spy_that_fails_at_once_is_started_again(tmp_path, monkeypatch):
+    """Stand-ins for py-spy (a script that fails on its first start) and for the server's stub list: the retry
+    logic is what is under test; the live test above runs the real py-spy on the real server."""
+    from bench import stub_profile
+    from facefuse.procfs import Stub
+
+    marker = tmp_path / "started-once"
+    fake = tmp_path / "py-spy"
+    fake.write_text("\n".join([
+        "#!/bin/sh",
+        f'if [ ! -e "{marker}" ]; then touch "{marker}"; echo "Failed to find python version" >&2; exit 1; fi',
+        'out=""; while [ $# -gt 0 ]; do [ "$1" = "-o" ] && out="$2"; shift; done',
+        'printf "a (m.py:1);TritonPythonModel.execute (m.py:2);work (w.py:3) 7\\n" > "$out"', ""]))
+    fake.chmod(0o755)
+    monkeypatch.setattr(stub_profile, "find_py_spy", lambda: str(fake))
+    monkeypatch.setattr(stub_profile, "stub_processes", lambda pid: {"fusion_0_0": Stub(1, "fusion", "fusion_0_0")})
+    report = StubProfiler(server_pid=0, seconds=1, folder=tmp_path / "raw", rate=7).finish()
+    assert report.startswith("fusion: 7 busy samples")
+    assert "100.0%  work [w.py:3]" in report
