@@ -264,6 +264,8 @@ def load_runtime(model_dir: Path, choice: str = "auto", device_id: int = 0,
             else:
                 warm_up(runtime)
                 report(f"fusion runtime: {runtime.name}" + (f" (skipped: {'; '.join(reasons)})" if reasons else ""))
+                if torch_compile and name != "torch-cuda":
+                    report(f"torch_compile not applied: it is for torch-cuda, the runtime is {runtime.name}")
                 return runtime
         reasons.append(f"{name}: {skip}")
         report(f"fusion runtime {name} not used: {skip}")

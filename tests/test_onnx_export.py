@@ -119,3 +119,16 @@ def test_compiled_network_gives_the_eager_networks_results():
         for name in OUTPUT_NAMES:
             error = np.abs(got[name] - expected[name])
             assert error.mean() < 0.01 and np.quantile(error, 0.999) < 0.1, (name, error.mean(), error.max())
+
+
+def test_load_runtime_reports_its_choice_and_an_unapplied_torch_compile(onnx_path):
+    """torch_compile only means something to torch-cuda: with another runtime the load says it was not applied."""
+    from facefuse.fusion_runtime import load_runtime
+
+    reports: list[str] = []
+    runtime = load_runtime(onnx_path.parent, "onnxruntime-cpu", report=reports.append, torch_compile=True)
+    assert runtime.name == "onnxruntime-cpu"
+    assert reports == ["fusion runtime: onnxruntime-cpu",
+                       "torch_compile not applied: it is for torch-cuda, the runtime is onnxruntime-cpu"]
+    with pytest.raises(ValueError, match="unknown fusion runtime"):
+        load_runtime(onnx_path.parent, "tensorflow")
