@@ -88,7 +88,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def main() -> int:
     started = time.perf_counter()
     faces = sample_faces()
-    mesh = FaceMesh()
+    mesh = FaceMesh(runtime="torch")  # our PyTorch rebuild against the original tflite
     try:
         interpreter = tflite_interpreter()
     except ImportError:

