@@ -188,7 +188,7 @@ class FusionNetwork(nn.Module):
 
         The splines are evaluated in FP32 whatever the pixels' precision: sums of r^2 log r terms times coefficients
         in the hundreds lose pixels in FP16 (H200, batch 32, random crops: the FP16 network's fused crop was off the
-        FP32 one by 0.16 on average). Normalised coordinates are then exact to 0.06 px in FP16."""
+        FP32 one by 0.16 on average). The -1..1 coordinates then lose 0.11 px at most to FP16 (measured)."""
         centres = control_points.float() / self.crop_size
         coefficients = coefficients.float()
         points = self.coarse_points  # (1, G*G, 2)
