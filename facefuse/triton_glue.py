@@ -39,6 +39,14 @@ def model_parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
 
 
+def choice_parameter(parameters: dict[str, str], key: str, choices: tuple[str, str]) -> str:
+    """The parameter ``key``, one of ``choices`` (absent: the first); any other value fails the model's load."""
+    value = parameters.get(key, choices[0])
+    if value not in choices:
+        raise ValueError(f'{key} must be "{choices[0]}" or "{choices[1]}", got {value!r}')
+    return value
+
+
 def error_response(pb_utils: Any, error: BaseException) -> Any:
     """An InferenceResponse carrying `CODE: sentence`; unexpected faults become INTERNAL_ERROR and are logged."""
     if isinstance(error, FusionError):

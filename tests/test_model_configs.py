@@ -129,3 +129,12 @@ def test_gpu_copies_of_python_models_differ_only_in_instances_and_consent(model)
         config.ClearField("instance_group")
         config.parameters.pop("consent", None)
     assert text_format.MessageToString(gpu) == text_format.MessageToString(local)
+
+
+def test_two_valued_parameters_default_to_the_first_choice_and_refuse_others():
+    from facefuse.triton_glue import choice_parameter
+
+    assert choice_parameter({}, "cuda_graphs", ("yes", "no")) == "yes"
+    assert choice_parameter({"cuda_graphs": "no"}, "cuda_graphs", ("yes", "no")) == "no"
+    with pytest.raises(ValueError, match='torch_compile must be "no" or "yes", got \'on\''):
+        choice_parameter({"torch_compile": "on"}, "torch_compile", ("no", "yes"))

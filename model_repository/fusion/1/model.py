@@ -25,7 +25,14 @@ from facefuse.device_imaging import concat_rows  # noqa: E402
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
-from facefuse.triton_glue import guarded, input_value, limit_threads, model_parameters, output_tensor  # noqa: E402
+from facefuse.triton_glue import (  # noqa: E402
+    choice_parameter,
+    guarded,
+    input_value,
+    limit_threads,
+    model_parameters,
+    output_tensor,
+)
 
 
 class TritonPythonModel:
@@ -35,14 +42,10 @@ class TritonPythonModel:
         keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         model_dir = Path(args["model_repository"]) / args["model_version"]
         device_id = int(args.get("model_instance_device_id", 0) or 0)
-        torch_compile = parameters.get("torch_compile", "no")
-        if torch_compile not in ("yes", "no"):
-            raise ValueError(f'torch_compile must be "yes" or "no", got {torch_compile!r}')
+        torch_compile = choice_parameter(parameters, "torch_compile", ("no", "yes"))
         self.runtime = load_runtime(model_dir, parameters.get("runtime", "auto"), device_id,
                                     report=pb_utils.Logger.log_info, torch_compile=torch_compile == "yes")
-        tensors_on_gpu = parameters.get("tensors_on_gpu", "auto")
-        if tensors_on_gpu not in ("auto", "no"):
-            raise ValueError(f'tensors_on_gpu must be "auto" or "no", got {tensors_on_gpu!r}')
+        tensors_on_gpu = choice_parameter(parameters, "tensors_on_gpu", ("auto", "no"))
         self.gpu_tensors = tensors_on_gpu == "auto" and self.runtime.gpu_tensors
         pb_utils.Logger.log_info(f"fusion: tensors in {'GPU' if self.gpu_tensors else 'host'} memory")
 

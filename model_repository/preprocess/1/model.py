@@ -40,6 +40,7 @@ from facefuse.pipeline import (  # noqa: E402
 from facefuse.triton_glue import (  # noqa: E402,E501
     bytes_rows,
     bytes_tensor,
+    choice_parameter,
     error_response,
     guarded,
     instance_device,
@@ -70,12 +71,8 @@ class TritonPythonModel:
         if parameters.get("blocklist_path", "").strip():  # dlib loads only then
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
-        cuda_graphs = parameters.get("cuda_graphs", "yes")
-        if cuda_graphs not in ("yes", "no"):
-            raise ValueError(f'cuda_graphs must be "yes" or "no", got {cuda_graphs!r}')
-        detector_images = parameters.get("detector_images", "auto")
-        if detector_images not in ("auto", "device"):
-            raise ValueError(f'detector_images must be "auto" or "device", got {detector_images!r}')
+        cuda_graphs = choice_parameter(parameters, "cuda_graphs", ("yes", "no"))
+        detector_images = choice_parameter(parameters, "detector_images", ("auto", "device"))
         detector = FaceDetector(device=device, max_side=detector_max_side,
                                 proposals=parameters.get("detector_proposals", "auto"),
                                 cuda_graphs=cuda_graphs == "yes",
@@ -83,9 +80,7 @@ class TritonPythonModel:
         # TARGET_RGB and the network's crops in GPU memory (DLPack) when preprocess works on the GPU: postprocess and
         # fusion (FORCE_CPU_ONLY_INPUT_TENSORS "no") take them there, with no trip through the host and Triton's
         # shared memory (6 MB + 1.5 MB per request).
-        outputs_on_gpu = parameters.get("outputs_on_gpu", "auto")
-        if outputs_on_gpu not in ("auto", "no"):
-            raise ValueError(f'outputs_on_gpu must be "auto" or "no", got {outputs_on_gpu!r}')
+        outputs_on_gpu = choice_parameter(parameters, "outputs_on_gpu", ("auto", "no"))
         self.preprocessor = Preprocessor(detector, FaceMesh(device=device, cuda_graphs=cuda_graphs == "yes"), limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
