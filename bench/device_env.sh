@@ -8,9 +8,14 @@ BUNDLE=/tmp/ffbundle
 mkdir -p "$BUNDLE" /tmp/ffsite
 [ -x "$BUNDLE/perf/perf_analyzer" ] || tar -xJf .device/triton_bundle.tar.xz -C "$BUNDLE"
 python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
-# py-spy for bench.run --profile-stubs, when its wheel was carried too (its binary lands in /tmp/ffsite/bin).
-ls .device/py_spy-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite \
-    .device/py_spy-*.whl 2>/dev/null
+# py-spy for bench.run --profile-stubs, when its wheel was carried too: its one binary, taken straight out of the
+# wheel (a second `pip install --target` into the same folder skipped it).
+for wheel in .device/py_spy-*.whl; do
+  [ -f "$wheel" ] || continue
+  mkdir -p /tmp/ffsite/bin
+  python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); n = next(n for n in z.namelist() if n.endswith("/scripts/py-spy")); open("/tmp/ffsite/bin/py-spy", "wb").write(z.read(n))' "$wheel"
+  chmod +x /tmp/ffsite/bin/py-spy
+done
 export PYTHONPATH="/tmp/ffsite:$BUNDLE/minipkgs:$BUNDLE:$PWD"
 export PATH="$BUNDLE/perf:/tmp/ffsite/bin:$PATH"
 ln -sf "$BUNDLE/perf/perf_analyzer" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/perf_analyzer" 2>/dev/null || true

@@ -282,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parameter", action="append", default=[], metavar="MODEL.KEY=VALUE",
                         help="set an existing string parameter of a model's config, e.g. "
                              "preprocess.detector_max_side=1280 (serves a tuned copy; repeatable)")
-    parser.add_argument("--profile-stubs", action="store_true",
+    parser.add_argument("--profile-stubs", nargs="?", const="busy", default=None, choices=("busy", "wall"),
                         help="py-spy every model stub during each face_fusion level (bench.stub_profile): "
-                             "<tag>_face_fusion_c<N>_stubs.txt")
+                             "<tag>_face_fusion_c<N>_stubs.txt; 'wall': idle samples inside execute too")
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] perf_analyzer {model} concurrency {level} ...", flush=True)
                 # Samples the level's warm-up too: the same concurrency, the same work.
                 profiler = (StubProfiler(server.pid, max(5.0, 3 * args.measurement_ms / 1000),
-                                         work / "stub_profile" / f"c{level}")
+                                         work / "stub_profile" / f"c{level}", wall=args.profile_stubs == "wall")
                             if args.profile_stubs and model == "face_fusion" else None)
                 try:
                     warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests

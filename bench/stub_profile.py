@@ -9,6 +9,10 @@ ran outside ``execute`` (the stub's own work). py-spy (pinned in requirements.tx
 and needs ptrace rights over it; only busy samples of Python threads count (a stub waiting for requests takes none;
 one spinning on a CUDA sync does). Native worker threads (OpenMP's, ONNX Runtime's) are not sampled: their work
 shows under the Python call that started it, and the CPU cores bench.run reports from /proc include them.
+
+``--wall`` (``bench.run --profile-stubs wall``) samples idle threads too (py-spy ``--idle``) and counts only samples
+inside ``execute``, three frames deep: where a request's wall time goes, waits included (a thread asleep in a
+blocking CUDA sync, a lock or I/O is idle to py-spy and missing from the busy profile).
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ class ModelProfile:
     """Collapsed-stack samples of one model's stubs, keyed by what ``execute`` called (``depth`` frames)."""
 
     model: str
+    wall: bool = False  # samples of idle threads too; only those inside execute count
     samples: int = 0
     calls: collections.Counter = field(default_factory=collections.Counter)
 
-    def add_raw(self, text: str, depth: int = 2) -> None:
+    def add_raw(self, text: str, depth: int | None = None) -> None:
         """Add py-spy's ``--format raw`` output: one "frame;frame;... count" line per distinct stack."""
+        depth = depth or (3 if self.wall else 2)
         for line in text.splitlines():
             stack, _, count = line.rstrip().rpartition(" ")
             if not stack or not count.isdigit():
@@ -53,6 +59,8 @@ class ModelProfile:
             frames = [_LOCATION.sub(r" [\1]", frame) for frame in stack.split(";")]
             anchor = next((index for index, frame in enumerate(frames) if frame.startswith(ANCHOR)), None)
             if anchor is None:
+                if self.wall:  # a thread waiting for work, not a request's time
+                    continue
                 key = "(outside execute) " + " > ".join(frames[-depth:])
             else:
                 # Our error-isolating wrapper and the model's own _execute are not news: skip them.
@@ -63,7 +71,12 @@ class ModelProfile:
 
     def report(self, seconds: float, rate: int, top: int = 12) -> str:
         busy = self.samples / rate / seconds if seconds else 0.0
-        lines = [f"{self.model}: {self.samples} busy samples = {busy:.2f} Python threads busy over {seconds:.0f} s"]
+        if self.wall:
+            lines = [f"{self.model}: {self.samples} samples in execute (idle included) = {busy:.2f} threads in "
+                     f"execute over {seconds:.0f} s"]
+        else:
+            lines = [f"{self.model}: {self.samples} busy samples = {busy:.2f} Python threads busy over "
+                     f"{seconds:.0f} s"]
         lines += [f"  {count / max(1, self.samples):6.1%}  {call}" for call, count in self.calls.most_common(top)]
         return "\n".join(lines)
 
@@ -71,11 +84,11 @@ class ModelProfile:
 class StubProfiler:
     """py-spy on every stub of ``server_pid`` for ``seconds``; ``finish`` waits and returns the report text."""
 
-    def __init__(self, server_pid: int, seconds: float, folder: Path, rate: int = 200) -> None:
+    def __init__(self, server_pid: int, seconds: float, folder: Path, rate: int = 200, wall: bool = False) -> None:
         binary = find_py_spy()
         if binary is None:
             raise RuntimeError("py-spy is not installed (pip install -r requirements.txt pins it)")
-        self.seconds, self.rate = seconds, rate
+        self.seconds, self.rate, self.wall = seconds, rate, wall
         folder.mkdir(parents=True, exist_ok=True)
         self.runs: list[tuple[str, Path, subprocess.Popen]] = []
         commands = []
@@ -83,7 +96,7 @@ class StubProfiler:
             path = folder / f"{instance}.raw"
             path.unlink(missing_ok=True)  # a report must not pick up an earlier run's samples
             commands.append([binary, "record", "--pid", str(stub.pid), "--duration", str(int(seconds)), "--rate",
-                             str(rate), "--format", "raw", "--nonblocking", "-o", str(path)])
+                             str(rate), "--format", "raw", "--nonblocking", "-o", str(path), *(["--idle"] * wall)])
             self.runs.append((stub.model, path, self._spawn(commands[-1])))
         if not self.runs:
             raise RuntimeError(f"no Python-backend stubs found under server pid {server_pid}")
@@ -107,7 +120,7 @@ class StubProfiler:
         problems = []
         for model, path, process in self.runs:
             _, stderr = process.communicate(timeout=self.seconds + 60)
-            profile = profiles.setdefault(model, ModelProfile(model))
+            profile = profiles.setdefault(model, ModelProfile(model, wall=self.wall))
             if path.exists():
                 profile.add_raw(path.read_text())
             else:  # e.g. no ptrace rights over the stub
@@ -121,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-pid", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--wall", action="store_true", help="idle samples inside execute too (waits included)")
     args = parser.parse_args(argv)
     folder = Path(".cache") / "bench" / "stub_profile"
-    report = StubProfiler(args.server_pid, args.seconds, folder).finish()
+    report = StubProfiler(args.server_pid, args.seconds, folder, wall=args.wall).finish()
     print(report, end="")
     if args.out:
         args.out.write_text(report)

