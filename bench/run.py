@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from facefuse.local_server import (
     stop_process,
 )
 from facefuse.mps import mps_problem, start_mps
-from facefuse.procfs import cpu_seconds, machine_cpu_seconds, stub_processes
+from facefuse.procfs import cpu_seconds, machine_cpu_seconds, stub_processes, thread_cpu_seconds
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
 
@@ -126,12 +127,16 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
     return figures, result.stdout
 
 
-def cpu_snapshot(server_pid: int) -> dict[str, float]:
-    """CPU seconds used so far by the server process, by each model's stubs together, by finished children of this
-    process (perf_analyzer runs), and by the whole machine (busy and total), with a monotonic clock."""
-    snapshot = {"server": cpu_seconds(server_pid) or 0.0}
+def cpu_snapshot(server_pid: int) -> dict[str, Any]:
+    """CPU seconds used so far by the server process, by each model's stubs together (and by their threads, grouped
+    by name: ``threads``), by finished children of this process (perf_analyzer runs), and by the whole machine (busy
+    and total), with a monotonic clock."""
+    snapshot: dict[str, Any] = {"server": cpu_seconds(server_pid) or 0.0, "threads": {}}
     for stub in stub_processes(server_pid).values():
         snapshot[stub.model] = snapshot.get(stub.model, 0.0) + (cpu_seconds(stub.pid) or 0.0)
+        by_name = snapshot["threads"].setdefault(stub.model, {})
+        for name, seconds in thread_cpu_seconds(stub.pid).items():
+            by_name[name] = by_name.get(name, 0.0) + seconds
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     snapshot["perf_analyzer"] = children.ru_utime + children.ru_stime
     snapshot["machine_busy"], snapshot["machine_total"] = machine_cpu_seconds()
@@ -139,13 +144,21 @@ def cpu_snapshot(server_pid: int) -> dict[str, float]:
     return snapshot
 
 
-def cpu_cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Cores each part kept busy on average between two snapshots (``cpu_<part>_cores``), and the machine's busy
-    cores against all of them (``cpu_machine_busy_cores``, ``cpu_machine_cores``)."""
+def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Cores each part kept busy on average between two snapshots (``cpu_<part>_cores``), the machine's busy
+    cores against all of them (``cpu_machine_busy_cores``, ``cpu_machine_cores``), and per model the thread groups
+    that kept at least 0.05 cores busy, busiest first (``cpu_threads``, e.g. "postprocess: python 0.41, ...")."""
     elapsed = max(after["clock"] - before["clock"], 1e-9)
     machine_elapsed = max(after["machine_total"] - before["machine_total"], 1e-9)
-    cores = {f"cpu_{part}_cores": round((after[part] - before.get(part, 0.0)) / elapsed, 2)
-             for part in after if part not in ("clock", "machine_busy", "machine_total")}
+    cores: dict[str, Any] = {f"cpu_{part}_cores": round((after[part] - before.get(part, 0.0)) / elapsed, 2)
+                             for part in after if part not in ("clock", "machine_busy", "machine_total", "threads")}
+    by_model = []
+    for model, threads in sorted(after.get("threads", {}).items()):
+        earlier = before.get("threads", {}).get(model, {})
+        busy = sorted(((seconds - earlier.get(name, 0.0)) / elapsed, name) for name, seconds in threads.items())
+        parts = [f"{name} {value:.2f}" for value, name in reversed(busy) if value >= 0.05]
+        by_model.append(f"{model}: {', '.join(parts) or '-'}")
+    cores["cpu_threads"] = "; ".join(by_model)
     cores["cpu_machine_cores"] = os.cpu_count() or 1
     cores["cpu_machine_busy_cores"] = round((after["machine_busy"] - before["machine_busy"]) / machine_elapsed
                                             * cores["cpu_machine_cores"], 2)
@@ -365,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if key.startswith("cpu_") and key.endswith("_cores") and "machine" not in key)
                 print(f"[bench]   cpu cores busy: {parts}; machine {figures['cpu_machine_busy_cores']:.1f} of "
                       f"{figures['cpu_machine_cores']}", flush=True)
+                print(f"[bench]   by thread: {figures['cpu_threads']}", flush=True)
     finally:
         stop_process(server)
         if mps:

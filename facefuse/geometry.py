@@ -63,11 +63,12 @@ def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float
     """The same systems built and solved with torch on ``device`` (unit-scaled points)."""
     import torch
 
+    from facefuse.device_imaging import upload
+
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=device)
 
-    system, rhs = _tps_system(torch.as_tensor(points, device=device), torch.as_tensor(values, device=device),
-                              regularisation, zeros)
+    system, rhs = _tps_system(upload(points, device), upload(values, device), regularisation, zeros)
     return torch.linalg.solve(system, rhs).cpu().numpy()
 
 
@@ -80,8 +81,10 @@ def _tps_system(points: Any, values: Any, regularisation: float, zeros: Callable
     dy = points[:, :, None, 1] - points[:, None, :, 1]
     system = zeros((batch, count + 3, count + 3))
     system[:, :count, :count] = tps_kernel(dx * dx + dy * dy)
-    diagonal = list(range(count))
-    system[:, diagonal, diagonal] += regularisation
+    if isinstance(system, np.ndarray):
+        system[:, range(count), range(count)] += regularisation
+    else:  # a view: indexing a tensor with host lists would upload them (and wait for the GPU)
+        system.diagonal(dim1=1, dim2=2)[:, :count] += regularisation
     system[:, :count, count] = 1.0
     system[:, :count, count + 1:] = points
     system[:, count, :count] = 1.0

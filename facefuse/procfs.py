@@ -8,10 +8,12 @@ is `<stub> <repository>/<model>/<version>/model.py <shm region> <sizes> <parent 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 STUB_NAME = "triton_python_backend_stub"
+_NUMBERING = re.compile(r"\d+")  # thread names' own numbers, folded so that a pool's threads add up
 _INSTANCE_ARG = 8  # position of the instance name in the stub's argv (Triton 2.51 python backend)
 
 
@@ -91,6 +93,27 @@ def cpu_seconds(pid: int) -> float | None:
     if len(fields) < 13:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) each group of `pid`'s threads has used so far, keyed by thread name with its
+    numbering folded (``ThreadPool-3`` and ``ThreadPool-7`` -> ``ThreadPool-#``): which runtime's threads keep the
+    cores busy (the Python thread, CUDA's event handler, OpenMP's workers, nvJPEG's, ...). {} when `pid` is gone."""
+    totals: dict[str, float] = {}
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return totals
+    for thread in threads:
+        try:
+            raw = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = _NUMBERING.sub("#", raw[raw.index("(") + 1:raw.rindex(")")]) or "?"
+        fields = raw.rsplit(")", 1)[1].split()
+        if len(fields) >= 13:
+            totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
 
 
 def machine_cpu_seconds() -> tuple[float, float]:

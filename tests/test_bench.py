@@ -122,6 +122,49 @@ def test_cpu_cores_divides_each_parts_cpu_time_by_the_wall_time():
     assert cores["cpu_postprocess_cores"] == 1.0  # a stub first seen in the second snapshot (started meanwhile)
     assert cores["cpu_perf_analyzer_cores"] == 0.25
     assert cores["cpu_machine_busy_cores"] == round(40 / 80 * os.cpu_count(), 2)
+    assert cores["cpu_threads"] == ""  # snapshots without thread figures
+
+
+def test_cpu_cores_names_each_models_busiest_thread_groups():
+    from bench.run import cpu_cores
+
+    common = {"server": 0.0, "machine_busy": 0.0, "machine_total": 1.0}
+    before = {**common, "clock": 0.0, "threads": {"preprocess": {"python": 1.0, "cuda-EvtHandlr": 0.0}}}
+    after = {**common, "clock": 2.0, "threads": {"preprocess": {"python": 2.0, "cuda-EvtHandlr": 3.0, "idle": 0.05},
+                                                 "fusion": {"python": 0.01}}}
+    assert cpu_cores(before, after)["cpu_threads"] == "fusion: -; preprocess: cuda-EvtHandlr 1.50, python 0.50"
+
+
+def test_thread_cpu_seconds_groups_a_processes_threads_by_name():
+    """A live thread of this process named "burner-12" (its OS name, as CUDA or OpenMP name their threads) burns
+    CPU: its time shows under "burner-#", the thread numbering folded."""
+    import ctypes
+    import threading
+
+    from facefuse.procfs import thread_cpu_seconds
+
+    done = threading.Event()
+    named = threading.Event()
+
+    def linger() -> None:
+        ctypes.CDLL(None).prctl(15, b"burner-12", 0, 0, 0)
+        deadline = time.thread_time() + 0.3
+        while time.thread_time() < deadline:
+            pass
+        named.set()
+        done.wait(30)
+
+    worker = threading.Thread(target=linger)
+    worker.start()
+    try:
+        assert named.wait(30)
+        totals = thread_cpu_seconds(os.getpid())
+        assert totals.get("burner-#", 0.0) >= 0.2, totals
+        assert "burner-12" not in totals
+    finally:
+        done.set()
+        worker.join(timeout=30)
+    assert thread_cpu_seconds(2 ** 22 + 12345) == {}  # no such process
 
 
 def test_rows_are_written_with_model_and_concurrency_first(tmp_path):

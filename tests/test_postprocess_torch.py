@@ -383,3 +383,10 @@ def test_fused_crops_as_tensors_finish_like_host_arrays(photo):
     from_tensors = pt.finish_torch(torch.from_numpy(photo), torch.from_numpy(crop), torch.from_numpy(mask), matrix,
                                    options, {"timings_ms": {}})
     assert from_tensors[0] == from_arrays[0]
+
+
+def test_warm_up_runs_one_synthetic_row_through_the_batch_path():
+    """The GPU model runs it at load; on the CPU the same code path must complete and report its time."""
+    from facefuse.postprocess_torch import warm_up
+
+    assert warm_up(torch.device("cpu"), 320, 240) > 0.0

@@ -28,7 +28,7 @@ from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import finish, unpad_image  # noqa: E402
-from facefuse.postprocess_torch import FinishRow, finish_torch_batch  # noqa: E402
+from facefuse.postprocess_torch import FinishRow, finish_torch_batch, warm_up  # noqa: E402
 from facefuse.triton_glue import (  # noqa: E402
     bytes_rows,
     bytes_tensor,
@@ -63,6 +63,8 @@ class TritonPythonModel:
         self.device = None
         if device != "cpu":
             self.device = torch.device(device)
+            # The first request would otherwise pay for nvJPEG's set-up, torchvision's import and kernel loading.
+            pb_utils.Logger.log_info(f"postprocess: warm-up on {device} took {warm_up(self.device):.0f} ms")
         pb_utils.Logger.log_info(f"postprocess: paste, watermark and encode on {device}")
 
     def execute(self, requests):
