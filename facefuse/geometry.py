@@ -63,12 +63,11 @@ def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float
     """The same systems built and solved with torch on ``device`` (unit-scaled points)."""
     import torch
 
-    from facefuse.device_imaging import upload
-
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=device)
 
-    system, rhs = _tps_system(upload(points, device), upload(values, device), regularisation, zeros)
+    system, rhs = _tps_system(torch.as_tensor(points, device=device), torch.as_tensor(values, device=device),
+                              regularisation, zeros)
     return torch.linalg.solve(system, rhs).cpu().numpy()
 
 
@@ -83,7 +82,7 @@ def _tps_system(points: Any, values: Any, regularisation: float, zeros: Callable
     system[:, :count, :count] = tps_kernel(dx * dx + dy * dy)
     if isinstance(system, np.ndarray):
         system[:, range(count), range(count)] += regularisation
-    else:  # a view: indexing a tensor with host lists would upload them (and wait for the GPU)
+    else:  # a view: indexing a tensor with host lists would upload them first (a wait for the GPU)
         system.diagonal(dim1=1, dim2=2)[:, :count] += regularisation
     system[:, :count, count] = 1.0
     system[:, :count, count + 1:] = points

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from facefuse.alignment import invert_affine
-from facefuse.device_imaging import to_host, upload
+from facefuse.device_imaging import image_to_device, to_host
 from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
 from facefuse.options import FusionOptions
@@ -129,8 +129,8 @@ def _warp_grid(forward: np.ndarray, box_width: int, box_height: int, size: int,
     columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
     rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
     rows = rows.astype(np.int64) + round_delta
-    columns_t = upload(columns, device)
-    rows_t = upload(rows, device)
+    columns_t = torch.from_numpy(columns).to(device)
+    rows_t = torch.from_numpy(rows).to(device)
     shift = _AB_BITS - _INTER_BITS
     half = 1 << (_INTER_BITS - 1)
     denominator = float(size << (_INTER_BITS - 1))
@@ -152,11 +152,11 @@ def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray
     _check_image(target)
     device = target.device
     height, width = target.shape[:2]
-    crop = upload(fused_crop, device, torch.float32)
+    crop = torch.as_tensor(fused_crop, device=device).to(torch.float32)
     size = int(crop.shape[-1])
     if crop.shape != (3, size, size):
         raise ValueError(f"expected the fused crop as (3, S, S), got {tuple(crop.shape)}")
-    mask = upload(blend_mask, device, torch.float32).reshape(1, 1, size, size)
+    mask = torch.as_tensor(blend_mask, device=device).to(torch.float32).reshape(1, 1, size, size)
     box = crop_footprint(target_matrix, size, width, height)
     if box is None:
         return target.clone()
@@ -288,8 +288,8 @@ def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     values = image.to(torch.float32)
     for dim, (source, target) in ((-1, (source_width, width)), (-2, (source_height, height))):
         indices, weights = _area_taps(source, target)
-        index_t = upload(indices, image.device)
-        weight_t = upload(weights, image.device)
+        index_t = torch.tensor(indices, device=image.device)
+        weight_t = torch.tensor(weights, device=image.device)
         total = None
         for k in range(indices.shape[1]):
             picked = values.index_select(dim, index_t[:, k])
@@ -436,11 +436,11 @@ def _add_mark(rgb: torch.Tensor, amplitude: np.ndarray, tile: np.ndarray, period
     height, width = rgb.shape[:2]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
-    x0, x1, ax0, ax1 = (upload(a, device) for a in _linear_taps(amplitude.shape[1], width))
-    y0, y1, by0, by1 = (upload(a, device) for a in _linear_taps(amplitude.shape[0], height))
-    small = upload(amplitude, device)
+    x0, x1, ax0, ax1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[1], width))
+    y0, y1, by0, by1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[0], height))
+    small = torch.from_numpy(amplitude).to(device)
     rows = small[:, x0] * ax0 + small[:, x1] * ax1  # (small height, width)
-    pattern = upload(np.ascontiguousarray(tile), device)
+    pattern = torch.tensor(np.ascontiguousarray(tile), device=device)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
     pattern = pattern.repeat(band // period, -(-width // period))[:, :width]
     out = torch.empty_like(rgb)
@@ -623,7 +623,7 @@ def warm_up(device: torch.device, width: int = 1920, height: int = 1080) -> floa
     of taps and tiles (the H100's first request after a load: see bench/RESULTS.md). Returns its ms."""
     image, crop, mask, matrix = _benchmark_inputs(width, height)
     started = time.perf_counter()
-    row = FinishRow(upload(image, device), crop, mask, matrix, FusionOptions(format="jpeg", quality=90), {})
+    row = FinishRow(image_to_device(image, device), crop, mask, matrix, FusionOptions(format="jpeg", quality=90), {})
     result = finish_torch_batch([row])[0]
     if isinstance(result, Exception):
         raise RuntimeError(f"postprocess warm-up failed: {result}") from result

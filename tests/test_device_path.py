@@ -107,29 +107,6 @@ def test_host_and_device_copies_keep_every_pixel():
     assert np.array_equal(uploaded.numpy(), images[0]) and uploaded.numpy().flags.writeable
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU host)"))])
-def test_upload_gives_the_values_on_the_device_without_a_host_wait(device):
-    """upload: arrays, lists and host tensors arrive with their values and dtype; a device tensor is not copied
-    through the host; on CUDA nothing in it waits for the GPU (the sync debug mode would raise)."""
-    from facefuse.device_imaging import upload
-
-    values = np.arange(12, dtype=np.int64).reshape(3, 4)
-    if device == "cuda":
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        uploaded = [upload(values, device), upload([1.5, 2.5], device), upload(torch.ones(2), device, torch.float64),
-                    upload(values, device, torch.float32)]
-    finally:
-        if device == "cuda":
-            torch.cuda.set_sync_debug_mode(0)
-    assert [(u.device.type, u.dtype) for u in uploaded] == [(device, torch.int64), (device, torch.float32),
-                                                         (device, torch.float64), (device, torch.float32)]
-    assert np.array_equal(uploaded[0].cpu().numpy(), values)
-    assert uploaded[1].tolist() == [1.5, 2.5] and uploaded[2].tolist() == [1.0, 1.0]
-    assert upload(uploaded[0], device) is uploaded[0]  # already there: the same tensor
-
-
 def _match(host_faces, device_faces, min_score=0.95):
     """Pairs of confident faces by box centre; asserts a one-to-one match."""
     host = [f for f in host_faces if f.score >= min_score]

@@ -67,13 +67,15 @@ def test_batched_geometry_equals_one_row_at_a_time():
     assert not np.allclose(batch["FUSED_MESH"][0], batch["FUSED_MESH"][3])  # the degree matters per row
 
 
-def test_tps_solve_in_torch_equals_numpy():
-    # The GPU path builds and solves the systems with torch (run here on the CPU device).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU host)"))])
+def test_tps_solve_in_torch_equals_numpy(device):
+    # The GPU path builds and solves the systems with torch (on the CPU device too).
     rng = np.random.default_rng(5)
     centres = rng.uniform(10, 246, size=(3, 60, 2))
     values = rng.uniform(0, 256, size=(3, 60, 4))
     expected = fit_tps_batch(centres, values)
-    got = geometry_module._fit_tps_torch(centres / CROP_SIZE, values, geometry_module.TPS_REGULARISATION, "cpu")
+    got = geometry_module._fit_tps_torch(centres / CROP_SIZE, values, geometry_module.TPS_REGULARISATION, device)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
