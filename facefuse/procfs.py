@@ -98,7 +98,9 @@ def cpu_seconds(pid: int) -> float | None:
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time (user + system) each group of `pid`'s threads has used so far, keyed by thread name with its
     numbering folded (``ThreadPool-3`` and ``ThreadPool-7`` -> ``ThreadPool-#``): which runtime's threads keep the
-    cores busy (the Python thread, CUDA's event handler, OpenMP's workers, nvJPEG's, ...). {} when `pid` is gone."""
+    cores busy (CUDA's event handler, OpenMP's workers, nvJPEG's, ...). The process's main thread (in a Python stub
+    the one running ``execute``) is ``main``, apart from the threads that inherited its name (on the H100 every
+    busy stub thread was called ``triton_python_b``). {} when `pid` is gone."""
     totals: dict[str, float] = {}
     try:
         threads = os.listdir(f"/proc/{pid}/task")
@@ -109,7 +111,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             raw = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
         except OSError:
             continue  # the thread ended meanwhile
-        name = _NUMBERING.sub("#", raw[raw.index("(") + 1:raw.rindex(")")]) or "?"
+        name = "main" if thread == str(pid) else _NUMBERING.sub("#", raw[raw.index("(") + 1:raw.rindex(")")]) or "?"
         fields = raw.rsplit(")", 1)[1].split()
         if len(fields) >= 13:
             totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -161,6 +161,7 @@ def test_thread_cpu_seconds_groups_a_processes_threads_by_name():
         totals = thread_cpu_seconds(os.getpid())
         assert totals.get("burner-#", 0.0) >= 0.2, totals
         assert "burner-12" not in totals
+        assert "main" in totals  # this process's own thread, by that name whatever it is called
     finally:
         done.set()
         worker.join(timeout=30)
