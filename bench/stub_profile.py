@@ -89,6 +89,7 @@ class StubProfiler:
         if binary is None:
             raise RuntimeError("py-spy is not installed (pip install -r requirements.txt pins it)")
         self.seconds, self.rate, self.wall = seconds, rate, wall
+        self.profiles: dict[str, ModelProfile] = {}  # per model, once finish has run
         folder.mkdir(parents=True, exist_ok=True)
         self.runs: list[tuple[str, Path, subprocess.Popen]] = []
         commands = []
@@ -125,8 +126,27 @@ class StubProfiler:
                 profile.add_raw(path.read_text())
             else:  # e.g. no ptrace rights over the stub
                 problems.append(f"{model} ({path.stem}): py-spy wrote nothing: {stderr.strip()[-300:]}")
+        self.profiles = profiles
         sections = [profile.report(self.seconds, self.rate) for _, profile in sorted(profiles.items())]
         return "\n\n".join(sections + problems) + "\n"
+
+    def coverage(self, figures: dict[str, float]) -> list[str]:
+        """After ``finish``, in wall mode: per model, the threads in ``execute`` py-spy saw against those Triton's
+        statistics imply (requests/s / average batch x compute ms per batch, from bench.run's ``figures``). py-spy
+        drops a sample it cannot read, and --nonblocking reads a thread in native code badly: on the H100 host it
+        saw 0.02 threads where Triton implied 0.49. A share far from 100 % says the proportions rest on the
+        samples py-spy happened to read."""
+        lines = []
+        for model, profile in sorted(self.profiles.items()):
+            compute_ms, batch = figures.get(f"{model}_infer_ms"), figures.get(f"{model}_batch")
+            throughput = figures.get("throughput_per_s")
+            if not self.wall or not compute_ms or not batch or not throughput:
+                continue
+            implied = throughput / batch * compute_ms / 1000.0
+            seen = profile.samples / self.rate / self.seconds
+            lines.append(f"{model}: py-spy saw {seen:.2f} threads in execute, Triton's compute times imply "
+                         f"{implied:.2f} ({seen / implied:.0%})")
+        return lines
 
 
 def main(argv: list[str] | None = None) -> int:

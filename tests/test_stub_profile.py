@@ -63,13 +63,15 @@ def test_profile_of_the_live_server_names_each_models_work(triton_server, hanks_
         assert work in section, section
 
 
-def test_a_py_spy_that_fails_at_once_is_started_again(tmp_path, monkeypatch):
-    """Stand-ins for py-spy (a script that fails on its first start) and for the server's stub list: the retry
-    logic is what is under test; the live test above runs the real py-spy on the real server."""
+def _fake_py_spy(tmp_path, monkeypatch, fail_first: bool) -> None:
+    """A stand-in py-spy that writes 7 samples under execute (failing its first start when asked) and a stand-in
+    stub list of one fusion instance."""
     from bench import stub_profile
     from facefuse.procfs import Stub
 
     marker = tmp_path / "started-once"
+    if not fail_first:
+        marker.touch()
     fake = tmp_path / "py-spy"
     fake.write_text("\n".join([
         "#!/bin/sh",
@@ -79,6 +81,23 @@ def test_a_py_spy_that_fails_at_once_is_started_again(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setattr(stub_profile, "find_py_spy", lambda: str(fake))
     monkeypatch.setattr(stub_profile, "stub_processes", lambda pid: {"fusion_0_0": Stub(1, "fusion", "fusion_0_0")})
+
+
+def test_wall_coverage_compares_py_spys_samples_with_tritons_compute_time(tmp_path, monkeypatch):
+    _fake_py_spy(tmp_path, monkeypatch, fail_first=False)
+    profiler = StubProfiler(server_pid=0, seconds=1, folder=tmp_path / "raw", rate=7, wall=True)
+    assert profiler.finish().startswith("fusion: 7 samples in execute")
+    # 10 requests/s in batches of 2 at 100 ms each: 0.5 threads in execute; py-spy saw 7 samples at 7/s in 1 s.
+    figures = {"throughput_per_s": 10.0, "fusion_batch": 2.0, "fusion_infer_ms": 100.0}
+    assert profiler.coverage(figures) == [
+        "fusion: py-spy saw 1.00 threads in execute, Triton's compute times imply 0.50 (200%)"]
+    assert profiler.coverage({"throughput_per_s": 10.0}) == []  # no compute time for the model: nothing to say
+
+
+def test_a_py_spy_that_fails_at_once_is_started_again(tmp_path, monkeypatch):
+    """Stand-ins for py-spy (a script that fails on its first start) and for the server's stub list: the retry
+    logic is what is under test; the live test above runs the real py-spy on the real server."""
+    _fake_py_spy(tmp_path, monkeypatch, fail_first=True)
     report = StubProfiler(server_pid=0, seconds=1, folder=tmp_path / "raw", rate=7).finish()
     assert report.startswith("fusion: 7 busy samples")
     assert "100.0%  work [w.py:3]" in report
