@@ -181,3 +181,16 @@ def test_rows_are_written_with_model_and_concurrency_first(tmp_path):
         rows = list(reader)
     assert reader.fieldnames[:2] == ["model", "concurrency"]
     assert [row["concurrency"] for row in rows] == ["1", "16"] and rows[0]["cpu_server_cores"] == ""
+
+
+def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
+    """bench.profile_request on the CPU (CI has no GPU; the host waits are counted on CUDA only): both stages run
+    as served and report their time."""
+    from bench.profile_request import main
+
+    assert main(["--device", "cpu", "--repeats", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[request]")]
+    assert [line.split(":")[0] for line in lines if "wall" in line] == [
+        "[request] preprocess 1 request", "[request] postprocess 1 row"]
+    assert all(float(line.split(": ")[1].split(" ms")[0]) > 0 for line in lines if "wall" in line)
+    assert sum("kernel launches" in line for line in lines) == 2

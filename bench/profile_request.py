@@ -1,0 +1,119 @@
+"""Where one request's preprocess and postprocess time goes on the GPU path: wall time per call, every host wait
+with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
+
+    python -m bench.profile_request [--device cuda] [--repeats 10] [--tables]
+
+On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
+for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
+14 waits: the host side is the cost. On a CPU device the waits are not counted (CUDA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from bench.inputs import benchmark_pairs
+from bench.profile_postprocess import _rows
+from facefuse.detection import FaceDetector
+from facefuse.face_mesh import FaceMesh
+from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preprocessor
+from facefuse.postprocess_torch import finish_torch_batch
+
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Mean wall time of ``call`` in ms, the device's queue drained before and after."""
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    _synchronize(device)
+    return (time.perf_counter() - started) / repeats * 1000.0
+
+
+def host_waits(call: Callable[[], object]) -> collections.Counter:
+    """Each place in our code where ``call`` made the host wait for the GPU (a copy to or from pageable memory, an
+    ``.item()``, a synchronize), three frames deep, with its count."""
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' hook
+        ours = [frame for frame in traceback.extract_stack()[:-1]
+                if "/facefuse/" in frame.filename or "/bench/" in frame.filename]
+        sites[" < ".join(f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}({frame.name})"
+                         for frame in ours[::-1][:3]) or "(outside our code)"] += 1
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
+    return sites
+
+
+def gpu_work(call: Callable[[], object], device: torch.device) -> tuple[float, int, torch.profiler.profile]:
+    """(ms of kernels and copies on the GPU, kernel launches, the profiler) for one ``call``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        call()
+        _synchronize(device)
+    averages = profiler.key_averages()
+    gpu_ms = sum(event.self_device_time_total for event in averages) / 1000.0
+    launches = sum(event.count for event in averages if event.key in _LAUNCHES)
+    return gpu_ms, launches, profiler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    pairs = benchmark_pairs(4)
+    # As served: BlazeFace proposals, the detector's working size, the mesh on the same device.
+    preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto"),
+                                FaceMesh(device=device))
+    preprocessor.warm_up()
+    requests = [[FusionRequest(*pair, 100.0, 100.0, b"{}")] for pair in pairs]
+    for request in requests:  # every pair seen once: decode and detector sizes warmed up
+        preprocessor.prepare_batch(request)
+    finish_torch_batch(_rows(1, device))
+    work = {"preprocess 1 request": lambda: preprocessor.prepare_batch(requests[1]),
+            "postprocess 1 row": lambda: finish_torch_batch(_rows(1, device))}
+    for label, call in work.items():
+        print(f"[request] {label}: {wall_ms(call, device, args.repeats):.2f} ms wall", flush=True)
+        if device.type == "cuda":
+            sites = host_waits(call)
+            print(f"[request]   {sum(sites.values())} host waits")
+            for site, count in sites.most_common(20):
+                print(f"[request]     {count:3d}  {site}")
+        gpu_ms, launches, profiler = gpu_work(call, device)
+        print(f"[request]   GPU kernels and copies {gpu_ms:.2f} ms; {launches} kernel launches", flush=True)
+        if args.tables:
+            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
