@@ -620,7 +620,7 @@ def _batch_ms(started: float, devices: set[torch.device], rows: int) -> float:
 def warm_up(device: torch.device, width: int = 1920, height: int = 1080) -> float:
     """One synthetic row (the benchmark photo at width x height) through finish_torch_batch on ``device``, so that
     the first real request does not pay for torchvision's import, nvJPEG's set-up, kernel loading and the caches
-    of taps and tiles (the H100's first request after a load: see bench/RESULTS.md). Returns its ms."""
+    of taps and tiles. The GPU model runs it at load. Returns its ms."""
     image, crop, mask, matrix = _benchmark_inputs(width, height)
     started = time.perf_counter()
     row = FinishRow(image_to_device(image, device), crop, mask, matrix, FusionOptions(format="jpeg", quality=90), {})
