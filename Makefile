@@ -87,7 +87,7 @@ eval: build
 bench: build
 	$(PY) -m bench.run --out bench/results
 
-# GPU hosts: the ensemble with the GPU configs' instance counts under CUDA MPS, the H200 sweep of README Benchmarks.
+# GPU hosts: the ensemble with the GPU configs' instance counts under CUDA MPS, the GPU sweep of README Benchmarks (H200 and H100 figures).
 bench-gpu: build
 	$(PY) -m bench.run --out bench/results --mps --instances gpu --models face_fusion --concurrency 1,16,64,128 \
 		--skip-baseline
