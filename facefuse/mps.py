@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
+DEFAULT_PIPE_FOLDER = "/tmp/nvidia-mps"  # the driver's, where CUDA_MPS_PIPE_DIRECTORY is unset
 
 
 class MpsUnavailable(RuntimeError):
@@ -38,10 +39,37 @@ class MpsDaemon:
                                 env={**os.environ, **self.environment()}, check=False)
         return result.stdout.strip()
 
-    def stop(self) -> None:
-        """Quit the daemon (its servers exit once their clients have)."""
+    def stop(self, wait_s: float = 30.0) -> bool:
+        """Quit the daemon (its servers exit once their clients have) and wait up to ``wait_s`` for it to be gone,
+        so that a benchmark run next does not meet it: on the device tool's H100 a daemon left behind kept the next
+        `-d` refused for over a minute and a later server failed to load its models. True once it is gone."""
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # already gone: nothing to stop
             self.control("quit")
+        deadline = time.monotonic() + wait_s
+        while any(folder == str(self.pipe_folder) for _, folder in running_daemons()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
+
+def running_daemons(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
+    """(pid, pipe folder) of each MPS control daemon on this host that this user may inspect; the folder from its
+    environment's CUDA_MPS_PIPE_DIRECTORY, else the driver's default."""
+    daemons = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[:2]
+            if not any(Path(arg.decode(errors="replace")).name == CONTROL for arg in argv if arg):
+                continue
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        variables = dict(item.decode(errors="replace").split("=", 1) for item in environment if b"=" in item)
+        daemons.append((int(entry.name), variables.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_FOLDER)))
+    return sorted(daemons)
 
 
 def mps_problem(device_folder: Path = Path("/dev")) -> str | None:
@@ -75,5 +103,11 @@ def start_mps(folder: Path, device_folder: Path = Path("/dev"), wait_s: float = 
             break
         time.sleep(0.5)
     if result.returncode != 0:
-        raise MpsUnavailable(f"{CONTROL} -d failed ({result.returncode}): {(result.stderr or result.stdout).strip()}")
+        message = f"{CONTROL} -d failed ({result.returncode}): {(result.stderr or result.stdout).strip()}"
+        others = running_daemons()
+        if others:  # name the daemon in the way, and how to end it
+            listed = ", ".join(f"pid {pid} (pipe folder {folder})" for pid, folder in others)
+            message += (f"; running: {listed}; end one with: echo quit | CUDA_MPS_PIPE_DIRECTORY=<its pipe folder> "
+                        f"{CONTROL}")
+        raise MpsUnavailable(message)
     return daemon
