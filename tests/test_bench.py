@@ -194,3 +194,39 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
         "[request] preprocess 1 request", "[request] postprocess 1 row"]
     assert all(float(line.split(": ")[1].split(" ms")[0]) > 0 for line in lines if "wall" in line)
     assert sum("kernel launches" in line for line in lines) == 2
+
+
+def test_side_by_side_ratios_pair_each_level_measured_by_both():
+    from bench.side_by_side import _without, ratios
+
+    new = [{"model": "face_fusion", "concurrency": 1, "throughput_per_s": 30.0, "p50_ms": 30.0, "p99_ms": 40.0},
+           {"model": "face_fusion", "concurrency": 16, "throughput_per_s": 200.0, "p50_ms": 70.0, "p99_ms": 120.0}]
+    old = [{"model": "face_fusion", "concurrency": "1", "throughput_per_s": 20.0, "p50_ms": 40.0, "p99_ms": 50.0}]
+    (only,) = ratios(new, old)  # c=16 was not measured by the revision: no ratio
+    assert (only["model"], only["concurrency"]) == ("face_fusion", 1)
+    assert (only["ratio_throughput_per_s"], only["ratio_p50_ms"], only["ratio_p99_ms"]) == (1.5, 0.75, 0.8)
+    passed = ["--models", "fusion", "--profile-stubs", "--out", "x", "--machine=m", "--profile-stubs", "wall", "-c"]
+    assert _without(_without(_without(passed, "--out"), "--machine"), "--profile-stubs", ("busy", "wall")) == [
+        "--models", "fusion", "-c"]
+
+
+@pytest.mark.live
+def test_side_by_side_serves_this_checkout_and_a_revision_and_writes_their_ratios(tmp_path):
+    """The real thing, small: the fusion model of this checkout and of HEAD (git archive), each served by the real
+    Triton and measured by perf_analyzer at concurrency 1; the CSV pairs them."""
+    import csv
+
+    from bench.side_by_side import main
+
+    assert main(["--rev", "HEAD", "--out", str(tmp_path), "--machine", "test", "--", "--models", "fusion",
+                 "--concurrency", "1", "--measurement-ms", "1000", "--skip-baseline", "--distinct-pairs", "2",
+                 "--warmup-requests", "4", "--profile-stubs"]) == 0
+    (path,) = tmp_path.glob("*_test_side_by_side.csv")
+    with open(path) as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["model"], row["concurrency"]) == ("fusion", "1")
+    assert float(row["new_throughput_per_s"]) > 0 and float(row["rev_throughput_per_s"]) > 0
+    assert float(row["ratio_throughput_per_s"]) == pytest.approx(
+        float(row["new_throughput_per_s"]) / float(row["rev_throughput_per_s"]), rel=1e-2)
+    for side in ("new", "rev-*"):
+        assert len(list(tmp_path.glob(f"*_test-{side}_summary.json"))) == 1

@@ -1,0 +1,140 @@
+"""The same benchmark of this checkout and of an earlier revision, one after the other on this machine, and their
+ratios: a change's effect measured side by side, because two machines of one kind differ (two H100s of the device
+tool: 26.3 and 33.5 images/s at concurrency 1 on the same code).
+
+    python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
+
+Everything after ``--`` goes to ``bench.run`` for both; each writes its files under ``--out`` with the machine tag
+``<machine>-<label>`` ("new" and "rev-<commit>"). The revision is ``git archive``d into .cache/bench/; where this
+checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
+unchanged, else its own export. Prints and writes ``<date>_<machine>_side_by_side.csv``: throughput, p50 and p99 of
+each (model, concurrency) and the new/revision ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.run import REPO_ROOT, machine_tag
+
+ONNX = Path("model_repository") / "fusion" / "1" / "model.onnx"
+NETWORK_SOURCES = ("facefuse/network.py", "facefuse/alignment.py", "build/export_onnx.py")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def revision_tree(rev: str, folder: Path) -> Path:
+    """``rev``'s files in ``folder``/rev-<commit> (made once), with the fusion model's ONNX file where this checkout
+    has one: copied when the revision's network code equals this checkout's, else exported there."""
+    commit = _git("rev-parse", "--short=10", f"{rev}^{{commit}}")
+    tree = folder / f"rev-{commit}"
+    if not (tree / "bench" / "run.py").exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", commit],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    if (REPO_ROOT / ONNX).exists() and not (tree / ONNX).exists():
+        unchanged = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", commit, "--", *NETWORK_SOURCES],
+                                   check=False).returncode == 0
+        if unchanged:
+            shutil.copy(REPO_ROOT / ONNX, tree / ONNX)
+        else:
+            print(f"[side-by-side] exporting {rev}'s fusion network to ONNX", flush=True)
+            subprocess.run([sys.executable, "-m", "build.export_onnx", "--out", str(tree / ONNX)], cwd=tree,
+                           env=_environment(tree), check=True)
+    return tree
+
+
+def _environment(tree: Path) -> dict[str, str]:
+    """This environment with ``tree`` first on PYTHONPATH (the served models import facefuse from there)."""
+    env = dict(os.environ)
+    rest = [part for part in env.get("PYTHONPATH", "").split(os.pathsep) if part and Path(part) != REPO_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *rest])
+    return env
+
+
+def _without(args: list[str], option: str, values: tuple[str, ...] | None = None) -> list[str]:
+    """``args`` without ``option``: ``--option=value``, or ``--option`` and the argument after it (when ``values`` is
+    given, only if that argument is one of them: an optional value)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            if values is None or arg in values:
+                continue
+        if arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
+
+
+def ratios(new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
+    """Per (model, concurrency) measured by both: each side's throughput, p50 and p99, and new / revision."""
+    old = {(row["model"], int(row["concurrency"])): row for row in old_rows}
+    table = []
+    for row in new_rows:
+        before = old.get((row["model"], int(row["concurrency"])))
+        if before is None:
+            continue
+        entry = {"model": row["model"], "concurrency": int(row["concurrency"])}
+        for key in ("throughput_per_s", "p50_ms", "p99_ms"):
+            entry[f"new_{key}"], entry[f"rev_{key}"] = row[key], before[key]
+            entry[f"ratio_{key}"] = round(row[key] / before[key], 3) if before[key] else float("nan")
+        table.append(entry)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="the revision to compare with (a commit, tag or branch)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
+    args = parser.parse_args(own)
+    # Profiles and file locations are this tool's business; the rest goes to both runs unchanged.
+    passed = _without(_without(_without(passed, "--out"), "--machine"), "--profile-stubs", ("busy", "wall"))
+    machine = args.machine or machine_tag()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench")
+    label = tree.name
+    date = datetime.date.today().isoformat()
+    summaries = {}
+    for side, folder in (("new", REPO_ROOT), (label, tree)):
+        tag = f"{machine}-{side}"
+        print(f"[side-by-side] {side}: python -m bench.run {' '.join(passed)}", flush=True)
+        subprocess.run([sys.executable, "-m", "bench.run", *passed, "--out", str(args.out), "--machine", tag],
+                       cwd=folder, env=_environment(folder), check=True)
+        summaries[side] = json.loads((args.out / f"{date}_{tag}_summary.json").read_text())["rows"]
+    table = ratios(summaries["new"], summaries[label])
+    path = args.out / f"{date}_{machine}_side_by_side.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["model", "concurrency"])
+        writer.writeheader()
+        writer.writerows(table)
+    for entry in table:
+        print(f"[side-by-side] {entry['model']} c={entry['concurrency']}: {entry['new_throughput_per_s']:.2f} vs "
+              f"{entry['rev_throughput_per_s']:.2f}/s ({entry['ratio_throughput_per_s']:.2f}x); p50 "
+              f"{entry['new_p50_ms']:.1f} vs {entry['rev_p50_ms']:.1f} ms; p99 {entry['new_p99_ms']:.1f} vs "
+              f"{entry['rev_p99_ms']:.1f} ms", flush=True)
+    print(f"[side-by-side] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
