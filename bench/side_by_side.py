@@ -3,12 +3,14 @@ ratios: a change's effect measured side by side, because two machines of one kin
 tool: 26.3 and 33.5 images/s at concurrency 1 on the same code).
 
     python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
+    python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
 
 Everything after ``--`` goes to ``bench.run`` for both; each writes its files under ``--out`` with the machine tag
-``<machine>-<label>`` ("new" and "rev-<commit>"). The revision is ``git archive``d into .cache/bench/; where this
-checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
-unchanged, else its own export. Prints and writes ``<date>_<machine>_side_by_side.csv``: throughput, p50 and p99 of
-each (model, concurrency) and the new/revision ratios.
+``<machine>-<label>`` ("new" and "rev-<commit>" or "tree-<folder>"). The revision is ``git archive``d into
+.cache/bench/; where this checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when
+its network code is unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a
+GPU). Prints and writes ``<date>_<machine>_side_by_side.csv``: throughput, p50 and p99 of each (model, concurrency)
+and the new/revision ratios.
 """
 
 from __future__ import annotations
@@ -102,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     passed = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", required=True, help="the revision to compare with (a commit, tag or branch)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rev", help="the revision to compare with (a commit, tag or branch)")
+    which.add_argument("--tree", type=Path, help="an earlier revision's files, already extracted (where there is no "
+                                                 "git history: the device tool's GPU host gets the working tree only; "
+                                                 "`git archive REV | tar -x -C .device/base` here, carry .device)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     args = parser.parse_args(own)
@@ -111,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or machine_tag()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench")
-    label = tree.name
+    tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench") if args.rev else args.tree.resolve()
+    label = tree.name if args.rev else f"tree-{tree.name}"
     date = datetime.date.today().isoformat()
     summaries = {}
     for side, folder in (("new", REPO_ROOT), (label, tree)):
