@@ -1,6 +1,7 @@
-"""The same benchmark of this checkout and of an earlier revision, one after the other on this machine, and their
-ratios: a change's effect measured side by side, because two machines of one kind differ (two H100s of the device
-tool: 26.3 and 33.5 images/s at concurrency 1 on the same code).
+"""The same benchmark of this checkout and of an earlier revision, back to back on one machine, with their ratios.
+
+A change's effect is measured side by side because two machines of one kind differ (two H100s of the device tool:
+26.3 and 33.5 images/s at concurrency 1 on the same code).
 
     python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
     python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
