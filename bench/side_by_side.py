@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--rev", help="the revision to compare with (a commit, tag or branch)")
     which.add_argument("--tree", type=Path, help="an earlier revision's files, already extracted (where there is no "
                                                  "git history: the device tool's GPU host gets the working tree only; "
-                                                 "`git archive REV | tar -x -C .device/base` here, carry .device)")
+                                                 "`git archive REV facefuse model_repository bench client "
+                                                 "build ':!bench/results' | tar -x -C .device/base` here, carry "
+                                                 ".device)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     args = parser.parse_args(own)
