@@ -147,7 +147,7 @@ def cpu_snapshot(server_pid: int) -> dict[str, Any]:
 def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Cores each part kept busy on average between two snapshots (``cpu_<part>_cores``), the machine's busy
     cores against all of them (``cpu_machine_busy_cores``, ``cpu_machine_cores``), and per model the thread groups
-    that kept at least 0.05 cores busy, busiest first (``cpu_threads``, e.g. "postprocess: python 0.41, ...")."""
+    that kept at least 0.05 cores busy, busiest first (``cpu_threads``, e.g. "postprocess: main 0.41, ...")."""
     elapsed = max(after["clock"] - before["clock"], 1e-9)
     machine_elapsed = max(after["machine_total"] - before["machine_total"], 1e-9)
     cores: dict[str, Any] = {f"cpu_{part}_cores": round((after[part] - before.get(part, 0.0)) / elapsed, 2)
