@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefuse.procfs import environment, processes_named
+
 CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE_FOLDER = "/tmp/nvidia-mps"  # the driver's, where CUDA_MPS_PIPE_DIRECTORY is unset
 
@@ -53,23 +55,15 @@ class MpsDaemon:
         return True
 
 
-def running_daemons(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
+def running_daemons() -> list[tuple[int, str]]:
     """(pid, pipe folder) of each MPS control daemon on this host that this user may inspect; the folder from its
     environment's CUDA_MPS_PIPE_DIRECTORY, else the driver's default."""
     daemons = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")[:2]
-            if not any(Path(arg.decode(errors="replace")).name == CONTROL for arg in argv if arg):
-                continue
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        variables = dict(item.decode(errors="replace").split("=", 1) for item in environment if b"=" in item)
-        daemons.append((int(entry.name), variables.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_FOLDER)))
-    return sorted(daemons)
+    for pid in processes_named(CONTROL):
+        variables = environment(pid)
+        if variables is not None:  # None: gone meanwhile, or not ours to read
+            daemons.append((pid, variables.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_PIPE_FOLDER)))
+    return daemons
 
 
 def mps_problem(device_folder: Path = Path("/dev")) -> str | None:

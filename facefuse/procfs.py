@@ -32,12 +32,26 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses): state, ppid, ..."""
+def _stat(path: str) -> tuple[str, list[str]]:
+    """(command name, the fields after it: state, ppid, ...) of a /proc stat file (the name may hold spaces and
+    parentheses); ("", []) when it is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
+        raw = Path(path).read_text()
+        return raw[raw.index("(") + 1:raw.rindex(")")], raw.rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return "", []
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
+    return _stat(f"/proc/{pid}/stat")[1]
+
+
+def _cpu_of(fields: list[str]) -> float | None:
+    """utime + stime (stat fields 14, 15) in seconds, or None for a stat that is gone."""
+    if len(fields) < 13:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def is_alive(pid: int) -> bool:
@@ -76,23 +90,30 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def processes_named(name: str) -> list[int]:
+    """The live processes whose program (first argument) is called `name`, in pid order."""
+    return sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+                  and (args := _cmdline(int(entry))) and Path(args[0]).name == name and is_alive(int(entry)))
+
+
+def environment(pid: int) -> dict[str, str] | None:
+    """`pid`'s environment as it was started, or None when it is gone or not ours to read."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
 def find_server_pid(name: str = "tritonserver") -> int | None:
     """The pid of the one live process whose executable is called `name` (None if there are none or several)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            args = _cmdline(int(entry))
-            if args and Path(args[0]).name == name and is_alive(int(entry)):
-                found.append(int(entry))
+    found = processes_named(name)
     return found[0] if len(found) == 1 else None
 
 
 def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system, all threads) `pid` has used so far, or None when it is gone."""
-    fields = _stat_fields(pid)
-    if len(fields) < 13:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+    return _cpu_of(_stat_fields(pid))
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -107,14 +128,12 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     except OSError:
         return totals
     for thread in threads:
-        try:
-            raw = Path(f"/proc/{pid}/task/{thread}/stat").read_text()
-        except OSError:
+        name, fields = _stat(f"/proc/{pid}/task/{thread}/stat")
+        seconds = _cpu_of(fields)
+        if seconds is None:
             continue  # the thread ended meanwhile
-        name = "main" if thread == str(pid) else _NUMBERING.sub("#", raw[raw.index("(") + 1:raw.rindex(")")]) or "?"
-        fields = raw.rsplit(")", 1)[1].split()
-        if len(fields) >= 13:
-            totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        name = "main" if thread == str(pid) else _NUMBERING.sub("#", name) or "?"
+        totals[name] = totals.get(name, 0.0) + seconds
     return totals
 
 
