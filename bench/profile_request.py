@@ -1,7 +1,7 @@
 """Where one request's preprocess and postprocess time goes on the GPU path: wall time per call, every host wait
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
-    python -m bench.profile_request [--device cuda] [--repeats 10] [--tables]
+    python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -83,35 +84,70 @@ def gpu_work(call: Callable[[], object], device: torch.device) -> tuple[float, i
     return gpu_ms, launches, profiler
 
 
+def stage_ms(results: list) -> dict[str, float]:
+    """Mean ms per row of each stage the pipeline timed (metadata "timings_ms"), over the rows that succeeded."""
+    totals: collections.Counter = collections.Counter()
+    rows = 0
+    for result in results:
+        metadata = getattr(result, "metadata", None)
+        if metadata is None and isinstance(result, tuple):
+            metadata = result[1]
+        if not isinstance(metadata, dict):
+            continue
+        rows += 1
+        for stage, ms in metadata.get("timings_ms", {}).items():
+            totals[stage] += ms
+    return {stage: round(ms / max(1, rows), 2) for stage, ms in totals.items()}
+
+
+def _alternate(prepare: Callable[[list], list], batches: list[list], turn: Iterator[int]) -> list:
+    return prepare(batches[next(turn) % 2])
+
+
+def _finish(count: int, device: torch.device) -> list:
+    return finish_torch_batch(_rows(count, device))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", default="1", help="rows per batch, comma-separated (1,8: how each stage scales "
+                                                    "with the batch Triton's dynamic batcher forms)")
     parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    pairs = benchmark_pairs(4)
+    batch_sizes = [int(value) for value in args.rows.split(",")]
+    pairs = benchmark_pairs(max(4, 2 * max(batch_sizes)))
     # As served: BlazeFace proposals, the detector's working size, the mesh on the same device.
     preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto"),
                                 FaceMesh(device=device))
     preprocessor.warm_up()
-    requests = [[FusionRequest(*pair, 100.0, 100.0, b"{}")] for pair in pairs]
+    requests = [FusionRequest(*pair, 100.0, 100.0, b"{}") for pair in pairs]
     for request in requests:  # every pair seen once: decode and detector sizes warmed up
-        preprocessor.prepare_batch(request)
-    finish_torch_batch(_rows(1, device))
-    work = {"preprocess 1 request": lambda: preprocessor.prepare_batch(requests[1]),
-            "postprocess 1 row": lambda: finish_torch_batch(_rows(1, device))}
-    for label, call in work.items():
-        print(f"[request] {label}: {wall_ms(call, device, args.repeats):.2f} ms wall", flush=True)
-        if device.type == "cuda":
-            sites = host_waits(call)
-            print(f"[request]   {sum(sites.values())} host waits")
-            for site, count in sites.most_common(20):
-                print(f"[request]     {count:3d}  {site}")
-        gpu_ms, launches, profiler = gpu_work(call, device)
-        print(f"[request]   GPU kernels and copies {gpu_ms:.2f} ms; {launches} kernel launches", flush=True)
-        if args.tables:
-            print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        preprocessor.prepare_batch([request])
+    for count in batch_sizes:
+        # Two different batches of distinct pairs, alternated: identical images in a batch are decoded once.
+        batches = [requests[:count], requests[count:2 * count]]
+        preprocessor.prepare_batch(batches[0])
+        finish_torch_batch(_rows(count, device))
+        turn = iter(range(1 << 30))
+        rows_label = "1 row" if count == 1 else f"{count} rows"
+        work = {f"preprocess {rows_label}": functools.partial(_alternate, preprocessor.prepare_batch, batches, turn),
+                f"postprocess {rows_label}": functools.partial(_finish, count, device)}
+        for label, call in work.items():
+            per_batch = wall_ms(call, device, args.repeats)
+            print(f"[request] {label}: {per_batch:.2f} ms wall, {per_batch / count:.2f} ms per row; stages per row "
+                  f"{stage_ms(call())}", flush=True)
+            if device.type == "cuda":
+                sites = host_waits(call)
+                print(f"[request]   {sum(sites.values())} host waits")
+                for site, count_at_site in sites.most_common(20):
+                    print(f"[request]     {count_at_site:3d}  {site}")
+            gpu_ms, launches, profiler = gpu_work(call, device)
+            print(f"[request]   GPU kernels and copies {gpu_ms:.2f} ms; {launches} kernel launches", flush=True)
+            if args.tables:
+                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     return 0
 
 

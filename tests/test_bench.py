@@ -188,12 +188,16 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     as served and report their time."""
     from bench.profile_request import main
 
-    assert main(["--device", "cpu", "--repeats", "1"]) == 0
+    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[request]")]
-    assert [line.split(":")[0] for line in lines if "wall" in line] == [
-        "[request] preprocess 1 request", "[request] postprocess 1 row"]
-    assert all(float(line.split(": ")[1].split(" ms")[0]) > 0 for line in lines if "wall" in line)
-    assert sum("kernel launches" in line for line in lines) == 2
+    walls = [line for line in lines if "wall" in line]
+    assert [line.split(":")[0] for line in walls] == [
+        "[request] preprocess 1 row", "[request] postprocess 1 row",
+        "[request] preprocess 2 rows", "[request] postprocess 2 rows"]
+    assert all(float(line.split(": ")[1].split(" ms")[0]) > 0 for line in walls)
+    # Each stage's time per row, from the rows' own timings.
+    assert all("'detect'" in line for line in walls[0::2]) and all("'watermark'" in line for line in walls[1::2])
+    assert sum("kernel launches" in line for line in lines) == 4
 
 
 def test_side_by_side_ratios_pair_each_level_measured_by_both():
