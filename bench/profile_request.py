@@ -1,7 +1,7 @@
 """Where one request's preprocess and postprocess time goes on the GPU path: wall time per call, every host wait
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
-    python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables]
+    python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-source]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -70,18 +70,36 @@ def host_waits(call: Callable[[], object]) -> collections.Counter:
     return sites
 
 
-def gpu_work(call: Callable[[], object], device: torch.device) -> tuple[float, int, torch.profiler.profile]:
+def gpu_work(call: Callable[[], object], device: torch.device,
+             with_stack: bool = False) -> tuple[float, int, torch.profiler.profile]:
     """(ms of kernels and copies on the GPU, kernel launches, the profiler) for one ``call``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=activities, with_stack=with_stack) as profiler:
         call()
         _synchronize(device)
     averages = profiler.key_averages()
-    gpu_ms = sum(event.self_device_time_total for event in averages) / 1000.0
+    # The device's own events (kernels, copies) only: an operator's row repeats its kernels' time.
+    gpu_ms = sum(event.self_device_time_total for event in averages
+                 if event.device_type == torch.autograd.DeviceType.CUDA) / 1000.0
     launches = sum(event.count for event in averages if event.key in _LAUNCHES)
     return gpu_ms, launches, profiler
+
+
+def gpu_by_source(profiler: torch.profiler.profile, top: int = 15) -> list[tuple[str, float, int]]:
+    """(the line of our code that issued it, GPU ms, operator calls) for the operators' GPU time, largest first:
+    where the device time goes, by source line."""
+    totals: dict[str, list] = {}
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.self_device_time_total:
+            continue
+        ours = [frame for frame in event.stack if "facefuse/" in frame]
+        site = f"{ours[0].rsplit('facefuse/', 1)[-1]} {event.name}" if ours else f"(elsewhere) {event.name}"
+        entry = totals.setdefault(site, [0.0, 0])
+        entry[0] += event.self_device_time_total / 1000.0
+        entry[1] += 1
+    return sorted(((site, ms, calls) for site, (ms, calls) in totals.items()), key=lambda item: -item[1])[:top]
 
 
 def stage_ms(results: list) -> dict[str, float]:
@@ -104,10 +122,6 @@ def _alternate(prepare: Callable[[list], list], batches: list[list], turn: Itera
     return prepare(batches[next(turn) % 2])
 
 
-def _finish(count: int, device: torch.device) -> list:
-    return finish_torch_batch(_rows(count, device))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1", help="rows per batch, comma-separated (1,8: how each stage scales "
                                                     "with the batch Triton's dynamic batcher forms)")
     parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
+    parser.add_argument("--by-source", action="store_true", help="GPU time per line of our code that issued it")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_sizes = [int(value) for value in args.rows.split(",")]
@@ -130,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         # Two different batches of distinct pairs, alternated: identical images in a batch are decoded once.
         batches = [requests[:count], requests[count:2 * count]]
         preprocessor.prepare_batch(batches[0])
-        finish_torch_batch(_rows(count, device))
+        # Built once: served, the targets arrive in GPU memory from preprocess (DLPack), so their upload is not
+        # postprocess's work (the paste writes into a copy).
+        finish_rows = _rows(count, device)
+        finish_torch_batch(finish_rows)
         turn = iter(range(1 << 30))
         rows_label = "1 row" if count == 1 else f"{count} rows"
         work = {f"preprocess {rows_label}": functools.partial(_alternate, preprocessor.prepare_batch, batches, turn),
-                f"postprocess {rows_label}": functools.partial(_finish, count, device)}
+                f"postprocess {rows_label}": functools.partial(finish_torch_batch, finish_rows)}
         for label, call in work.items():
             per_batch = wall_ms(call, device, args.repeats)
             print(f"[request] {label}: {per_batch:.2f} ms wall, {per_batch / count:.2f} ms per row; stages per row "
@@ -144,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[request]   {sum(sites.values())} host waits")
                 for site, count_at_site in sites.most_common(20):
                     print(f"[request]     {count_at_site:3d}  {site}")
-            gpu_ms, launches, profiler = gpu_work(call, device)
+            gpu_ms, launches, profiler = gpu_work(call, device, with_stack=args.by_source)
             print(f"[request]   GPU kernels and copies {gpu_ms:.2f} ms; {launches} kernel launches", flush=True)
+            if args.by_source and device.type == "cuda":
+                for site, ms, calls in gpu_by_source(profiler):
+                    print(f"[request]     GPU {ms:6.3f} ms {calls:4d} calls  {site}")
             if args.tables:
-                print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+                sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+                print(profiler.key_averages().table(sort_by=sort_by, row_limit=25))
     return 0
 
 

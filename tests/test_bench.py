@@ -188,7 +188,7 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     as served and report their time."""
     from bench.profile_request import main
 
-    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2"]) == 0
+    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2", "--by-source"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[request]")]
     walls = [line for line in lines if "wall" in line]
     assert [line.split(":")[0] for line in walls] == [

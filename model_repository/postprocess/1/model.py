@@ -5,19 +5,15 @@ import os
 import sys
 import time
 
-# Every model instance is its own process: left alone, each would start one math thread per core and a host
-# with several instances would drown in threads (seen on a 16-core GPU host: load 67, GPU idle). Cap them before
-# numpy, OpenCV and torch load; the `cpu_threads` parameter can raise it per model.
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "2")
-# Idle OpenMP threads sleep instead of spinning: with several instances sharing the cores, spinning threads starve
-# the working ones (measured on 2 cores, two preprocess instances: throughput fell from 2.5 to 0.2/s within 16 s).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 # The pytriton stub ignores PYTHONPATH; put its entries (the facefuse package, the venv) on sys.path.
 for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path and _path not in sys.path:
         sys.path.insert(0, _path)
+
+# Before numpy, OpenCV and torch load: their thread pools are sized at import.
+from facefuse.process_env import cap_math_threads  # noqa: E402
+
+cap_math_threads()
 
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
