@@ -13,6 +13,7 @@ server with explicit model control and facefuse/watchdog.py, which reloads a mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -24,6 +25,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from facefuse.procfs import group_members
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -176,8 +179,13 @@ def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = M
     return process
 
 
-def stop_process(process: subprocess.Popen, timeout_s: float = 45.0) -> int:
-    """SIGTERM (Triton finishes in-flight requests), then SIGKILL the group if it lingers."""
+def stop_process(process: subprocess.Popen, timeout_s: float = 45.0, leftovers_wait_s: float = 10.0) -> int:
+    """SIGINT (Triton finishes in-flight requests), then SIGKILL the group if it lingers; then whatever is left of
+    its process group once it has exited (the model stubs) is killed too and waited for.
+
+    A server that gives up its own shutdown ("Exit timeout expired. Exiting immediately.", seen on an H100 after a
+    c=128 sweep) leaves its Python stubs running, each holding its GPU memory (6.3 GiB there): the next server on
+    that GPU then failed to load its models."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
@@ -185,6 +193,15 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 45.0) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    # start() made the server a group leader (start_new_session), so its group is its own children.
+    deadline = time.monotonic() + leftovers_wait_s
+    while (leftovers := group_members(process.pid)) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    if leftovers:
+        print(f"[serve] processes of the stopped server still alive after {leftovers_wait_s:.0f} s: {leftovers}",
+              file=sys.stderr, flush=True)
     return process.returncode
 
 

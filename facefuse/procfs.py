@@ -79,6 +79,17 @@ def stub_processes(server_pid: int) -> dict[str, Stub]:
     return stubs
 
 
+def group_members(group_id: int) -> list[int]:
+    """The live (not zombie) processes in process group `group_id`, in pid order."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if len(fields) > 2 and int(fields[2]) == group_id and fields[0] != "Z":
+                members.append(int(entry))
+    return sorted(members)
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of `pid`, or None when it is gone."""
     try:
