@@ -1,7 +1,7 @@
 """Where one request's preprocess and postprocess time goes on the GPU path: wall time per call, every host wait
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
-    python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-source]
+    python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-operator]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -71,12 +71,12 @@ def host_waits(call: Callable[[], object]) -> collections.Counter:
 
 
 def gpu_work(call: Callable[[], object], device: torch.device,
-             with_stack: bool = False) -> tuple[float, int, torch.profiler.profile]:
+             record_shapes: bool = False) -> tuple[float, int, torch.profiler.profile]:
     """(ms of kernels and copies on the GPU, kernel launches, the profiler) for one ``call``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, with_stack=with_stack) as profiler:
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as profiler:
         call()
         _synchronize(device)
     averages = profiler.key_averages()
@@ -87,28 +87,18 @@ def gpu_work(call: Callable[[], object], device: torch.device,
     return gpu_ms, launches, profiler
 
 
-def our_frame(event: object) -> str | None:
-    """The innermost line of our code an operator event was called from ("facefuse/detection.py(780): _run_crops"),
-    from the Python-function events torch.profiler records around operators (with_stack=True), or None."""
-    parent = getattr(event, "cpu_parent", None)
-    while parent is not None:
-        if "facefuse/" in parent.name:
-            return parent.name[parent.name.rindex("facefuse/") + len("facefuse/"):]
-        parent = parent.cpu_parent
-    return None
+def by_operator(profiler: torch.profiler.profile, device: torch.device,
+                top: int = 15) -> list[tuple[str, str, float, int]]:
+    """(operator, input shapes, ms, calls), largest first: the operators' own time on the GPU (on a CPU device, on
+    the CPU), grouped by input shape, which tells which tensors cost it (e.g. a full-resolution batch made
+    contiguous). The shapes, not source lines: torch 2.11 on the H100 did not link operators to Python frames."""
+    def own_ms(event: object) -> float:
+        return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1000.0
 
-
-def gpu_by_source(profiler: torch.profiler.profile, top: int = 15) -> list[tuple[str, float, int]]:
-    """(the line of our code that issued it and the operator, GPU ms, operator calls) for the operators' GPU time,
-    largest first: where the device time goes, by source line."""
-    totals: dict[str, list] = {}
-    for event in profiler.events():
-        if event.device_type != torch.autograd.DeviceType.CPU or not event.self_device_time_total:
-            continue
-        entry = totals.setdefault(f"{our_frame(event) or '(elsewhere)'} {event.name}", [0.0, 0])
-        entry[0] += event.self_device_time_total / 1000.0
-        entry[1] += 1
-    return sorted(((site, ms, calls) for site, (ms, calls) in totals.items()), key=lambda item: -item[1])[:top]
+    rows = [(event.key, str(event.input_shapes), own_ms(event), event.count)
+            for event in profiler.key_averages(group_by_input_shape=True)
+            if event.device_type == torch.autograd.DeviceType.CPU and event.key.startswith("aten::") and own_ms(event)]
+    return sorted(rows, key=lambda row: -row[2])[:top]
 
 
 def stage_ms(results: list) -> dict[str, float]:
@@ -138,14 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1", help="rows per batch, comma-separated (1,8: how each stage scales "
                                                     "with the batch Triton's dynamic batcher forms)")
     parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
-    parser.add_argument("--by-source", action="store_true", help="GPU time per line of our code that issued it")
+    parser.add_argument("--by-operator", action="store_true",
+                        help="each operator's own time by input shape (GPU time on a GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_sizes = [int(value) for value in args.rows.split(",")]
     pairs = benchmark_pairs(max(4, 2 * max(batch_sizes)))
     # As served: BlazeFace proposals, the detector's working size, the mesh on the same device.
+    # outputs_on_device: targets and crops stay in GPU memory for fusion and postprocess (`outputs_on_gpu` "auto").
     preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto"),
-                                FaceMesh(device=device))
+                                FaceMesh(device=device), outputs_on_device=True)
     preprocessor.warm_up()
     requests = [FusionRequest(*pair, 100.0, 100.0, b"{}") for pair in pairs]
     for request in requests:  # every pair seen once: decode and detector sizes warmed up
@@ -177,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[request]   {sum(sites.values())} host waits")
                 for site, count_at_site in sites.most_common(20):
                     print(f"[request]     {count_at_site:3d}  {site}")
-            gpu_ms, launches, profiler = gpu_work(call, device, with_stack=args.by_source)
+            gpu_ms, launches, profiler = gpu_work(call, device, record_shapes=args.by_operator)
             print(f"[request]   GPU kernels and copies {gpu_ms:.2f} ms; {launches} kernel launches", flush=True)
-            if args.by_source and device.type == "cuda":
-                for site, ms, calls in gpu_by_source(profiler):
-                    print(f"[request]     GPU {ms:6.3f} ms {calls:4d} calls  {site}")
+            if args.by_operator:
+                for name, shapes, ms, calls in by_operator(profiler, device):
+                    print(f"[request]     {device.type.upper()} {ms:6.3f} ms {calls:4d} calls  {name} {shapes[:110]}")
             if args.tables:
                 sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 print(profiler.key_averages().table(sort_by=sort_by, row_limit=25))
