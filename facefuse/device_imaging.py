@@ -134,7 +134,7 @@ def concat_rows(batches: list[np.ndarray | torch.Tensor],
 def crops_to_network(crops: torch.Tensor) -> torch.Tensor:
     """``alignment.crop_to_tensor`` for a batch on its device: (N,S,S,3) uint8 -> (N,3,S,S) float32 in [0, 1],
     bit-identical (the same correctly rounded float32 division)."""
-    return crops.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+    return crops.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
 def image_to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
