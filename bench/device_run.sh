@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark on the device tool's host: the network alone (bench.network), the in-process profiles of preprocess,
-# postprocess and the image copies (bench.profile_detection, bench.profile_postprocess, bench.profile_copies: their
+# postprocess, the image copies and whole batches (bench.profile_detection, bench.profile_postprocess,
+# bench.profile_copies, bench.profile_request: wall, GPU time, peak memory, operators by shape; their
 # summary lines go to profile.txt), served results against in-process ones (bench.served_check), the served
 # ensemble (bench.run, extra arguments passed on, e.g. --mps --instances preprocess=6,postprocess=6 --models
 # face_fusion --concurrency 1,16,64,128 --skip-baseline for README's latest figures; `--instances gpu` reads the
@@ -15,6 +16,7 @@ python3 -m bench.network --out "$RESULTS"
   python3 -m bench.profile_detection --device cuda --batches 2,64 --repeats 3 --preprocess | grep '^\[profile\]'
   python3 -m bench.profile_postprocess --rows 1,32 | grep '^\[profile\]'
   python3 -m bench.profile_copies --images 32 --keep-freed-memory | grep '^\[copies\]'
+  python3 -m bench.profile_request --rows 1,8 --repeats 5 --by-operator | grep '^\[request\]'
 } | tee "$RESULTS/$(date +%F)_profile.txt"
 python3 -m bench.served_check --pairs 16 --device cuda --min-psnr 30 | tail -3
 python3 -m bench.run --out "$RESULTS" "$@"
