@@ -14,7 +14,7 @@ def cap_math_threads() -> None:
     when idle (PASSIVE: spinning ones starved the working ones, measured on 2 cores, two preprocess instances:
     2.5 -> 0.2 images/s). OpenBLAS (numpy) gets 1: its worker thread busy-waits after every call for a while, so
     the small solves of every request kept one core per process spinning (H100 host, 6 + 6 instances, 31
-    requests/s: ~8 of 16 cores, 0.66 per process; bench.run's `cpu_threads`), for matrices too small to split.
+    requests/s: ~8 of 16 cores, 0.66 per process; bench.run's per-thread CPU line), for matrices too small to split.
     The `cpu_threads` parameter raises torch's and OpenCV's pools per model (triton_glue.limit_threads).
     """
     for variable, threads in (("OMP_NUM_THREADS", "2"), ("MKL_NUM_THREADS", "2"), ("OPENBLAS_NUM_THREADS", "1")):
