@@ -6,7 +6,8 @@ Requests being executed by that instance, and every later one, fail at once with
 answering 200, so no load balancer or orchestrator notices. The only in-process cure is reloading the model.
 
 This watchdog does that: it polls /proc for the server's `triton_python_backend_stub` children and, when an instance
-that was there is gone, reloads its model through the repository API with a config that differs only in one
+that was there is gone or a model runs fewer stubs than its config's instances (a stub that died before the watchdog
+started), reloads its model through the repository API with a config that differs only in one
 `watchdog_generation` parameter (a reload with an unchanged config is a no-op for Triton). Triton then loads new
 instances next to the broken one and swaps them in: the ensemble stays READY throughout, and requests succeed again
 once the new stub has initialised (seconds). It needs the server started with SELF_HEAL_ARGS (explicit model control,
@@ -20,6 +21,7 @@ It must share the server's PID namespace (same host or container; docker compose
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -52,6 +54,13 @@ class Reload:
     detail: str = ""
 
 
+def configured_stubs(config: dict) -> int:
+    """Stub processes a python-backend model runs, from its config as Triton serves it (/v2/models/<name>/config):
+    each instance group's count, per GPU for a group on GPUs."""
+    return sum(int(group.get("count", 1)) * max(1, len(group.get("gpus") or []))
+               for group in config.get("instance_group") or [{}])
+
+
 class StubWatchdog:
     """Polls the stubs of the server `server_pid` every `interval_s` and reloads models whose stub died."""
 
@@ -64,7 +73,7 @@ class StubWatchdog:
         self.report = report or (lambda message: print(f"[watchdog] {message}", file=sys.stderr, flush=True))
         self.reloads: list[Reload] = []
         self._expected: dict[str, str] = {}  # instance -> model, as last seen healthy
-        self._python_models: set[str] | None = None  # READY models on the python backend, read once
+        self._python_models: dict[str, int] | None = None  # READY python-backend models -> stubs, read once
         self._retry_at: dict[str, float] = {}  # model -> monotonic time before which a failed reload is not retried
         self._generation = 0
         self._stop = threading.Event()
@@ -88,14 +97,14 @@ class StubWatchdog:
         index = json.loads(self._request("POST", "/v2/repository/index", b"{}", timeout=10))
         return {entry["name"]: entry.get("state", "") for entry in index}
 
-    def _read_python_models(self) -> set[str]:
-        """READY models served by the python backend: each must have at least one live stub."""
-        models = set()
+    def _read_python_models(self) -> dict[str, int]:
+        """READY models served by the python backend, each with the number of stubs its instances run."""
+        models = {}
         for name, state in self._model_states().items():
             if state == "READY":
                 config = json.loads(self._request("GET", f"/v2/models/{name}/config", timeout=10))
                 if config.get("backend") == "python":
-                    models.add(name)
+                    models[name] = configured_stubs(config)
         return models
 
     def reload_model(self, model: str) -> None:
@@ -120,10 +129,11 @@ class StubWatchdog:
         for instance, model in self._expected.items():
             if instance not in current:
                 missing.setdefault(model, []).append(instance)
-        # A model with no stub at all, e.g. one whose only stub died before this watchdog first looked.
-        live_models = {stub.model for stub in current.values()}
-        for model in sorted((self._python_models or set()) - live_models):
-            missing.setdefault(model, [f"{model} (all instances)"])
+        # Fewer stubs than the model's instances, e.g. stubs that died before this watchdog first looked.
+        live = collections.Counter(stub.model for stub in current.values())
+        for model, expected in sorted((self._python_models or {}).items()):
+            if live[model] < expected and model not in missing:
+                missing[model] = [f"{model} ({expected - live[model]} of {expected} instances)"]
         made = []
         # A stub also vanishes while the server shuts down or an operator reloads a model; only a server that is
         # ready, with the model still READY (Triton keeps it so when its stub dies), gets a reload.

@@ -6,6 +6,7 @@ What Triton 2.51's python backend does (the pytriton 0.7.0 wheel's server; asser
 * A stub killed (SIGKILL) is **not restarted**. The requests its instance is executing, and every later request to
   it, fail at once with INTERNAL (HTTP 500) `Stub process 'preprocess_0_0' is not healthy.` (behind the ensemble
   prefix), while `/v2/health/ready` and the model's ready endpoint keep answering 200: nothing outside notices.
+  With two instances Triton keeps handing requests to the dead one while the other serves.
   facefuse/watchdog.py notices (it watches the server's stub processes) and reloads the model in place through the
   repository API, which needs `--model-control-mode=explicit --load-model=*` (facefuse.watchdog.SELF_HEAL_ARGS); the
   ensemble stays READY and requests succeed again once the new stub is up (seconds).
@@ -202,25 +203,29 @@ def test_killed_stub_fails_requests_fast_and_the_watchdog_brings_it_back(server)
     pid = server.process.pid
     with Stream(server, workers=4) as stream:
         wait_for(lambda: stream.successes() >= 4, "requests before the kill")
-        # Every preprocess instance's stub (config.pbtxt serves two), so that no request can get through: what
-        # Triton does alone, then the watchdog (started afterwards, it knows the model by its missing stubs).
-        victims = [stub for stub in stub_processes(pid).values() if stub.model == "preprocess"]
-        assert victims
-        for victim in victims:
-            os.kill(victim.pid, signal.SIGKILL)
-        dead_messages = [stub_dead(victim.instance) for victim in victims]
+        instances = [stub for stub in stub_processes(pid).values() if stub.model == "preprocess"]
+        assert len(instances) >= 2  # config.pbtxt: two preprocess instances on a CPU host
+        victim = instances[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        dead_message = stub_dead(victim.instance)
         server.tainted = True  # its graceful exit would now wait out --exit-timeout-secs
         killed = time.monotonic()
-        wait_for(lambda: any(message in error.raw for _, _, _, error, _ in stream.failures()
-                             for message in dead_messages
-                             if isinstance(error, FusionServerError)), "a request failing on the dead stub")
-        # Triton alone: no restart, and it still calls itself (and the model) ready.
+
+        def failed_on_the_dead_stub(after: float) -> bool:
+            return any(dead_message in error.raw for start, _, _, error, _ in stream.failures()
+                       if isinstance(error, FusionServerError) and start >= after)
+
+        wait_for(lambda: failed_on_the_dead_stub(killed), "a request failing on the dead stub")
+        # Triton alone: no restart, it still calls itself (and the model) ready, and it keeps handing requests to
+        # the dead instance while the other one serves.
         time.sleep(3.0)
-        assert not [stub for stub in stub_processes(pid).values() if stub.model == "preprocess"]
+        alive = {stub.instance for stub in stub_processes(pid).values() if stub.model == "preprocess"}
+        assert victim.instance not in alive and len(alive) == len(instances) - 1
         assert http_status(server, "/v2/health/ready") == 200
         assert http_status(server, "/v2/models/preprocess/ready") == 200
-        assert stream.successes(after=killed + 1.0) == 0
-        # The watchdog sees the missing stub and reloads the model in place.
+        wait_for(lambda: failed_on_the_dead_stub(killed + 3.0), "the dead stub still given requests")
+        # A watchdog started now never saw the dead stub: it finds the model one stub short of its instances and
+        # reloads it in place.
         watchdog = StubWatchdog(pid, f"127.0.0.1:{server.ports.http}", interval_s=0.5).start()
         try:
             wait_for(lambda: bool(watchdog.reloads), "the watchdog's reload")
@@ -231,12 +236,12 @@ def test_killed_stub_fails_requests_fast_and_the_watchdog_brings_it_back(server)
     failures = stream.failures()
     for start, end, protocol, error, _ in failures:
         assert isinstance(error, FusionServerError), repr(error)
-        assert any(message in error.raw for message in dead_messages), error.raw
+        assert dead_message in error.raw, error.raw
         assert error.status == ("StatusCode.INTERNAL" if protocol == "grpc" else "500"), error.status
         assert end - start < GENEROUS_S
     assert [(reload.model, reload.ok) for reload in watchdog.reloads] == [("preprocess", True)]
     new = [stub for stub in stub_processes(pid).values() if stub.model == "preprocess"]
-    assert len(new) == len(victims) and not {stub.pid for stub in new} & {victim.pid for victim in victims}
+    assert len(new) == len(instances) and victim.pid not in {stub.pid for stub in new}
     print(f"{len(failures)} requests failed on the dead stub (slowest {max(e - s for s, e, *_ in failures):.1f} s); "
           f"reload took {watchdog.reloads[0].seconds:.1f} s")
     for protocol in ("grpc", "http"):

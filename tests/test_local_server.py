@@ -1,4 +1,5 @@
-"""facefuse.local_server's process handling, with stand-in processes (the live server is in the other tests)."""
+"""facefuse.local_server's process handling and the stub watchdog's arithmetic, with stand-ins (the live server is
+in the other tests)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def test_stop_process_interrupts_a_running_server_and_its_children():
     assert len(group_members(server.pid)) == 2  # bash and its sleep
     stop_process(server, timeout_s=5)
     assert server.poll() is not None and group_members(server.pid) == []
+
+
+def test_watchdog_counts_the_stubs_a_models_config_runs():
+    """A model one stub short of its instances is reloaded even when the watchdog never saw the dead stub: the count
+    comes from the config Triton serves (KIND_GPU groups run their count on each of their GPUs)."""
+    from facefuse.watchdog import configured_stubs
+
+    assert configured_stubs({"instance_group": [{"count": 2, "kind": "KIND_CPU", "gpus": []}]}) == 2
+    assert configured_stubs({"instance_group": [{"count": 3, "kind": "KIND_GPU", "gpus": [0, 1]},
+                                                {"count": 1, "kind": "KIND_CPU"}]}) == 7
+    assert configured_stubs({}) == 1  # no group: Triton's one instance
