@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from facefuse.procfs import group_members
+from facefuse.procfs import group_members, is_alive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -193,16 +193,22 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 45.0, leftovers_w
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    # start() made the server a group leader (start_new_session), so its group is its own children.
-    deadline = time.monotonic() + leftovers_wait_s
-    while (leftovers := group_members(process.pid)) and time.monotonic() < deadline:
+    end_leftovers(process.pid, leftovers_wait_s)
+    return process.returncode
+
+
+def end_leftovers(server_pid: int, wait_s: float = 10.0) -> list[int]:
+    """Kill what is left of an exited server's process group (start() makes the server a group leader, so the group
+    is its own children: the model stubs) and wait up to ``wait_s`` for it; returns the pids still alive."""
+    deadline = time.monotonic() + wait_s
+    while (leftovers := group_members(server_pid)) and time.monotonic() < deadline:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(server_pid, signal.SIGKILL)
         time.sleep(0.1)
     if leftovers:
-        print(f"[serve] processes of the stopped server still alive after {leftovers_wait_s:.0f} s: {leftovers}",
+        print(f"[serve] processes of the stopped server still alive after {wait_s:.0f} s: {leftovers}",
               file=sys.stderr, flush=True)
-    return process.returncode
+    return leftovers
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -239,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for _ in range(90):
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not is_alive(pid):
                 print(f"[serve] stopped server pid {pid}")
-                return 0
-        os.killpg(pid, signal.SIGKILL)
-        print(f"[serve] killed server pid {pid} after 45 s")
+                break
+        else:
+            os.killpg(pid, signal.SIGKILL)
+            print(f"[serve] killed server pid {pid} after 45 s")
+        end_leftovers(pid)
         return 0
     from facefuse.watchdog import SELF_HEAL_ARGS, StubWatchdog
 

@@ -44,3 +44,25 @@ def test_watchdog_counts_the_stubs_a_models_config_runs():
     assert configured_stubs({"instance_group": [{"count": 3, "kind": "KIND_GPU", "gpus": [0, 1]},
                                                 {"count": 1, "kind": "KIND_CPU"}]}) == 7
     assert configured_stubs({}) == 1  # no group: Triton's one instance
+
+
+def test_stop_command_ends_the_recorded_server_and_what_it_left(tmp_path, monkeypatch):
+    """`python -m facefuse.local_server stop` (`make stop`): SIGINT to the server `start` recorded, then its group."""
+    import facefuse.local_server as local_server
+
+    pid_file = tmp_path / "child.pid"
+    # A stand-in server that exits on SIGINT and leaves its child behind, as a Triton that gave up its shutdown.
+    server = subprocess.Popen(["bash", "-c", f"sleep 300 & echo $! > {pid_file}; trap 'exit 0' INT; wait"],
+                              start_new_session=True)
+    deadline = time.monotonic() + 5
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    monkeypatch.setattr(local_server, "PID_FILE", tmp_path / "server.pid")
+    local_server.PID_FILE.write_text(str(server.pid))
+
+    assert local_server.main(["stop"]) == 0
+    server.wait(5)
+    assert not is_alive(child) and group_members(server.pid) == []
+    assert not local_server.PID_FILE.exists()
