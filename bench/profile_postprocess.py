@@ -14,15 +14,7 @@ import time
 
 import torch
 
-from facefuse.device_imaging import image_to_device
-from facefuse.options import FusionOptions
-from facefuse.postprocess_torch import FinishRow, _benchmark_inputs, finish_torch_batch
-
-
-def _rows(count: int, device: torch.device) -> list[FinishRow]:
-    image, crop, mask, matrix = _benchmark_inputs(1920, 1080)
-    options = FusionOptions(format="jpeg", quality=92)
-    return [FinishRow(image_to_device(image, device), crop, mask, matrix, options, {}) for _ in range(count)]
+from facefuse.postprocess_torch import benchmark_rows, finish_torch_batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     for count in (int(value) for value in args.rows.split(",")):
-        finish_torch_batch(_rows(count, device))  # warm-up: kernels, allocator, nvJPEG
+        finish_torch_batch(benchmark_rows(count, device))  # warm-up: kernels, allocator, nvJPEG
         totals, stages = [], {}
         for _ in range(args.repeats):
             started = time.perf_counter()
-            rows = _rows(count, device)  # the upload is part of what the model pays per row
+            rows = benchmark_rows(count, device)  # the upload is part of what the model pays per row
             results = finish_torch_batch(rows)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -50,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[profile] postprocess, {count} rows on {device}: {per_call:.1f} ms per batch, "
               f"{per_call / count:.1f} ms per row (upload included); "
               f"timings_ms per row {({k: round(v, 2) for k, v in stages.items()})}", flush=True)
-        rows = _rows(count, device)
+        rows = benchmark_rows(count, device)
         profiler = cProfile.Profile()
         profiler.enable()
         finish_torch_batch(rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import itertools
 import sys
 import time
 import traceback
@@ -22,11 +23,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from bench.inputs import benchmark_pairs
-from bench.profile_postprocess import _rows
 from facefuse.detection import FaceDetector
 from facefuse.face_mesh import FaceMesh
 from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE, FusionRequest, Preprocessor
-from facefuse.postprocess_torch import finish_torch_batch
+from facefuse.postprocess_torch import benchmark_rows, finish_torch_batch
 
 _LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -117,8 +117,8 @@ def stage_ms(results: list) -> dict[str, float]:
     return {stage: round(ms / max(1, rows), 2) for stage, ms in totals.items()}
 
 
-def _alternate(prepare: Callable[[list], list], batches: list[list], turn: Iterator[int]) -> list:
-    return prepare(batches[next(turn) % 2])
+def _next_batch(prepare: Callable[[list], list], batches: Iterator[list]) -> list:
+    return prepare(next(batches))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         preprocessor.prepare_batch(batches[0])
         # Built once: served, the targets arrive in GPU memory from preprocess (DLPack), so their upload is not
         # postprocess's work (the paste writes into a copy).
-        finish_rows = _rows(count, device)
+        finish_rows = benchmark_rows(count, device)
         finish_torch_batch(finish_rows)
-        turn = iter(range(1 << 30))
         rows_label = "1 row" if count == 1 else f"{count} rows"
-        work = {f"preprocess {rows_label}": functools.partial(_alternate, preprocessor.prepare_batch, batches, turn),
+        work = {f"preprocess {rows_label}": functools.partial(_next_batch, preprocessor.prepare_batch,
+                                                                   itertools.cycle(batches)),
                 f"postprocess {rows_label}": functools.partial(finish_torch_batch, finish_rows)}
         for label, call in work.items():
             per_batch = wall_ms(call, device, args.repeats)

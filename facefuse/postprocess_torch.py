@@ -618,13 +618,11 @@ def _batch_ms(started: float, devices: set[torch.device], rows: int) -> float:
 
 
 def warm_up(device: torch.device, width: int = 1920, height: int = 1080) -> float:
-    """One synthetic row (the benchmark photo at width x height) through finish_torch_batch on ``device``, so that
-    the first real request does not pay for torchvision's import, nvJPEG's set-up, kernel loading and the caches
-    of taps and tiles. The GPU model runs it at load. Returns its ms."""
-    image, crop, mask, matrix = _benchmark_inputs(width, height)
+    """One synthetic row (``benchmark_rows``) through finish_torch_batch on ``device``, so that the first real
+    request does not pay for torchvision's import, nvJPEG's set-up, kernel loading and the caches of taps and tiles.
+    The GPU model runs it at load. Returns its ms, the row's making included."""
     started = time.perf_counter()
-    row = FinishRow(image_to_device(image, device), crop, mask, matrix, FusionOptions(format="jpeg", quality=90), {})
-    result = finish_torch_batch([row])[0]
+    result = finish_torch_batch(benchmark_rows(1, device, width, height))[0]
     if isinstance(result, Exception):
         raise RuntimeError(f"postprocess warm-up failed: {result}") from result
     return _elapsed_ms(started, device)
@@ -653,6 +651,14 @@ def _benchmark_inputs(width: int, height: int) -> tuple[np.ndarray, np.ndarray, 
     yy, xx = np.mgrid[:CROP_SIZE, :CROP_SIZE] / (CROP_SIZE - 1.0) - 0.5
     mask = np.clip((0.42 - np.hypot(xx, 0.8 * yy)) / 0.08, 0.0, 1.0).astype(np.float32)[None]
     return image, crop_to_tensor(crop), mask, matrix.astype(np.float32)
+
+
+def benchmark_rows(count: int, device: torch.device, width: int = 1920, height: int = 1080) -> list[FinishRow]:
+    """``count`` rows of the benchmark photo (``_benchmark_inputs``) for finish_torch_batch, each with its own copy
+    of the photo on ``device`` (a JPEG at quality 92): the model's warm-up and bench's profiles."""
+    image, crop, mask, matrix = _benchmark_inputs(width, height)
+    options = FusionOptions(format="jpeg", quality=92)
+    return [FinishRow(image_to_device(image, device), crop, mask, matrix, options, {}) for _ in range(count)]
 
 
 def benchmark(width: int = 1920, height: int = 1080, repeats: int = 10, fmt: str = "jpeg",
