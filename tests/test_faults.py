@@ -15,8 +15,11 @@ What Triton 2.51's python backend does (the pytriton 0.7.0 wheel's server; asser
   such a server.
 * SIGTERM/SIGINT: Triton stops accepting HTTP connections at once (refused or closed), keeps serving gRPC until
   its in-flight requests are done and the models unload, then answers gRPC with NOT_FOUND "Request for unknown
-  model: 'face_fusion' has no available versions"; it finishes every request already accepted and exits 0.
-  FusionClient(retries=N) retries all of these, and connection errors while the server is down.
+  model: 'face_fusion' has no available versions"; it finishes the requests its models are working on and exits 0.
+  An ensemble request between two steps then meets a composing model that stopped taking work: UNAVAILABLE / 503
+  "Server is stopping, scheduler for model has stopped accepting new inference requests" (2 of 16 in flight, seen
+  with two preprocess instances). FusionClient(retries=N) retries all of these, and connection errors while the
+  server is down.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from bench.hostile import _jpeg, _png, hanks, scene
-from bench.inputs import benchmark_pair
+from bench.inputs import benchmark_pairs
 from client.api import FusionClient, FusionServerError, is_retryable
 from facefuse.procfs import stub_processes
 from facefuse.watchdog import SELF_HEAL_ARGS, StubWatchdog
@@ -127,22 +130,25 @@ class Stream:
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(server):
-    """SIGTERM with 1080p requests in flight: all complete successfully, new ones are refused retryably, exit 0."""
+    """SIGTERM with 1080p requests in flight: those inside a model complete, those between ensemble steps and new
+    ones are refused retryably, exit 0."""
     server.ensure_fresh()
     watchdog = StubWatchdog(server.process.pid, f"127.0.0.1:{server.ports.http}", interval_s=0.2).start()
-    source, target = benchmark_pair()
+    # Sixteen different 1080p pairs (identical ones would be decoded and detected once per batch): ~2 s of work for
+    # two preprocess instances on 2 cores, so the signal below finds them in flight.
+    pairs = benchmark_pairs(16)
 
     def one(index: int) -> tuple[float, object]:
         with client_for(server, ("grpc", "http")[index % 2]) as client:
             try:
-                outcome: object = client.fuse(source, target, 100, 100)
+                outcome: object = client.fuse(*pairs[index], 100, 100)
             except Exception as error:  # noqa: BLE001
                 outcome = error
         return time.monotonic(), outcome
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(one, index) for index in range(8)]
-        time.sleep(1.0)  # let them reach the server: eight 1080p fusions take seconds on a CPU
+    with ThreadPoolExecutor(max_workers=len(pairs)) as pool:
+        futures = [pool.submit(one, index) for index in range(len(pairs))]
+        time.sleep(0.5)  # let them reach the server
         signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         time.sleep(0.2)
@@ -157,9 +163,16 @@ def test_graceful_shutdown_finishes_in_flight_requests(server):
         results = [future.result(timeout=GENEROUS_S) for future in futures]
     returncode = server.wait(GENEROUS_S)
     watchdog.stop()
+    # A request inside a model when the signal comes finishes; one between two steps of the ensemble meets a
+    # composing model that no longer takes work: UNAVAILABLE / 503 "Server is stopping, scheduler for model has
+    # stopped accepting new inference requests" (seen with 16 in flight), which FusionClient(retries=N) retries.
     errors = [outcome for _, outcome in results if isinstance(outcome, Exception)]
-    assert not errors, errors
-    assert any(finished > signalled for finished, _ in results), "nothing was in flight at the signal"
+    print(f"{len(results) - len(errors)} in-flight requests finished, {len(errors)} refused:",
+          [repr(error)[:120] for error in errors])
+    assert all(isinstance(error, FusionServerError) and is_retryable(error) and "Server is stopping" in error.raw
+               for error in errors), errors
+    assert any(finished > signalled and not isinstance(outcome, Exception) for finished, outcome in results), \
+        "no request in flight at the signal finished"
     assert returncode == 0
     assert watchdog.reloads == []  # stubs leaving with their models at shutdown are not deaths
     # Late requests: gRPC NOT_FOUND "... has no available versions", HTTP connection refused (or served if they
