@@ -2,6 +2,7 @@
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
     python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-operator]
+                                    [--python-profile]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -12,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import functools
+import io
 import itertools
+import pstats
 import sys
 import time
 import traceback
@@ -101,6 +105,21 @@ def by_operator(profiler: torch.profiler.profile, device: torch.device,
     return sorted(rows, key=lambda row: -row[2])[:top]
 
 
+def python_profile(call: Callable[[], object], device: torch.device, repeats: int, top: int = 25) -> str:
+    """cProfile's table of ``call`` over ``repeats`` calls, by own time: where the host's time goes (Python, the
+    torch operators' dispatch, waits) when the GPU's own time is a fraction of the wall time."""
+    profiler = cProfile.Profile()
+    _synchronize(device)
+    profiler.enable()
+    for _ in range(repeats):
+        call()
+    _synchronize(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def stage_ms(results: list) -> dict[str, float]:
     """Mean ms per row of each stage the pipeline timed (metadata "timings_ms"), over the rows that succeeded."""
     totals: collections.Counter = collections.Counter()
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
     parser.add_argument("--by-operator", action="store_true",
                         help="each operator's own time by input shape (GPU time on a GPU)")
+    parser.add_argument("--python-profile", action="store_true",
+                        help="also print cProfile's functions by own time (the host side of each call)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_sizes = [int(value) for value in args.rows.split(",")]
@@ -174,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.by_operator:
                 for name, shapes, ms, calls in by_operator(profiler, device):
                     print(f"[request]     {device.type.upper()} {ms:6.3f} ms {calls:4d} calls  {name} {shapes[:110]}")
+            if args.python_profile:
+                table = python_profile(call, device, args.repeats)
+                print("\n".join(f"[request]   py {line}" for line in table.splitlines() if line.strip()))
             if args.tables:
                 sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 print(profiler.key_averages().table(sort_by=sort_by, row_limit=25))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.gpu_monitor import GpuSampler
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
 from bench.repository import gpu_config_counts, parse_assignments, parse_parameters, tuned_repository
 from bench.stub_profile import StubProfiler, find_py_spy
@@ -350,11 +351,17 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests
                     before = cpu_snapshot(server.pid)
-                    figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
-                                                work / f"{model}_{level}.csv", stability=args.stability,
-                                                warmup_requests=warmup)
-                    # The host's view of the level (its warm-up included): who keeps which cores busy.
+                    gpu = GpuSampler().start()
+                    try:
+                        figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
+                                                    work / f"{model}_{level}.csv", stability=args.stability,
+                                                    warmup_requests=warmup)
+                    finally:
+                        gpu_figures = gpu.stop()
+                    # The host's view of the level (its warm-up included): who keeps which cores busy, and the
+                    # GPU's peak memory and busy share (GPU hosts).
                     figures.update(cpu_cores(before, cpu_snapshot(server.pid)))
+                    figures.update(gpu_figures)
                 except RuntimeError as error:
                     lines = [line for line in str(error).splitlines() if line.strip()]
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
@@ -380,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench]   cpu cores busy: {parts}; machine {figures['cpu_machine_busy_cores']:.1f} of "
                       f"{figures['cpu_machine_cores']}", flush=True)
                 print(f"[bench]   by thread: {figures['cpu_threads']}", flush=True)
+                if gpu_figures:
+                    print(f"[bench]   GPU: peak {gpu_figures['gpu_memory_peak_mib']:.0f} MiB in use, busy "
+                          f"{gpu_figures['gpu_busy_percent']:.0f} % on average", flush=True)
     finally:
         stop_process(server)
         if mps:

@@ -188,7 +188,7 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     as served and report their time."""
     from bench.profile_request import main
 
-    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2", "--by-operator"]) == 0
+    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2", "--by-operator", "--python-profile"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[request]")]
     walls = [line for line in lines if "wall" in line]
     assert [line.split(":")[0] for line in walls] == [
@@ -201,6 +201,10 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     # --by-operator: operators with their input shapes and own time (CPU time on a CPU device).
     operators = [line for line in lines if line.startswith("[request]     CPU")]
     assert operators and all("aten::" in line and "[[" in line for line in operators)
+    # --python-profile: cProfile's table per call, our functions among its rows.
+    python_rows = [line for line in lines if line.startswith("[request]   py ")]
+    assert sum("function calls" in line for line in python_rows) == 4
+    assert any("facefuse/" in line for line in python_rows)
 
 
 def test_side_by_side_ratios_pair_each_level_measured_by_both():
@@ -237,3 +241,30 @@ def test_side_by_side_serves_this_checkout_and_a_revision_and_writes_their_ratio
         float(row["new_throughput_per_s"]) / float(row["rev_throughput_per_s"]), rel=1e-2)
     for side in ("new", "rev-*"):
         assert len(list(tmp_path.glob(f"*_test-{side}_summary.json"))) == 1
+
+
+def test_gpu_sampler_reads_peak_memory_and_mean_busy_share(tmp_path):
+    """bench.gpu_monitor: nvidia-smi's csv line parsed; the sampler keeps the peak memory and the mean busy share of
+    what its command answered (a stand-in script here, answering like nvidia-smi: CI has no GPU); nothing where the
+    command is missing."""
+    from bench.gpu_monitor import GpuSampler, parse_sample
+
+    assert parse_sample("81234, 57\n") == (81234.0, 57.0)
+    assert parse_sample("No devices were found") is None and parse_sample("") is None
+    answers = tmp_path / "answers"
+    answers.write_text("1000, 10\n3000, 30\n2000, 20\n")
+    stand_in = tmp_path / "smi"
+    # Each call answers the next line (the last one again once all were used).
+    stand_in.write_text(f"#!/bin/sh\nline=$(head -n1 {answers})\n[ $(wc -l < {answers}) -gt 1 ] && "
+                        f"sed -i 1d {answers}\necho \"$line\"\n")
+    stand_in.chmod(0o755)
+    sampler = GpuSampler(interval_s=0.01, command=[str(stand_in)]).start()
+    deadline = time.monotonic() + 10
+    while len(sampler.samples) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    figures = sampler.stop()
+    assert figures["gpu_memory_peak_mib"] == 3000.0
+    assert sampler.samples[:3] == [(1000.0, 10.0), (3000.0, 30.0), (2000.0, 20.0)]
+    busy = [b for _, b in sampler.samples]
+    assert figures["gpu_busy_percent"] == round(sum(busy) / len(busy), 1)
+    assert GpuSampler(command=[str(tmp_path / "missing")]).start().stop() == {}
