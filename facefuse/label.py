@@ -70,10 +70,16 @@ def draw_label(rgb: np.ndarray, text: str = DEFAULT_LABEL, position: str = DEFAU
     layout = label_layout(width, height, text, position)
     x1, y1, x2, y2 = layout.box
     out = rgb.copy()
-    out[y1:y2, x1:x2] = (out[y1:y2, x1:x2].astype(np.float32) * _BOX_KEEP).astype(np.uint8)
+    out[y1:y2, x1:x2] = label_box(out[y1:y2, x1:x2], layout, text)
+    return out
+
+
+def label_box(box_pixels: np.ndarray, layout: LabelLayout, text: str = DEFAULT_LABEL) -> np.ndarray:
+    """The label's box (the image's pixels inside ``layout.box``) darkened with the text drawn on it: all that the
+    label changes, so that a GPU image needs only this region on the host."""
+    x1, y1 = layout.box[:2]
+    box = (box_pixels.astype(np.float32) * _BOX_KEEP).astype(np.uint8)
     # Draw into the box only, so that nothing outside it changes even when the text is clipped on a tiny image.
-    box = np.ascontiguousarray(out[y1:y2, x1:x2])
     cv2.putText(box, text, (layout.origin[0] - x1, layout.origin[1] - y1), _FONT, layout.scale, (255, 255, 255),
                 layout.thickness, cv2.LINE_AA)
-    out[y1:y2, x1:x2] = box
-    return out
+    return box

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from facefuse.alignment import invert_affine
 from facefuse.device_imaging import image_to_device, to_host
 from facefuse.imaging import encode_image, insert_jpeg_xmp
-from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
+from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, label_box, label_layout
 from facefuse.options import FusionOptions
 from facefuse.pipeline import SOFTWARE, crop_footprint
 from facefuse.provenance import build_xmp
@@ -129,8 +129,8 @@ def _warp_grid(forward: np.ndarray, box_width: int, box_height: int, size: int,
     columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
     rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
     rows = rows.astype(np.int64) + round_delta
-    columns_t = torch.from_numpy(columns).to(device)
-    rows_t = torch.from_numpy(rows).to(device)
+    both = torch.from_numpy(np.concatenate([columns, rows], axis=1)).to(device)  # one upload, one wait
+    columns_t, rows_t = both[:, :box_width], both[:, box_width:]
     shift = _AB_BITS - _INTER_BITS
     half = 1 << (_INTER_BITS - 1)
     denominator = float(size << (_INTER_BITS - 1))
@@ -270,6 +270,12 @@ def _area_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
     return _read_only(indices, weights)
 
 
+@functools.lru_cache(maxsize=64)
+def _area_taps_on(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """_area_taps as tensors on ``device``, kept (as _linear_taps_on)."""
+    return tuple(torch.tensor(table, device=device) for table in _area_taps(source, target))
+
+
 def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """cv2.resize(uint8 image, (width, height), interpolation=INTER_AREA) for downscaling, as int32 values 0..255.
 
@@ -287,11 +293,9 @@ def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return torch.round(blocks.to(torch.float32) * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
     values = image.to(torch.float32)
     for dim, (source, target) in ((-1, (source_width, width)), (-2, (source_height, height))):
-        indices, weights = _area_taps(source, target)
-        index_t = torch.tensor(indices, device=image.device)
-        weight_t = torch.tensor(weights, device=image.device)
+        index_t, weight_t = _area_taps_on(source, target, image.device)
         total = None
-        for k in range(indices.shape[1]):
+        for k in range(index_t.shape[1]):
             picked = values.index_select(dim, index_t[:, k])
             term = picked * (weight_t[:, k] if dim == -1 else weight_t[:, k, None])
             total = term if total is None else total + term
@@ -311,6 +315,13 @@ def _linear_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
     fraction[low], index[low] = 0.0, 0
     fraction[high], index[high] = 0.0, source - 1
     return _read_only(index, np.minimum(index + 1, source - 1), np.float32(1.0) - fraction, fraction)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_taps_on(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """_linear_taps as tensors on ``device``, kept: uploading them from pageable memory made the host wait for the
+    GPU's queue (8 waits per marked image)."""
+    return tuple(torch.tensor(table, device=device) for table in _linear_taps(source, target))
 
 
 def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
@@ -436,11 +447,14 @@ def _add_mark(rgb: torch.Tensor, amplitude: np.ndarray, tile: np.ndarray, period
     height, width = rgb.shape[:2]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
-    x0, x1, ax0, ax1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[1], width))
-    y0, y1, by0, by1 = (torch.tensor(a, device=device) for a in _linear_taps(amplitude.shape[0], height))
-    small = torch.from_numpy(amplitude).to(device)
+    x0, x1, ax0, ax1 = _linear_taps_on(amplitude.shape[1], width, device)
+    y0, y1, by0, by1 = _linear_taps_on(amplitude.shape[0], height, device)
+    # The amplitude map and the tile (both float32) go up in one copy: one wait for the GPU, not two.
+    both = np.concatenate([amplitude.ravel(), tile.ravel()]).astype(np.float32, copy=False)
+    uploaded = torch.from_numpy(both).to(device)
+    small = uploaded[: amplitude.size].view(amplitude.shape)
     rows = small[:, x0] * ax0 + small[:, x1] * ax1  # (small height, width)
-    pattern = torch.tensor(np.ascontiguousarray(tile), device=device)
+    pattern = uploaded[amplitude.size:].view(tile.shape)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
     pattern = pattern.repeat(band // period, -(-width // period))[:, :width]
     out = torch.empty_like(rgb)
@@ -544,8 +558,8 @@ def finish_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, bl
     """pipeline.finish on tensors: paste back, label, watermark and encode on target's device; returns the encoded
     image and the completed metadata (the same keys, timings "paste", "watermark" and "encode" in ms).
 
-    The visible label (OPTIONS visible_label) is drawn by label.draw_label (OpenCV text) on a host copy of the whole
-    image, which then goes back to the device: the simple exact option, and only when the label is asked for.
+    The visible label (OPTIONS visible_label) is drawn by label.label_box (OpenCV text) on a host copy of the
+    label's box only, which then goes back to the device: exact, and only when the label is asked for.
     JPEG is encoded by encode_jpeg_torch (nvJPEG on CUDA); PNG and WebP by imaging.encode_image on the host.
     """
     result = finish_torch_batch([FinishRow(target, fused_crop, blend_mask, target_matrix, options, metadata)],
@@ -571,8 +585,11 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
             started = time.perf_counter()
             fused = paste_back_torch(row.target, row.fused_crop, row.blend_mask, row.target_matrix)
             row.metadata.setdefault("timings_ms", {})["paste"] = _elapsed_ms(started, device)
-            if options.visible_label:
-                fused = torch.from_numpy(draw_label(fused.cpu().numpy(), label_text, label_position)).to(device)
+            if options.visible_label:  # only the label's box makes the round trip to the host (cv2 draws it)
+                layout = label_layout(int(fused.shape[1]), int(fused.shape[0]), label_text, label_position)
+                x1, y1, x2, y2 = layout.box
+                fused[y1:y2, x1:x2] = torch.from_numpy(
+                    label_box(fused[y1:y2, x1:x2].cpu().numpy(), layout, label_text)).to(device)
             pasted[position] = (fused, options)
         except Exception as error:  # noqa: BLE001 - the row's own failure, reported in its place
             results[position] = error
