@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefuse.batch_buckets import BucketedNet, bucket_sizes, forward_in_bucket
-from facefuse.device_imaging import to_host
+from facefuse.device_imaging import to_device, to_host
 
 _PYRAMID_FACTOR = 0.709
 # Where candidate faces come from: P-Net's pyramid, or BlazeFace; "auto" = BlazeFace, on the host path (the CPU's
@@ -441,9 +441,9 @@ class _TensorPyramid:
             device = self.levels[0].device
             parts = [level.transpose(0, 1).reshape(3, -1) for level in self.levels]
             starts = np.cumsum([0] + [part.shape[1] for part in parts[:-1]])
-            self._flat = (torch.cat(parts, dim=1), torch.as_tensor(starts, device=device),
-                          torch.as_tensor([level.shape[2] for level in self.levels], device=device),
-                          torch.as_tensor([level.shape[3] for level in self.levels], device=device))
+            sizes = np.array([level.shape[2:] for level in self.levels], dtype=np.int64)  # (levels, 2): h, w
+            starts_t, sizes_t = to_device([starts.astype(np.int64), sizes], device)
+            self._flat = (torch.cat(parts, dim=1), starts_t, sizes_t[:, 0], sizes_t[:, 1])
         return self._flat
 
     def crops(self, boxes: np.ndarray, batch_index: np.ndarray, size: int) -> torch.Tensor:
@@ -453,10 +453,10 @@ class _TensorPyramid:
         level, matrices = _crop_plan(boxes, self.scales, size)
         flat, starts, heights, widths = self._flattened()
         device = flat.device
-        level_t = torch.as_tensor(level, device=device)
-        m = torch.as_tensor(matrices, device=device)
+        level_t, image_t, m = to_device([level.astype(np.int64), np.asarray(batch_index, dtype=np.int64),
+                                         matrices.astype(np.float64)], device)  # one upload, one wait
         height, width = heights[level_t][:, None], widths[level_t][:, None]  # (n, 1)
-        base = starts[level_t][:, None] + torch.as_tensor(batch_index, device=device)[:, None] * height * width
+        base = starts[level_t][:, None] + image_t[:, None] * height * width
         centres = torch.arange(size, device=device, dtype=torch.float64)
         # Crop pixel centre i maps back to level pixel (i - t) / a (the inverse of _crop_plan's matrix).
         px = ((centres[None, :] - m[:, 0, 2:3]) / m[:, 0, 0:1]).float()  # (n, size)
@@ -777,11 +777,14 @@ class FaceDetector:
                 sel = np.flatnonzero(local[ids] >= 0)
                 for first in range(0, len(sel), _MAX_BATCH):  # bounds the gather's index temporaries
                     part = sel[first:first + _MAX_BATCH]
-                    device_crops[torch.as_tensor(part, device=self.device)] = pyramid.crops(
-                        boxes[part], local[ids[part]], size)
+                    crops = pyramid.crops(boxes[part], local[ids[part]], size)
+                    if part[-1] - part[0] + 1 == len(part):  # consecutive rows (one group: always): no index upload
+                        device_crops[part[0]:part[-1] + 1] = crops
+                    else:
+                        device_crops[to_device([part.astype(np.int64)], self.device)[0]] = crops
             device_crops.sub_(127.5).mul_(0.0078125)
             outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
-            return [torch.cat(parts).double().cpu().numpy() for parts in zip(*outs)]
+            return to_host([torch.cat(parts).double() for parts in zip(*outs)])  # every output, one wait
         crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
         for i in np.unique(ids):
             sel = np.flatnonzero(ids == i)

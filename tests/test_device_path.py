@@ -20,6 +20,7 @@ from facefuse.device_imaging import (
     image_to_device,
     nvjpeg_decoder,
     orient,
+    to_device,
     to_host,
     warp_crops_of_images,
     warp_to_crops,
@@ -90,6 +91,22 @@ def test_crops_of_several_images_at_once_match_opencv(group):
         difference = np.abs(warp_to_crop(images[index], matrix).astype(int) - crop.astype(int))
         # OpenCV places samples on a 1/32 px grid: the more a crop enlarges (up to 3x here), the more that shows.
         assert int(difference.max()) <= 4 and float(difference.mean()) < 0.15
+
+
+def test_tables_uploaded_together_keep_dtype_shape_and_values():
+    """to_device: mixed dtypes and shapes (empty, 0-d, non-contiguous, 1-byte types at odd lengths before 8-byte
+    ones) through one buffer; every tensor equals its array. CPU here; on a GPU the same views of one upload."""
+    rng = np.random.default_rng(3)
+    arrays = [np.arange(3, dtype=np.uint8), rng.normal(size=(2, 2, 3)), np.zeros((0, 4), np.float32),
+              np.array([True, False, True]), np.float64(2.5), rng.integers(-9, 9, (5, 6), dtype=np.int64)[:, ::2],
+              rng.normal(size=(7,)).astype(np.float32)]
+    tensors = to_device(arrays, "cpu")
+    expected_dtypes = [torch.uint8, torch.float64, torch.float32, torch.bool, torch.float64, torch.int64,
+                       torch.float32]
+    assert [t.dtype for t in tensors] == expected_dtypes
+    assert [tuple(t.shape) for t in tensors] == [np.shape(a) for a in arrays]
+    assert all(np.array_equal(t.numpy(), a) for t, a in zip(tensors, arrays))
+    assert to_device([], "cpu") == []
 
 
 def test_host_and_device_copies_keep_every_pixel():
