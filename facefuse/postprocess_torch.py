@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from facefuse.alignment import invert_affine
-from facefuse.device_imaging import image_to_device, to_host
+from facefuse.device_imaging import image_to_device, to_device, to_host
 from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, label_box, label_layout
 from facefuse.options import FusionOptions
@@ -129,8 +129,7 @@ def _warp_grid(forward: np.ndarray, box_width: int, box_height: int, size: int,
     columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
     rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
     rows = rows.astype(np.int64) + round_delta
-    both = torch.from_numpy(np.concatenate([columns, rows], axis=1)).to(device)  # one upload, one wait
-    columns_t, rows_t = both[:, :box_width], both[:, box_width:]
+    columns_t, rows_t = to_device([columns, rows], device)  # one upload, one wait
     shift = _AB_BITS - _INTER_BITS
     half = 1 << (_INTER_BITS - 1)
     denominator = float(size << (_INTER_BITS - 1))
@@ -433,30 +432,35 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
     if folds:
         scores = _pilot_z(np.stack(list(folds.values())), EARLIER_MARK_SAMPLES)
         maybe_marked = {position for position, z in zip(folds, scores) if z >= _PILOT_Z - 0.5}
+    tables = []  # per pending row: its amplitude map and tile (float32), all uploaded together below
     for (position, period), detail in zip(pending, details):
-        amplitude = _capped(_amplitude_from_detail(detail), strength)
+        amplitude = _capped(_amplitude_from_detail(detail), strength).astype(np.float32, copy=False)
         earlier = _earlier_mark_of_fold(folds[position], period) if position in maybe_marked else None
         tile = _mark_tile(watermark_ids[position], period, earlier, float(np.mean(amplitude)))
-        marked[position] = _add_mark(images[position], amplitude, tile, period)
+        tables += [amplitude, np.asarray(tile, dtype=np.float32)]
+    by_device: dict[torch.device, list[int]] = {}  # rows per device: one upload (one wait) for each
+    for slot, (position, _) in enumerate(pending):
+        by_device.setdefault(images[position].device, []).append(slot)
+    for device, slots in by_device.items():
+        uploaded = to_device([tables[2 * slot + k] for slot in slots for k in (0, 1)], device)
+        for index, slot in enumerate(slots):
+            position, period = pending[slot]
+            marked[position] = _add_mark(images[position], uploaded[2 * index], uploaded[2 * index + 1], period)
     return marked  # type: ignore[return-value]
 
 
-def _add_mark(rgb: torch.Tensor, amplitude: np.ndarray, tile: np.ndarray, period: int) -> torch.Tensor:
-    """rgb plus the tile scaled by the amplitude map (upsampled to full size), as cv2.add does it."""
+def _add_mark(rgb: torch.Tensor, amplitude: torch.Tensor, tile: torch.Tensor, period: int) -> torch.Tensor:
+    """rgb plus the tile scaled by the amplitude map (upsampled to full size), as cv2.add does it; amplitude map
+    and tile are float32 tensors on rgb's device."""
     device = rgb.device
     height, width = rgb.shape[:2]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
     x0, x1, ax0, ax1 = _linear_taps_on(amplitude.shape[1], width, device)
     y0, y1, by0, by1 = _linear_taps_on(amplitude.shape[0], height, device)
-    # The amplitude map and the tile (both float32) go up in one copy: one wait for the GPU, not two.
-    both = np.concatenate([amplitude.ravel(), tile.ravel()]).astype(np.float32, copy=False)
-    uploaded = torch.from_numpy(both).to(device)
-    small = uploaded[: amplitude.size].view(amplitude.shape)
-    rows = small[:, x0] * ax0 + small[:, x1] * ax1  # (small height, width)
-    pattern = uploaded[amplitude.size:].view(tile.shape)
+    rows = amplitude[:, x0] * ax0 + amplitude[:, x1] * ax1  # (small height, width)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
-    pattern = pattern.repeat(band // period, -(-width // period))[:, :width]
+    pattern = tile.repeat(band // period, -(-width // period))[:, :width]
     out = torch.empty_like(rgb)
     for top in range(0, height, band):
         bottom = min(height, top + band)
