@@ -32,6 +32,19 @@ def gpu_config_counts(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
     return {model: configured_count(model, repository) for model in GPU_MODELS}
 
 
+def gpu_config_cpu_threads(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
+    """The `cpu_threads` parameter of every GPU model whose GPU config sets one: with gpu_config_counts, what
+    `bench.run --instances gpu` serves (the copy starts from config.pbtxt, whose CPU-host threads differ)."""
+    from deploy.multi_gpu import GPU_MODELS, load_config, source_config_path
+
+    threads = {}
+    for model in GPU_MODELS:
+        parameters = load_config(source_config_path(model, repository)).parameters
+        if "cpu_threads" in parameters:
+            threads[model] = int(parameters["cpu_threads"].string_value)
+    return threads
+
+
 def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:
     """["preprocess.detector_max_side=1280"] -> {"preprocess": {"detector_max_side": "1280"}}."""
     values: dict[str, dict[str, str]] = {}

@@ -26,7 +26,13 @@ import numpy as np
 
 from bench.gpu_monitor import GpuSampler
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
-from bench.repository import gpu_config_counts, parse_assignments, parse_parameters, tuned_repository
+from bench.repository import (
+    gpu_config_counts,
+    gpu_config_cpu_threads,
+    parse_assignments,
+    parse_parameters,
+    tuned_repository,
+)
 from bench.stub_profile import StubProfiler, find_py_spy
 from facefuse.local_server import (
     MODEL_REPOSITORY,
@@ -311,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
                  else parse_assignments(args.instances))
     delays = parse_assignments(args.queue_delay_us)
-    threads = parse_assignments(args.cpu_threads)
+    # `--instances gpu` serves the GPU configs' threads too, unless --cpu-threads says otherwise.
+    threads = {**(gpu_config_cpu_threads(args.model_repository) if args.instances == "gpu" else {}),
+               **parse_assignments(args.cpu_threads)}
     parameters = parse_parameters(args.parameter)
     if instances or delays or threads or parameters:
         args.model_repository = tuned_repository(REPO_ROOT / ".cache" / "bench" / "repository", instances, delays,
