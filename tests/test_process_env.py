@@ -54,13 +54,13 @@ def test_no_blas_thread_spins_between_a_requests_small_solves():
 
 
 @pytest.mark.parametrize("model", ["preprocess", "fusion", "postprocess"])
-def test_each_model_caps_threads_before_numpy_torch_and_opencv_load(model):
+def test_each_model_sets_its_process_defaults_before_numpy_torch_and_opencv_load(model):
     """The pools are sized when the libraries load: the call must come first (triton_python_backend_utils imports
     numpy too)."""
     tree = ast.parse((REPO / "model_repository" / model / "1" / "model.py").read_text())
     statements = list(tree.body)
     cap = next(index for index, node in enumerate(statements) if isinstance(node, ast.Expr)
-               and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "cap_math_threads")
+               and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "set_process_defaults")
 
     def heavy(node: ast.stmt) -> bool:
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
@@ -70,3 +70,21 @@ def test_each_model_caps_threads_before_numpy_torch_and_opencv_load(model):
 
     assert not any(heavy(node) for node in statements[:cap])
     assert any(heavy(node) for node in statements[cap:])
+
+
+def test_process_defaults_choose_the_cuda_allocator_unless_the_environment_does():
+    """torch reads PYTORCH_CUDA_ALLOC_CONF at its first CUDA allocation: the models set it first; an operator's own
+    value is kept."""
+    code = ("import json, os; from facefuse.process_env import set_process_defaults; set_process_defaults(); "
+            "print(json.dumps([os.environ['PYTORCH_CUDA_ALLOC_CONF'], os.environ['OPENBLAS_NUM_THREADS']]))")
+
+    def run(preset: dict[str, str]) -> list[str]:
+        environment = {key: value for key, value in os.environ.items()
+                       if key not in ("PYTORCH_CUDA_ALLOC_CONF", "OPENBLAS_NUM_THREADS")}
+        environment.update(preset, PYTHONPATH=str(REPO))
+        finished = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                                  timeout=60, check=True)
+        return json.loads(finished.stdout)
+
+    assert run({}) == ["expandable_segments:True", "1"]
+    assert run({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})[0] == "max_split_size_mb:128"

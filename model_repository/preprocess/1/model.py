@@ -10,9 +10,9 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
         sys.path.insert(0, _path)
 
 # Before numpy, OpenCV and torch load: their thread pools are sized at import.
-from facefuse.process_env import cap_math_threads  # noqa: E402
+from facefuse.process_env import set_process_defaults  # noqa: E402
 
-cap_math_threads()
+set_process_defaults()
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
