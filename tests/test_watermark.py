@@ -215,3 +215,18 @@ def test_parse_watermark_id(text, value):
 def test_parse_watermark_id_rejects(text):
     with pytest.raises(ValueError):
         parse_watermark_id(text)
+
+
+@pytest.mark.parametrize("size", [33, 66, 99, 132, 133])
+def test_tile_rendering_is_the_zero_padded_spectrum(size):
+    """_render's separable form equals the definition: the chips' spectrum zero-padded to size x size and inverse
+    transformed (then unit RMS), to float32 rounding."""
+    chips = np.random.default_rng(size).choice([-1.0, 1.0], size=(wm._N, wm._N))
+    index = wm._BAND % size
+    spectrum = np.zeros((size, size), dtype=complex)
+    spectrum[np.ix_(index, index)] = np.fft.fft2(chips - chips.mean())
+    expected = np.real(np.fft.ifft2(spectrum))
+    expected /= np.sqrt(np.mean(expected**2))
+    rendered = wm._render(chips, size)
+    assert rendered.dtype == np.float32 and rendered.shape == (size, size)
+    assert np.abs(rendered - expected).max() < 1e-5
