@@ -269,12 +269,6 @@ def _area_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
     return _read_only(indices, weights)
 
 
-@functools.lru_cache(maxsize=64)
-def _area_taps_on(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """_area_taps as tensors on ``device``, kept (as _linear_taps_on)."""
-    return tuple(torch.tensor(table, device=device) for table in _area_taps(source, target))
-
-
 def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """cv2.resize(uint8 image, (width, height), interpolation=INTER_AREA) for downscaling, as int32 values 0..255.
 
@@ -292,7 +286,7 @@ def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return torch.round(blocks.to(torch.float32) * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
     values = image.to(torch.float32)
     for dim, (source, target) in ((-1, (source_width, width)), (-2, (source_height, height))):
-        index_t, weight_t = _area_taps_on(source, target, image.device)
+        index_t, weight_t = _taps_on(_area_taps, source, target, image.device)
         total = None
         for k in range(index_t.shape[1]):
             picked = values.index_select(dim, index_t[:, k])
@@ -316,11 +310,12 @@ def _linear_taps(source: int, target: int) -> tuple[np.ndarray, ...]:
     return _read_only(index, np.minimum(index + 1, source - 1), np.float32(1.0) - fraction, fraction)
 
 
-@functools.lru_cache(maxsize=64)
-def _linear_taps_on(source: int, target: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """_linear_taps as tensors on ``device``, kept: uploading them from pageable memory made the host wait for the
-    GPU's queue (8 waits per marked image)."""
-    return tuple(torch.tensor(table, device=device) for table in _linear_taps(source, target))
+@functools.lru_cache(maxsize=128)
+def _taps_on(taps: Callable[[int, int], tuple[np.ndarray, ...]], source: int, target: int,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A taps table (_linear_taps, _area_taps) as tensors on ``device``, kept: uploading them for every image made
+    the host wait for the GPU's queue (8 waits per marked image)."""
+    return tuple(to_device(list(taps(source, target)), device))
 
 
 def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
@@ -456,8 +451,8 @@ def _add_mark(rgb: torch.Tensor, amplitude: torch.Tensor, tile: torch.Tensor, pe
     height, width = rgb.shape[:2]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
-    x0, x1, ax0, ax1 = _linear_taps_on(amplitude.shape[1], width, device)
-    y0, y1, by0, by1 = _linear_taps_on(amplitude.shape[0], height, device)
+    x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[1], width, device)
+    y0, y1, by0, by1 = _taps_on(_linear_taps, amplitude.shape[0], height, device)
     rows = amplitude[:, x0] * ax0 + amplitude[:, x1] * ax1  # (small height, width)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
     pattern = tile.repeat(band // period, -(-width // period))[:, :width]
