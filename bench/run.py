@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.execute_report import report as execute_report
 from bench.gpu_monitor import GpuSampler
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
 from bench.repository import (
@@ -34,6 +35,8 @@ from bench.repository import (
     tuned_repository,
 )
 from bench.stub_profile import StubProfiler, find_py_spy
+from facefuse.execute_log import ENVIRONMENT_VARIABLE as EXECUTE_LOG_VARIABLE
+from facefuse.execute_log import read_records
 from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-stubs", nargs="?", const="busy", default=None, choices=("busy", "wall"),
                         help="py-spy every model stub during each face_fusion level (bench.stub_profile): "
                              "<tag>_face_fusion_c<N>_stubs.txt; 'wall': idle samples inside execute too")
+    parser.add_argument("--execute-log", action="store_true",
+                        help="the stubs time every batch (facefuse/execute_log.py): one report per face_fusion level, "
+                             "<tag>_face_fusion_c<N>_execute.txt (bench/execute_report.py)")
     parser.add_argument("--mps", action="store_true",
                         help="serve under a private CUDA MPS daemon (GPU hosts; facefuse/mps.py)")
     args = parser.parse_args(argv)
@@ -340,9 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     inputs.update(composing_inputs(source, target, work))
     ports = free_ports()
     mps = start_mps(REPO_ROOT / "out" / "mps") if args.mps else None  # MpsUnavailable says why it cannot
+    environment = dict(mps.environment()) if mps else {}
+    execute_folder = work / "execute_log"
+    if args.execute_log:
+        shutil.rmtree(execute_folder, ignore_errors=True)
+        environment[EXECUTE_LOG_VARIABLE] = str(execute_folder)
     try:
         server = start(ports, REPO_ROOT / "out" / "bench-triton.log", model_repository=args.model_repository,
-                       environment=mps.environment() if mps else None)
+                       environment=environment or None)
     except BaseException:
         if mps:
             mps.stop()
@@ -359,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     warmup = max(16, 4 * level) if args.warmup_requests < 0 else args.warmup_requests
                     before = cpu_snapshot(server.pid)
+                    level_started = time.time()
                     gpu = GpuSampler().start()
                     try:
                         figures, console = run_perf(model, inputs[model], level, ports, args.measurement_ms,
@@ -380,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                     figures.update(composing_breakdown(console))
                     # perf_analyzer's own report (composing models' queue and compute times) beside the CSV.
                     (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
+                if args.execute_log and model == "face_fusion":
+                    # The level's warm-up included, as for the CPU figures.
+                    level_ended = time.time()
+                    report = execute_report(read_records(execute_folder, level_started, level_ended),
+                                            level_ended - level_started)
+                    (args.out / f"{tag}_face_fusion_c{level}_execute.txt").write_text(report)
+                    print("[bench]   execute: " + report.strip().replace("\n", "\n[bench]   "), flush=True)
                 if profiler is not None:
                     report = profiler.finish()
                     report += "".join(f"\ncoverage: {line}" for line in profiler.coverage(figures))

@@ -54,6 +54,9 @@ SOFTWARE = f"facefuse {facefuse.__version__}"
 # (height, width) of the photos whose detector shapes are warmed up at load on the GPU: 16:9 and 4:3, landscape and
 # portrait (cameras and phones). Other aspect ratios pay their new shapes once, on first use.
 WARM_UP_PHOTO_SIZES = ((1080, 1920), (1920, 1080), (3024, 4032), (4032, 3024))
+# The stage timings (metadata timings_ms, ms per row) each model writes: preprocess's, then postprocess's (both paths).
+PREPROCESS_STAGES = ("decode", "detect", "align", "mesh", "geometry")
+POSTPROCESS_STAGES = ("paste", "watermark", "encode")
 VERSIONS = {
     "interface": "v1",
     "facefuse": facefuse.__version__,

@@ -18,6 +18,7 @@ set_process_defaults()
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.device_imaging import concat_rows  # noqa: E402
+from facefuse.execute_log import ExecuteLog  # noqa: E402
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
@@ -44,9 +45,11 @@ class TritonPythonModel:
         tensors_on_gpu = choice_parameter(parameters, "tensors_on_gpu", ("auto", "no"))
         self.gpu_tensors = tensors_on_gpu == "auto" and self.runtime.gpu_tensors
         pb_utils.Logger.log_info(f"fusion: tensors in {'GPU' if self.gpu_tensors else 'host'} memory")
+        self.execute_log = ExecuteLog("fusion")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
 
     def execute(self, requests):
-        return guarded(pb_utils, requests, self._execute)
+        with self.execute_log.batch(len(requests)):
+            return guarded(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
         # All requests of the batch go through the network in one call, then are split back.
@@ -70,3 +73,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.runtime = None
+        self.execute_log.close()

@@ -20,10 +20,11 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.device_imaging import host_array, image_to_device  # noqa: E402
 from facefuse.errors import INTERNAL_ERROR, FusionError  # noqa: E402
+from facefuse.execute_log import ExecuteLog, batch_stages  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
-from facefuse.pipeline import finish, unpad_image  # noqa: E402
+from facefuse.pipeline import POSTPROCESS_STAGES, finish, unpad_image  # noqa: E402
 from facefuse.postprocess_torch import FinishRow, finish_torch_batch, warm_up  # noqa: E402
 from facefuse.triton_glue import (  # noqa: E402
     bytes_rows,
@@ -62,8 +63,13 @@ class TritonPythonModel:
             # The first request would otherwise pay for nvJPEG's set-up, torchvision's import and kernel loading.
             pb_utils.Logger.log_info(f"postprocess: warm-up on {device} took {warm_up(self.device):.0f} ms")
         pb_utils.Logger.log_info(f"postprocess: paste, watermark and encode on {device}")
+        self.execute_log = ExecuteLog("postprocess")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
 
     def execute(self, requests):
+        with self.execute_log.batch(len(requests)):
+            return self._execute(requests)
+
+    def _execute(self, requests):
         # Every row of every request in one pass: on the GPU the watermarks and JPEG encodes of the whole batch run
         # together (facefuse.postprocess_torch.finish_torch_batch). Each request answers for itself.
         parsed = [self._rows(request) for request in requests]
@@ -83,6 +89,9 @@ class TritonPythonModel:
             except Exception as error:  # noqa: BLE001 - a fault of the batch as a whole fails each of its requests
                 finished = [error] * len(rows)
         total_ms = round((time.perf_counter() - started) * 1000 / max(1, len(rows)), 2)
+        if self.execute_log.enabled:
+            self.execute_log.note(batch_stages([result[1]["timings_ms"] for result in finished
+                                                if not isinstance(result, Exception)], POSTPROCESS_STAGES))
         responses, position = [], 0
         for item in parsed:
             if isinstance(item, Exception):
@@ -133,4 +142,4 @@ class TritonPythonModel:
             return error
 
     def finalize(self):
-        pass
+        self.execute_log.close()

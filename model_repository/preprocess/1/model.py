@@ -22,14 +22,17 @@ from facefuse.consent import ConsentPolicy  # noqa: E402
 from facefuse.detection import FaceDetector  # noqa: E402
 from facefuse.device_imaging import stack_rows  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
+from facefuse.execute_log import ExecuteLog, batch_stages  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
 from facefuse.hostmem import keep_freed_memory  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
 from facefuse.pipeline import (  # noqa: E402
     MIN_EYE_DISTANCE,
+    PREPROCESS_STAGES,
     SERVICE_DETECTOR_MAX_SIDE,
     FusionRequest,
+    PreparedFusion,
     Preprocessor,
     stack_images,
 )
@@ -90,9 +93,11 @@ class TritonPythonModel:
                                  f"TARGET_RGB and crops as {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
+        self.execute_log = ExecuteLog("preprocess")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
 
     def execute(self, requests):
-        return guarded(pb_utils, requests, self._execute)
+        with self.execute_log.batch(len(requests)):
+            return guarded(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
         rows, row_counts = [], []
@@ -107,6 +112,9 @@ class TritonPythonModel:
             rows.extend(FusionRequest(*row) for row in zip(sources, targets, face_degrees, profile_degrees, options))
         # The whole batch goes through detection together; errors stay with their own request.
         prepared = self.preprocessor.prepare_batch(rows)
+        if self.execute_log.enabled:
+            self.execute_log.note(batch_stages([result.metadata["timings_ms"] for result in prepared
+                                                if isinstance(result, PreparedFusion)], PREPROCESS_STAGES))
         responses, start = [], 0
         for count in row_counts:
             results = prepared[start:start + count]
@@ -127,3 +135,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.preprocessor = None
+        self.execute_log.close()

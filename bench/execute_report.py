@@ -1,0 +1,79 @@
+"""Each model's batches as its stub timed them (facefuse/execute_log.py), over one benchmark level.
+
+    python -m bench.execute_report FOLDER [--since EPOCH_S --until EPOCH_S]
+    python -m bench.run ... --execute-log          # one report per face_fusion level, beside the CSV
+
+Per model: batches, requests per batch, ``execute``'s wall time per batch (mean, p50, p99), the share of the window
+its instances spent inside ``execute`` (busy), and its stages per batch. Set beside perf_analyzer's "compute infer"
+for the same level: compute infer minus execute's wall is what a batch spends between Triton and the stub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from facefuse.execute_log import BatchRecord, read_records
+
+
+def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str, float]]:
+    """Figures per model over ``window_s`` seconds (see the module's docstring); stage keys are ``stage_<name>_ms``."""
+    figures: dict[str, dict[str, float]] = {}
+    for model in sorted({record.model for record in records}):
+        mine = [record for record in records if record.model == model]
+        walls = np.array([record.wall_ms for record in mine])
+        instances = len({record.pid for record in mine})
+        model_figures = {
+            "batches": float(len(mine)),
+            "instances": float(instances),
+            "requests_per_batch": float(np.mean([record.requests for record in mine])),
+            "execute_mean_ms": float(walls.mean()),
+            "execute_p50_ms": float(np.percentile(walls, 50)),
+            "execute_p99_ms": float(np.percentile(walls, 99)),
+            "busy_percent": float(100.0 * walls.sum() / 1000.0 / (window_s * instances)) if window_s > 0 else 0.0,
+        }
+        stages = sorted({stage for record in mine for stage in record.stages})
+        for stage in stages:
+            values = [record.stages[stage] for record in mine if stage in record.stages]
+            model_figures[f"stage_{stage}_ms"] = float(np.mean(values))
+        figures[model] = model_figures
+    return figures
+
+
+def report(records: list[BatchRecord], window_s: float) -> str:
+    """``summarise`` as text, one paragraph per model."""
+    if not records:
+        return "no batches logged (was FACEFUSE_EXECUTE_LOG set for the server?)\n"
+    lines = []
+    for model, values in summarise(records, window_s).items():
+        stages = ", ".join(f"{key[6:-3]} {value:.1f}" for key, value in values.items() if key.startswith("stage_"))
+        lines.append(
+            f"{model}: {values['batches']:.0f} batches on {values['instances']:.0f} instances over {window_s:.1f} s, "
+            f"{values['requests_per_batch']:.1f} requests each; execute {values['execute_mean_ms']:.1f} ms per batch "
+            f"(p50 {values['execute_p50_ms']:.1f}, p99 {values['execute_p99_ms']:.1f}); instances inside execute "
+            f"{values['busy_percent']:.0f} % of the window" + (f"; stages per batch (ms): {stages}" if stages else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--since", type=float, default=None, help="epoch seconds (default: the first batch)")
+    parser.add_argument("--until", type=float, default=None, help="epoch seconds (default: the last batch's end)")
+    args = parser.parse_args(argv)
+    records = read_records(args.folder, args.since if args.since is not None else float("-inf"),
+                           args.until if args.until is not None else float("inf"))
+    if not records:
+        print(report(records, 0.0), end="")
+        return 1
+    since = args.since if args.since is not None else min(record.start for record in records)
+    until = args.until if args.until is not None else max(record.end for record in records)
+    print(report(records, until - since), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

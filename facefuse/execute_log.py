@@ -1,0 +1,104 @@
+"""The wall time of every served batch, when the environment variable FACEFUSE_EXECUTE_LOG names a folder.
+
+perf_analyzer reports each composing model's "compute infer" per batch: Triton's view, which for a Python model
+includes handing the batch to the stub process and back. This is the stub's own view: each instance appends one line
+per ``execute`` call to ``<folder>/<model>-<pid>.tsv`` (wall start and end in seconds since the epoch, the batch's
+requests, and the stage timings the model reports, e.g. preprocess's decode/detect/align per row). bench.run
+(``--execute-log``) turns the lines of each level into a report (bench/execute_report.py): whether a batch's time
+under load is spent inside ``execute`` (our code, stretched by sharing the GPU or the CPU) or around it.
+Off (the default), ``ExecuteLog.batch`` costs one attribute check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ENVIRONMENT_VARIABLE = "FACEFUSE_EXECUTE_LOG"
+
+
+@dataclass
+class BatchRecord:
+    """One ``execute`` call: ``stages`` the model's own stage timings in ms for the whole batch (may be empty)."""
+
+    model: str
+    pid: int
+    start: float
+    end: float
+    requests: int
+    stages: dict[str, float]
+
+    @property
+    def wall_ms(self) -> float:
+        return (self.end - self.start) * 1000.0
+
+
+class ExecuteLog:
+    """Appends one line per batch for ``model`` when FACEFUSE_EXECUTE_LOG (or ``folder``) is set; else does nothing."""
+
+    def __init__(self, model: str, folder: str | Path | None = None) -> None:
+        folder = folder if folder is not None else os.environ.get(ENVIRONMENT_VARIABLE) or None
+        self.model = model
+        self._file = None
+        self._stages: dict[str, float] = {}  # the batch being timed
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            # Line-buffered: a line is whole on disk once written, so a reader mid-run sees whole batches only.
+            self._file = open(Path(folder) / f"{model}-{os.getpid()}.tsv", "a", buffering=1)  # noqa: SIM115
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
+    @contextlib.contextmanager
+    def batch(self, requests: int) -> Iterator[None]:
+        """Times the block as one batch of ``requests``; ``note`` inside it adds stage timings."""
+        if self._file is None:
+            yield
+            return
+        self._stages = {}
+        start = time.time()
+        try:
+            yield
+        finally:
+            end = time.time()
+            stages = json.dumps(self._stages, separators=(",", ":"))
+            self._file.write(f"{start:.6f}\t{end:.6f}\t{requests}\t{stages}\n")
+
+    def note(self, stages: dict[str, float]) -> None:
+        """Stage timings (ms for the whole batch) of the batch being timed."""
+        self._stages.update(stages)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def batch_stages(per_row_timings: list[dict[str, float]], stages: tuple[str, ...]) -> dict[str, float]:
+    """The batch's time (ms) in each of ``stages``, from its rows' ``timings_ms`` metadata, which hold a stage's
+    time per row (the batch's time shared out), summed over the rows."""
+    if not per_row_timings:
+        return {}
+    return {stage: round(sum(float(row[stage]) for row in per_row_timings), 3)
+            for stage in stages if all(stage in row for row in per_row_timings)}
+
+
+def read_records(folder: Path, since: float = float("-inf"), until: float = float("inf")) -> list[BatchRecord]:
+    """Every logged batch that started in [since, until), from all models and processes."""
+    records = []
+    for path in sorted(Path(folder).glob("*-*.tsv")):
+        model, _, pid = path.stem.rpartition("-")
+        for line in path.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) != 4:
+                continue  # a line cut short by a killed process
+            start, end = float(fields[0]), float(fields[1])
+            if since <= start < until:
+                records.append(BatchRecord(model, int(pid), start, end, int(fields[2]), json.loads(fields[3])))
+    return records

@@ -1,0 +1,82 @@
+"""The stubs' own batch timings (facefuse/execute_log.py) and their report (bench/execute_report.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench.execute_report import main as report_main
+from bench.execute_report import summarise
+from facefuse.execute_log import ENVIRONMENT_VARIABLE, BatchRecord, ExecuteLog, batch_stages, read_records
+
+
+def test_off_by_default_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    log = ExecuteLog("preprocess")
+    with log.batch(3):
+        log.note({"detect": 1.0})  # ignored when off
+    assert not log.enabled and list(tmp_path.iterdir()) == []
+
+
+def test_each_batch_is_one_line_with_its_wall_time_requests_and_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(tmp_path / "log"))
+    log = ExecuteLog("postprocess")
+    before = time.time()
+    with log.batch(4):
+        time.sleep(0.02)
+        log.note({"paste": 2.5, "watermark": 7.0})
+    with pytest.raises(ValueError), log.batch(1):  # a batch that fails is still timed, without stages
+        raise ValueError("bad batch")
+    log.close()
+    first, second = read_records(tmp_path / "log")
+    assert (first.model, first.requests, first.stages) == ("postprocess", 4, {"paste": 2.5, "watermark": 7.0})
+    assert before <= first.start and 20.0 <= first.wall_ms < 1000.0
+    assert (second.requests, second.stages) == (1, {})
+    assert read_records(tmp_path / "log", since=second.start) == [second]
+
+
+def test_batch_stages_sum_the_rows_share_of_each_stage():
+    rows = [{"decode": 2.0, "detect": 5.0, "fusion": 1.0}, {"decode": 2.0, "detect": 5.0, "fusion": 1.0}]
+    assert batch_stages(rows, ("decode", "detect", "mesh")) == {"decode": 4.0, "detect": 10.0}
+    assert batch_stages([], ("decode",)) == {}
+
+
+def test_summary_gives_each_models_batches_busy_share_and_stages(tmp_path):
+    records = [BatchRecord("preprocess", 1, 0.0, 0.1, 8, {"detect": 40.0}),
+               BatchRecord("preprocess", 2, 0.0, 0.3, 4, {"detect": 60.0}),
+               BatchRecord("fusion", 3, 0.5, 0.51, 12, {})]
+    figures = summarise(records, window_s=1.0)
+    assert figures["preprocess"]["batches"] == 2 and figures["preprocess"]["instances"] == 2
+    assert figures["preprocess"]["requests_per_batch"] == 6.0
+    assert figures["preprocess"]["execute_mean_ms"] == pytest.approx(200.0)
+    assert figures["preprocess"]["busy_percent"] == pytest.approx(20.0)  # 0.4 s of 2 instances x 1 s
+    assert figures["preprocess"]["stage_detect_ms"] == pytest.approx(50.0)
+    assert figures["fusion"]["busy_percent"] == pytest.approx(1.0)
+
+
+def test_report_command_reads_a_folder(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 1  # nothing logged: says so and fails
+    assert "no batches logged" in capsys.readouterr().out
+    log = ExecuteLog("fusion", folder=tmp_path)
+    with log.batch(2):
+        pass
+    log.close()
+    assert report_main([str(tmp_path)]) == 0
+    assert "fusion: 1 batches on 1 instances" in capsys.readouterr().out
+
+
+@pytest.mark.live
+def test_bench_run_reports_every_served_models_batches(tmp_path):
+    """The real server, perf_analyzer at concurrency 1 on the ensemble: each of the three stubs logged its batches,
+    preprocess and postprocess with their stages."""
+    from bench.run import main
+
+    assert main(["--models", "face_fusion", "--concurrency", "1", "--measurement-ms", "1000", "--skip-baseline",
+                 "--distinct-pairs", "2", "--warmup-requests", "4", "--execute-log", "--out", str(tmp_path),
+                 "--machine", "test"]) == 0
+    (path,) = tmp_path.glob("*_test_face_fusion_c1_execute.txt")
+    text = path.read_text()
+    for model in ("preprocess", "fusion", "postprocess"):
+        assert f"\n{model}: " in "\n" + text
+    assert "detect " in text and "watermark " in text
