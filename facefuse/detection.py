@@ -423,7 +423,7 @@ class _TensorPyramid:
     scales: list[tuple[float, float]]
     for_pnet: list[bool]
     images: list[int] = field(default_factory=lambda: [0])
-    _flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    _flat: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None
 
     def add(self, size: tuple[int, int], for_pnet: bool) -> None:
         h, w = self.levels[0].shape[2:]
@@ -434,47 +434,49 @@ class _TensorPyramid:
         self.scales.append((size[0] / w, size[1] / h))
         self.for_pnet.append(for_pnet)
 
-    def _flattened(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every level as one (3, pixels) buffer, with each level's start, height and width (made once, reused by
-        R-Net and O-Net)."""
+    def _flattened(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Every level as one (3, pixels) buffer on the device, with each level's start in it and its (h, w) on the
+        host (made once, reused by R-Net and O-Net)."""
         if self._flat is None:
-            device = self.levels[0].device
             parts = [level.transpose(0, 1).reshape(3, -1) for level in self.levels]
-            starts = np.cumsum([0] + [part.shape[1] for part in parts[:-1]])
+            starts = np.cumsum([0] + [part.shape[1] for part in parts[:-1]]).astype(np.int64)
             sizes = np.array([level.shape[2:] for level in self.levels], dtype=np.int64)  # (levels, 2): h, w
-            starts_t, sizes_t = to_device([starts.astype(np.int64), sizes], device)
-            self._flat = (torch.cat(parts, dim=1), starts_t, sizes_t[:, 0], sizes_t[:, 1])
+            self._flat = (torch.cat(parts, dim=1), starts, sizes)
         return self._flat
 
     def crops(self, boxes: np.ndarray, batch_index: np.ndarray, size: int) -> torch.Tensor:
         """(N,3,size,size) float crops (0..255, black outside the image) of ``boxes`` in the images at
         ``batch_index``; same geometry and sampling as ``_Pyramid.crops`` (and as ``grid_sample``, bilinear, zero
-        padding, pixel centres), written as a gather so that crops of any image and level go in one launch."""
+        padding, pixel centres), written as a gather so that crops of any image and level go in one launch.
+
+        A crop is separable (each crop row samples the same two level rows, each column the same two columns), so
+        the host works out each crop's two source rows and columns and their weights per axis, (N, 2, size) small
+        tables in one upload; the device does one gather of the 2 x 2 taps and one weighted sum (a handful of
+        kernels, not the dozens of a per-tap loop: the host's launches, not the GPU, bound this step)."""
         level, matrices = _crop_plan(boxes, self.scales, size)
-        flat, starts, heights, widths = self._flattened()
-        device = flat.device
-        level_t, image_t, m = to_device([level.astype(np.int64), np.asarray(batch_index, dtype=np.int64),
-                                         matrices.astype(np.float64)], device)  # one upload, one wait
-        height, width = heights[level_t][:, None], widths[level_t][:, None]  # (n, 1)
-        base = starts[level_t][:, None] + image_t[:, None] * height * width
-        centres = torch.arange(size, device=device, dtype=torch.float64)
-        # Crop pixel centre i maps back to level pixel (i - t) / a (the inverse of _crop_plan's matrix).
-        px = ((centres[None, :] - m[:, 0, 2:3]) / m[:, 0, 0:1]).float()  # (n, size)
-        py = ((centres[None, :] - m[:, 1, 2:3]) / m[:, 1, 1:2]).float()
-        x0, y0 = px.floor(), py.floor()
-        fx, fy = px - x0, py - y0
-        x0, y0 = x0.long(), y0.long()
-        out = torch.zeros((3, len(level), size, size), device=device)
-        for dy, wy in ((0, 1.0 - fy), (1, fy)):
-            yi = y0 + dy
-            wy = wy * ((yi >= 0) & (yi < height))  # outside the image: zero, as grid_sample's zero padding
-            row = base + torch.minimum(torch.maximum(yi, torch.zeros_like(yi)), height - 1) * width  # (n, size)
-            for dx, wx in ((0, 1.0 - fx), (1, fx)):
-                xi = x0 + dx
-                wx = wx * ((xi >= 0) & (xi < width))
-                col = torch.minimum(torch.maximum(xi, torch.zeros_like(xi)), width - 1)
-                out += flat[:, row[:, :, None] + col[:, None, :]] * (wy[:, :, None] * wx[:, None, :])
-        return out.transpose(0, 1)
+        flat, starts, sizes = self._flattened()
+        height, width = sizes[level, 0][:, None, None], sizes[level, 1][:, None, None]  # (n, 1, 1)
+        base = starts[level][:, None, None] + np.asarray(batch_index, dtype=np.int64)[:, None, None] * height * width
+        centres = np.arange(size, dtype=np.float64)
+        taps = np.arange(2)[None, :, None]  # (1, 2, 1): the lower and the upper neighbour
+
+        def axis(row: int, extent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # Crop pixel centre i maps back to level pixel (i - t) / a (the inverse of _crop_plan's matrix).
+            position = ((centres[None, :] - matrices[:, row, 2:3]) / matrices[:, row, row:row + 1]).astype(np.float32)
+            low = np.floor(position)
+            fraction = position - low
+            index = low.astype(np.int64)[:, None, :] + taps  # (n, 2, size)
+            weight = np.stack([np.float32(1.0) - fraction, fraction], axis=1)
+            weight *= (index >= 0) & (index < extent)  # outside the image: zero, as grid_sample's zero padding
+            return np.clip(index, 0, extent - 1), weight
+
+        rows, row_weights = axis(1, height)
+        columns, column_weights = axis(0, width)
+        rows, columns, row_weights, column_weights = to_device(
+            [base + rows * width, columns, row_weights, column_weights], flat.device)  # one upload, one wait
+        index = rows[:, :, :, None, None] + columns[:, None, None, :, :]  # (n, 2, size, 2, size)
+        weight = row_weights[:, :, :, None, None] * column_weights[:, None, None, :, :]
+        return (flat[:, index] * weight).sum(dim=(2, 4)).transpose(0, 1)  # (3, n, size, size) -> (n, 3, ...)
 
 
 def _check_rgb(rgb: np.ndarray | torch.Tensor) -> None:
