@@ -203,15 +203,17 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     # folding the coordinate into [0, size - 1] (period 2 * (size - 1)) and sampling there.
     folded = (last - (torch.remainder(source, 2.0 * last) - last).abs()).float()
     low = folded.floor()
-    weight = folded - low
+    weight = folded - low  # (N, S*S, 2): the upper neighbour's weight along x and y
     low = low.long()
     high = torch.minimum(low + 1, last.long())  # at the last pixel centre the weight of the next one is 0
-    channels = torch.arange(3, device=device)
-    crops = torch.zeros((count, crop_size * crop_size, 3), device=device)
-    for y, wy in ((low[..., 1], 1.0 - weight[..., 1]), (high[..., 1], weight[..., 1])):
-        for x, wx in ((low[..., 0], 1.0 - weight[..., 0]), (high[..., 0], weight[..., 0])):
-            index = (base + y * row_bytes + x * 3)[..., None] + channels
-            crops += flat[index].float() * (wy * wx)[..., None]
+    # The 2 x 2 taps of every crop pixel in one gather and one weighted sum (a loop over the taps launched ~40
+    # small kernels; on the GPU the host's launches, not the arithmetic, bound this step).
+    neighbours = torch.stack([low, high], -1)  # (N, P, axis x/y, lower/upper)
+    weights = torch.stack([1.0 - weight, weight], -1)
+    xs, ys, wx, wy = neighbours[..., 0, :], neighbours[..., 1, :], weights[..., 0, :], weights[..., 1, :]
+    pixel = (base[..., None] + ys * row_bytes[..., None])[..., :, None] + (xs * 3)[..., None, :]  # (N, P, 2, 2)
+    taps = flat[pixel[..., None] + torch.arange(3, device=device)].float()  # (N, P, 2, 2, 3)
+    crops = (taps * (wy[..., :, None] * wx[..., None, :])[..., None]).sum(dim=(2, 3))
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
