@@ -4,8 +4,10 @@
     python -m bench.run ... --execute-log          # one report per face_fusion level, beside the CSV
 
 Per model: batches, requests per batch, ``execute``'s wall time per batch (mean, p50, p99), the share of the window
-its instances spent inside ``execute`` (busy), and its stages per batch. Set beside perf_analyzer's "compute infer"
-for the same level: compute infer minus execute's wall is what a batch spends between Triton and the stub.
+its instances spent inside ``execute`` (busy), the time between one batch's end and the same instance's next start
+(p50: under full load, a batch's cost outside ``execute``), and its stages per batch. Set beside perf_analyzer's
+"compute infer" for the same level: compute infer minus execute's wall is what a batch spends between Triton and the
+stub. The window is the whole level (perf_analyzer's warm-up and the ramps included), so the busy share reads low.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str
             "execute_p99_ms": float(np.percentile(walls, 99)),
             "busy_percent": float(100.0 * walls.sum() / 1000.0 / (window_s * instances)) if window_s > 0 else 0.0,
         }
+        # Between one batch's end and the same instance's next start: under full load (requests queued) what a
+        # batch costs outside execute (Triton handing inputs and outputs to and from the stub); idle time otherwise.
+        gaps = []
+        for pid in {record.pid for record in mine}:
+            ordered = sorted((record for record in mine if record.pid == pid), key=lambda record: record.start)
+            gaps += [(later.start - earlier.end) * 1000.0 for earlier, later in zip(ordered, ordered[1:])]
+        model_figures["gap_p50_ms"] = float(np.percentile(gaps, 50)) if gaps else float("nan")
         stages = sorted({stage for record in mine for stage in record.stages})
         for stage in stages:
             values = [record.stages[stage] for record in mine if stage in record.stages]
@@ -54,7 +63,8 @@ def report(records: list[BatchRecord], window_s: float) -> str:
             f"{model}: {values['batches']:.0f} batches on {values['instances']:.0f} instances over {window_s:.1f} s, "
             f"{values['requests_per_batch']:.1f} requests each; execute {values['execute_mean_ms']:.1f} ms per batch "
             f"(p50 {values['execute_p50_ms']:.1f}, p99 {values['execute_p99_ms']:.1f}); instances inside execute "
-            f"{values['busy_percent']:.0f} % of the window" + (f"; stages per batch (ms): {stages}" if stages else ""))
+            f"{values['busy_percent']:.0f} % of the window; between an instance's batches "
+            f"{values['gap_p50_ms']:.1f} ms (p50)" + (f"; stages per batch (ms): {stages}" if stages else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -45,13 +45,15 @@ def test_batch_stages_sum_the_rows_share_of_each_stage():
 def test_summary_gives_each_models_batches_busy_share_and_stages(tmp_path):
     records = [BatchRecord("preprocess", 1, 0.0, 0.1, 8, {"detect": 40.0}),
                BatchRecord("preprocess", 2, 0.0, 0.3, 4, {"detect": 60.0}),
+               BatchRecord("preprocess", 2, 0.32, 0.42, 4, {}),  # 20 ms after the same instance's last batch
                BatchRecord("fusion", 3, 0.5, 0.51, 12, {})]
     figures = summarise(records, window_s=1.0)
-    assert figures["preprocess"]["batches"] == 2 and figures["preprocess"]["instances"] == 2
-    assert figures["preprocess"]["requests_per_batch"] == 6.0
-    assert figures["preprocess"]["execute_mean_ms"] == pytest.approx(200.0)
-    assert figures["preprocess"]["busy_percent"] == pytest.approx(20.0)  # 0.4 s of 2 instances x 1 s
-    assert figures["preprocess"]["stage_detect_ms"] == pytest.approx(50.0)
+    assert figures["preprocess"]["batches"] == 3 and figures["preprocess"]["instances"] == 2
+    assert figures["preprocess"]["requests_per_batch"] == pytest.approx(16 / 3)
+    assert figures["preprocess"]["execute_mean_ms"] == pytest.approx(500 / 3)
+    assert figures["preprocess"]["busy_percent"] == pytest.approx(25.0)  # 0.5 s of 2 instances x 1 s
+    assert figures["preprocess"]["gap_p50_ms"] == pytest.approx(20.0)
+    assert figures["preprocess"]["stage_detect_ms"] == pytest.approx(50.0)  # over the batches that report it
     assert figures["fusion"]["busy_percent"] == pytest.approx(1.0)
 
 
