@@ -116,19 +116,24 @@ _UPLOAD_ALIGNMENT = 16  # bytes: every dtype's view of the shared buffer starts 
 
 
 def to_device(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
-    """Small host arrays (any dtypes and shapes) as tensors on ``device`` through one copy: a copy from pageable
-    memory makes the host wait for the GPU's queue, so three tables uploaded apart cost three waits, together one.
-    The tensors are views of one device buffer; numpy's dtypes map to torch's (int64 -> int64, float64 -> float64)."""
+    """Small host arrays (any dtypes and shapes) as tensors on ``device`` through one copy. To a GPU the copy goes
+    from page-locked memory without waiting: a copy from pageable memory makes the host wait until the GPU's queue
+    has run (under load, behind every kernel queued before it), so the host could not queue the next kernels
+    meanwhile. The tensors are views of one device buffer; numpy's dtypes map to torch's (int64 -> int64, float64
+    -> float64)."""
+    device = torch.device(device)
     shapes = [np.shape(array) for array in arrays]
     arrays = [np.ascontiguousarray(array) for array in arrays]
     offsets, total = [], 0
     for array in arrays:
         offsets.append(total)
         total += -(-array.nbytes // _UPLOAD_ALIGNMENT) * _UPLOAD_ALIGNMENT
-    packed = np.zeros(max(total, 1), dtype=np.uint8)
+    # torch's page-locked blocks are cached, and one is reused only after the copies that read it have run.
+    staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    packed = staging.numpy()
     for array, offset in zip(arrays, offsets, strict=True):
         packed[offset:offset + array.nbytes] = array.reshape(-1).view(np.uint8)
-    uploaded = torch.from_numpy(packed).to(device)
+    uploaded = staging.to(device, non_blocking=device.type == "cuda")
     return [uploaded[offset:offset + array.nbytes].view(torch.from_numpy(np.empty(0, array.dtype)).dtype)
             .reshape(shape) for array, offset, shape in zip(arrays, offsets, shapes, strict=True)]
 
@@ -150,6 +155,53 @@ def concat_rows(batches: list[np.ndarray | torch.Tensor],
     if device is None:
         return np.concatenate([host_array(batch) for batch in batches])
     return torch.cat([torch.as_tensor(batch).to(device) for batch in batches])
+
+
+# cv2.warpAffine: source positions in 10-bit fixed point (AB_BITS), rounded to 1/32 px (INTER_BITS) for the
+# bilinear weight tables.
+_AB_BITS = 10
+_INTER_BITS = 5
+
+
+def cv2_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse cv2.warpAffine computes from a forward matrix, with its operations in its order (float64)."""
+    m = np.asarray(matrix, dtype=np.float64).ravel().tolist()
+    det = m[0] * m[4] - m[1] * m[3]
+    det = 1.0 / det if det != 0 else 0.0
+    a11, a22 = m[4] * det, m[0] * det
+    m[0], m[1], m[3], m[4] = a11, m[1] * -det, m[3] * -det, a22
+    b1 = -m[0] * m[2] - m[1] * m[5]
+    b2 = -m[3] * m[2] - m[4] * m[5]
+    m[2], m[5] = b1, b2
+    return np.array(m, dtype=np.float64).reshape(2, 3)
+
+
+def cv2_warp_grid(inverse: np.ndarray, width: int, height: int, size: int, device: torch.device) -> torch.Tensor:
+    """grid_sample grid (1, height, width, 2) sampling a size x size source where cv2.warpAffine does with the
+    output -> source matrix ``inverse`` (``cv2_inverse`` of a forward matrix, or the matrix given with
+    WARP_INVERSE_MAP).
+
+    cv2 maps each output pixel through the inverse matrix in fixed point, X = (round((m1*y + m2) * 2^10) + 16
+    + round(m0*x * 2^10)) >> 5, i.e. the source position to the nearest 1/32 px, and interpolates bilinearly
+    there; pixel centres are at integer positions. Only the per-row and per-column terms are computed here; the
+    per-pixel sum is on the device. With align_corners=False grid_sample's pixel u is at (2u + 1) / size - 1;
+    u = X / 32 makes that (X + 16) / (16 * size) - 1, exact in float32 for a power-of-two size.
+    """
+    m = np.asarray(inverse, dtype=np.float64)
+    scale = float(1 << _AB_BITS)
+    round_delta = 1 << (_AB_BITS - _INTER_BITS - 1)
+    xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
+    columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
+    rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
+    rows = rows.astype(np.int64) + round_delta
+    columns_t, rows_t = to_device([columns, rows], device)  # one upload
+    shift = _AB_BITS - _INTER_BITS
+    half = 1 << (_INTER_BITS - 1)
+    denominator = float(size << (_INTER_BITS - 1))
+    gx = ((rows_t[0, :, None] + columns_t[0, None, :]) >> shift) + half
+    gy = ((rows_t[1, :, None] + columns_t[1, None, :]) >> shift) + half
+    grid = torch.stack([gx.to(torch.float32) / denominator - 1.0, gy.to(torch.float32) / denominator - 1.0], dim=-1)
+    return grid[None]
 
 
 def crops_to_network(crops: torch.Tensor) -> torch.Tensor:
@@ -217,5 +269,5 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
-__all__ = ["crops_to_network", "decode_on_device", "host_array", "image_to_device", "nvjpeg_decoder", "orient",
-           "to_device", "to_host", "warp_crops_of_images", "warp_to_crops"]
+__all__ = ["crops_to_network", "cv2_inverse", "cv2_warp_grid", "decode_on_device", "host_array", "image_to_device",
+           "nvjpeg_decoder", "orient", "to_device", "to_host", "warp_crops_of_images", "warp_to_crops"]

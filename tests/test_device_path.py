@@ -17,6 +17,7 @@ from facefuse.detection import FaceDetector
 from facefuse.device_imaging import (
     crops_to_network,
     decode_on_device,
+    host_array,
     image_to_device,
     nvjpeg_decoder,
     orient,
@@ -263,7 +264,7 @@ def test_preprocessor_device_path_matches_host_path(host_detector, device_detect
 def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
     """outputs_on_device (preprocess's TARGET_RGB and network crops in GPU memory, handed over through DLPack): the
     targets and the network's crops stay tensors on the detector's device, the same values as the host copies; the
-    uint8 crops (the face mesh's input) still come to the host."""
+    uint8 crops (the face mesh's input) stay there on either setting."""
     source, target = benchmark_pair()
     rows = [FusionRequest(source, target, 100.0, 50.0, b"{}"), FusionRequest(target, source, 80.0, 20.0, b"{}")]
     mesh = FaceMesh()
@@ -272,10 +273,11 @@ def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
     for a, b in zip(host, kept):
         assert isinstance(b.target_rgb, torch.Tensor) and b.target_rgb.device == device_detector.device
         np.testing.assert_array_equal(b.target_rgb.cpu().numpy(), a.target_rgb)
-        assert isinstance(b.source_crop, np.ndarray)
-        np.testing.assert_array_equal(b.source_crop, a.source_crop)
-        np.testing.assert_array_equal(b.target_crop, a.target_crop)
-        for name, crop in (("SOURCE_CROP", b.source_crop), ("TARGET_CROP", b.target_crop)):  # made on the device
+        for crop in (a.source_crop, a.target_crop, b.source_crop, b.target_crop):  # the mesh's input, not copied down
+            assert isinstance(crop, torch.Tensor) and crop.device == device_detector.device
+        np.testing.assert_array_equal(host_array(b.source_crop), host_array(a.source_crop))
+        np.testing.assert_array_equal(host_array(b.target_crop), host_array(a.target_crop))
+        for name, crop in (("SOURCE_CROP", host_array(b.source_crop)), ("TARGET_CROP", host_array(b.target_crop))):
             assert isinstance(b.network_inputs[name], torch.Tensor)
             assert b.network_inputs[name].device == device_detector.device
             np.testing.assert_array_equal(b.network_inputs[name].cpu().numpy(), crop_to_tensor(crop))

@@ -11,6 +11,7 @@ from build.face_mesh_parity import run_tflite, sample_faces, tflite_interpreter
 from facefuse.alignment import TEMPLATE
 from facefuse.face_mesh import (
     FACE_OVAL,
+    INPUT_SIZE,
     LEFT_EYE,
     LEFT_EYEBROW,
     LIPS_INNER,
@@ -189,3 +190,21 @@ def test_onnx_runtime_on_the_cpu_gives_the_pytorch_nets_landmarks(face_mesh, cro
     assert np.abs(presence - torch_presence).max() < 1e-4
     with pytest.raises(ValueError, match="runtime must be one of"):
         FaceMesh(runtime="tflite")
+
+
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_crops_as_tensors_are_prepared_on_their_device_like_opencv(face_mesh, crops, results, runtime):
+    """The GPU path hands the mesh its crops as device tensors: the ROI warp runs there (grid_sample at OpenCV's
+    1/32-px positions) instead of cv2 on the host; within a grey level of cv2's patches, the same landmarks."""
+    mesh = face_mesh if runtime == "auto" else FaceMesh(runtime="torch")
+    patches, _ = mesh.prepare(crops)
+    on_device = mesh.prepare_tensor(torch.from_numpy(crops))
+    assert on_device.shape == (len(crops), 3, INPUT_SIZE, INPUT_SIZE) and on_device.dtype == torch.float32
+    levels = (on_device * 255.0).round().to(torch.int16).permute(0, 2, 3, 1).numpy()
+    difference = np.abs(levels - patches.astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02
+    points, presence = mesh.landmarks_and_presence(torch.from_numpy(crops))
+    assert np.abs(points - results[0]).max() < 0.1  # crop pixels (seen: 0.04)
+    assert np.abs(presence - results[1]).max() < 1e-3
+    with pytest.raises(ValueError, match="uint8"):
+        mesh.landmarks_and_presence(torch.from_numpy(crops).float())
