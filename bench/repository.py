@@ -45,6 +45,15 @@ def gpu_config_cpu_threads(repository: Path = MODEL_REPOSITORY) -> dict[str, int
     return threads
 
 
+def gpu_config_queue_delays(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
+    """The batching delay (max_queue_delay_microseconds) of every GPU model in its GPU config: with
+    gpu_config_counts, what `bench.run --instances gpu` serves."""
+    from deploy.multi_gpu import GPU_MODELS, load_config, source_config_path
+
+    return {model: int(load_config(source_config_path(model, repository)).dynamic_batching.max_queue_delay_microseconds)
+            for model in GPU_MODELS}
+
+
 def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:
     """["preprocess.detector_max_side=1280"] -> {"preprocess": {"detector_max_side": "1280"}}."""
     values: dict[str, dict[str, str]] = {}

@@ -30,6 +30,7 @@ from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, writ
 from bench.repository import (
     gpu_config_counts,
     gpu_config_cpu_threads,
+    gpu_config_queue_delays,
     parse_assignments,
     parse_parameters,
     tuned_repository,
@@ -322,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
                  else parse_assignments(args.instances))
-    delays = parse_assignments(args.queue_delay_us)
+    # `--instances gpu` serves the GPU configs' batching delays too, unless --queue-delay-us says otherwise.
+    delays = {**(gpu_config_queue_delays(args.model_repository) if args.instances == "gpu" else {}),
+              **parse_assignments(args.queue_delay_us)}
     # `--instances gpu` serves the GPU configs' threads too, unless --cpu-threads says otherwise.
     threads = {**(gpu_config_cpu_threads(args.model_repository) if args.instances == "gpu" else {}),
                **parse_assignments(args.cpu_threads)}

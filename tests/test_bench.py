@@ -97,19 +97,22 @@ def test_gpu_instance_counts_are_the_gpu_configs_counts():
     assert counts["preprocess"] > 2  # the measured choice (README Benchmarks), above config.pbtxt's two for a CPU
 
 
-def test_gpu_sweep_serves_the_gpu_configs_counts_and_threads(tmp_path):
-    """`--instances gpu` starts from config.pbtxt (the CPU host's threads) and must still serve each GPU config's
-    instance count and `cpu_threads`: the copy it serves matches configs/gpu.pbtxt in both."""
-    from bench.repository import gpu_config_counts, gpu_config_cpu_threads, tuned_repository
+def test_gpu_sweep_serves_the_gpu_configs_counts_threads_and_delays(tmp_path):
+    """`--instances gpu` starts from config.pbtxt (the CPU host's threads and delays) and must still serve each GPU
+    config's instance count, `cpu_threads` and batching delay: the copy it serves matches configs/gpu.pbtxt."""
+    from bench.repository import gpu_config_counts, gpu_config_cpu_threads, gpu_config_queue_delays, tuned_repository
     from deploy.multi_gpu import load_config
     from tests.test_multi_gpu import source_config
 
-    threads = gpu_config_cpu_threads()
+    threads, delays = gpu_config_cpu_threads(), gpu_config_queue_delays()
     assert threads.get("preprocess") == 2  # differs from config.pbtxt's 1: the case this guards
-    served = tuned_repository(tmp_path / "repo", gpu_config_counts(), {}, cpu_threads=threads)
+    assert delays["preprocess"] == 0  # differs from config.pbtxt's 2000
+    served = tuned_repository(tmp_path / "repo", gpu_config_counts(), delays, cpu_threads=threads)
     for model in ("preprocess", "fusion", "postprocess"):
         config, expected = load_config(served / model / "config.pbtxt"), source_config(model)
         assert sum(g.count for g in config.instance_group) == sum(g.count for g in expected.instance_group), model
+        assert (config.dynamic_batching.max_queue_delay_microseconds
+                == expected.dynamic_batching.max_queue_delay_microseconds), model
         if "cpu_threads" in expected.parameters:
             assert config.parameters["cpu_threads"] == expected.parameters["cpu_threads"], model
 

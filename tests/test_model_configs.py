@@ -120,14 +120,16 @@ def test_instance_device_resolves_auto_and_keeps_explicit_choices():
 
 
 @pytest.mark.parametrize("model", ["preprocess", "postprocess"])
-def test_gpu_copies_of_python_models_differ_only_in_instances_threads_and_consent(model):
+def test_gpu_copies_of_python_models_differ_only_in_instances_threads_delay_and_consent(model):
     """configs/gpu.pbtxt replaces config.pbtxt whole under --model-config-name=gpu (docker compose): a full copy with
-    its own instance count and threads per instance (each measured on its kind of host: the H200, the 2-core CPU)
-    and, for preprocess, consent required (tests/test_consent.py)."""
+    its own instance count, threads per instance and batching delay (each measured on its kind of host: the H100 /
+    H200, the 2-core CPU) and, for preprocess, consent required (tests/test_consent.py)."""
     local, gpu = load(REPOSITORY / model / "config.pbtxt"), load(REPOSITORY / model / "configs" / "gpu.pbtxt")
     assert sum(group.count for group in gpu.instance_group) > sum(group.count for group in local.instance_group)
+    assert gpu.dynamic_batching.max_queue_delay_microseconds == 0  # measured: no delay on the GPU
     for config in (local, gpu):
         config.ClearField("instance_group")
+        config.dynamic_batching.ClearField("max_queue_delay_microseconds")
         config.parameters.pop("consent", None)
         config.parameters.pop("cpu_threads", None)
     assert text_format.MessageToString(gpu) == text_format.MessageToString(local)
