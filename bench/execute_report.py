@@ -7,7 +7,7 @@ Per model: batches, requests per batch, ``execute``'s wall time per batch (mean,
 its instances spent inside ``execute`` (busy), the time between one batch's end and the same instance's next start
 (p50: under full load, a batch's cost outside ``execute``), and its stages per batch. Set beside perf_analyzer's
 "compute infer" for the same level: compute infer minus execute's wall is what a batch spends between Triton and the
-stub. The window is the whole level (perf_analyzer's warm-up and the ramps included), so the busy share reads low.
+stub. bench.run reads the span of perf_analyzer's last three measurement windows (the ones it reports).
 """
 
 from __future__ import annotations

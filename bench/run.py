@@ -396,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
                     # perf_analyzer's own report (composing models' queue and compute times) beside the CSV.
                     (args.out / f"{tag}_face_fusion_c{level}_perf_analyzer.txt").write_text(console)
                 if args.execute_log and model == "face_fusion":
-                    # The level's warm-up included, as for the CPU figures.
+                    # perf_analyzer reports its last three windows (stable by then): the batches of about that span
+                    # (its warm-up and ramps would mix small batches of a half-loaded server in).
                     level_ended = time.time()
-                    report = execute_report(read_records(execute_folder, level_started, level_ended),
-                                            level_ended - level_started)
+                    since = max(level_started, level_ended - 3 * args.measurement_ms / 1000.0 - 0.5)
+                    report = execute_report(read_records(execute_folder, since, level_ended - 0.5),
+                                            level_ended - 0.5 - since)
                     (args.out / f"{tag}_face_fusion_c{level}_execute.txt").write_text(report)
                     print("[bench]   execute: " + report.strip().replace("\n", "\n[bench]   "), flush=True)
                 if profiler is not None:

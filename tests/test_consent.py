@@ -120,13 +120,14 @@ def test_local_config_has_consent_off_and_no_blocklist():
 
 def test_docker_config_is_the_local_one_with_consent_required():
     """docker compose starts Triton with --model-config-name=gpu, so preprocess/configs/gpu.pbtxt replaces
-    config.pbtxt whole: it must be a full copy, differing only in `consent`, its instance count and its threads per
-    instance."""
+    config.pbtxt whole: it must be a full copy, differing only in `consent`, its instance count, its threads per
+    instance and its batching delay."""
     local, gpu = load(PREPROCESS / "config.pbtxt"), load(PREPROCESS / "configs" / "gpu.pbtxt")
     assert gpu.parameters["consent"].string_value == "required"
     ConsentPolicy.parse(gpu.parameters["consent"].string_value)
     del local.parameters["consent"], gpu.parameters["consent"]
     del local.parameters["cpu_threads"], gpu.parameters["cpu_threads"]
-    local.ClearField("instance_group")
-    gpu.ClearField("instance_group")
+    for config in (local, gpu):
+        config.ClearField("instance_group")
+        config.dynamic_batching.ClearField("max_queue_delay_microseconds")
     assert text_format.MessageToString(gpu) == text_format.MessageToString(local)
