@@ -116,24 +116,21 @@ _UPLOAD_ALIGNMENT = 16  # bytes: every dtype's view of the shared buffer starts 
 
 
 def to_device(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
-    """Small host arrays (any dtypes and shapes) as tensors on ``device`` through one copy. To a GPU the copy goes
-    from page-locked memory without waiting: a copy from pageable memory makes the host wait until the GPU's queue
-    has run (under load, behind every kernel queued before it), so the host could not queue the next kernels
-    meanwhile. The tensors are views of one device buffer; numpy's dtypes map to torch's (int64 -> int64, float64
-    -> float64)."""
-    device = torch.device(device)
+    """Small host arrays (any dtypes and shapes) as tensors on ``device`` through one copy: a copy from pageable
+    memory makes the host wait for the GPU's queue, so three tables uploaded apart cost three waits, together one.
+    The tensors are views of one device buffer; numpy's dtypes map to torch's (int64 -> int64, float64 -> float64).
+    Page-locked staging without the wait was measured twice and was slower both times (H100: one buffer per tensor,
+    session 9; one per call, session 12: postprocess 6.77 vs 5.47 ms per row, bench/RESULTS.md)."""
     shapes = [np.shape(array) for array in arrays]
     arrays = [np.ascontiguousarray(array) for array in arrays]
     offsets, total = [], 0
     for array in arrays:
         offsets.append(total)
         total += -(-array.nbytes // _UPLOAD_ALIGNMENT) * _UPLOAD_ALIGNMENT
-    # torch's page-locked blocks are cached, and one is reused only after the copies that read it have run.
-    staging = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    packed = staging.numpy()
+    packed = np.zeros(max(total, 1), dtype=np.uint8)
     for array, offset in zip(arrays, offsets, strict=True):
         packed[offset:offset + array.nbytes] = array.reshape(-1).view(np.uint8)
-    uploaded = staging.to(device, non_blocking=device.type == "cuda")
+    uploaded = torch.from_numpy(packed).to(device)
     return [uploaded[offset:offset + array.nbytes].view(torch.from_numpy(np.empty(0, array.dtype)).dtype)
             .reshape(shape) for array, offset, shape in zip(arrays, offsets, shapes, strict=True)]
 
