@@ -119,8 +119,9 @@ def to_device(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[
     """Small host arrays (any dtypes and shapes) as tensors on ``device`` through one copy: a copy from pageable
     memory makes the host wait for the GPU's queue, so three tables uploaded apart cost three waits, together one.
     The tensors are views of one device buffer; numpy's dtypes map to torch's (int64 -> int64, float64 -> float64).
-    Page-locked staging without the wait was measured twice and was slower both times (H100: one buffer per tensor,
-    session 9; one per call, session 12: postprocess 6.77 vs 5.47 ms per row, bench/RESULTS.md)."""
+    Page-locked staging without the wait halves the waits but has not shown a clear gain: one buffer per tensor was
+    slower (H100, session 9); one per call measured 6.77 vs 5.47 ms per postprocess row on one H100 and 6.40 vs 8.79
+    on another (session 12, bench/RESULTS.md): within the noise of in-process timings, so not adopted."""
     shapes = [np.shape(array) for array in arrays]
     arrays = [np.ascontiguousarray(array) for array in arrays]
     offsets, total = [], 0
