@@ -6,10 +6,18 @@
 # ensemble (bench.run, extra arguments passed on, e.g. --mps --instances preprocess=6,postprocess=6 --models
 # face_fusion --concurrency 1,16,64,128 --skip-baseline for README's latest figures; `--instances gpu` reads the
 # configs with tritonclient's protobufs, which the lent GPU host lacks), then a per-model timeline at c=128
-# (bench.stall_probe, one instance each, no MPS). Results go to ${OUT:-bench/results}.
+# (bench.stall_probe, one instance each, no MPS). Results go to bench/results, or under the device tool (OUT set)
+# into one archive, $OUT/results.tgz, written however the run ends: the tool brings back at most 8 files, and a
+# sweep writes more (session 12 lost its CSV, summary and profiles that way). Unpack it into bench/results here.
 set -euo pipefail
 source bench/device_env.sh
-RESULTS="${OUT:-bench/results}"
+if [ -n "${OUT:-}" ]; then
+  RESULTS=/tmp/device-results
+  rm -rf "$RESULTS"
+  trap 'tar -czf "$OUT/results.tgz" -C "$RESULTS" . && echo "[device] results: $OUT/results.tgz"' EXIT
+else
+  RESULTS=bench/results
+fi
 mkdir -p "$RESULTS"
 python3 -m bench.network --out "$RESULTS"
 {
