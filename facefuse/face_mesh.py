@@ -336,15 +336,12 @@ class FaceMesh:
 
     def infer(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw network outputs for prepared inputs: (B,192,192,3) uint8 -> ((B,468,3) 192-px units, (B,) logits)."""
-        if self.session is not None and len(patches):
-            x = patches.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)  # the model's [0, 1] range
-            mesh, logit = self.session.run(None, {"x": np.ascontiguousarray(x)})
-            return mesh, logit[:, 0]
         batch = torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
         return self._forward(batch.permute(0, 3, 1, 2).float() / 255.0)  # the model's [0, 1] input range
 
     def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Raw network outputs for (B,3,192,192) float inputs in [0, 1] on this mesh's device."""
+        """Raw network outputs for (B,3,192,192) float inputs in [0, 1] on this mesh's device: ONNX Runtime's session
+        where there is one (the CPU), else the net (a CUDA graph per batch bucket on the GPU)."""
         if self.session is not None and len(x):
             mesh, logit = self.session.run(None, {"x": np.ascontiguousarray(x.cpu().numpy())})
             return mesh, logit[:, 0]
