@@ -36,19 +36,41 @@ def _anchor_centres() -> np.ndarray:
 def weighted_nms(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
     """MediaPipe's WEIGHTED non-max suppression over rows (x1, y1, x2, y2, score, keypoints...): each kept row is
     the score-weighted mean of the rows overlapping the best remaining one by IoU > threshold, with its score."""
+    return weighted_nms_grouped(rows, np.zeros(len(rows), dtype=np.int64), threshold)[0]
+
+
+def weighted_nms_grouped(rows: np.ndarray, groups: np.ndarray, threshold: float = 0.3,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``weighted_nms`` of each group's rows (e.g. one group per photo), every group at once: (kept rows, their
+    groups), by group, best first within each: the rows MediaPipe's one-row-at-a-time loop keeps per group, their
+    means equal to float64 rounding. One step merges every group's best remaining row, so the steps number the most
+    rows one group keeps (not all groups' together), and each step's means are one segmented sum."""
     width = rows.shape[1]
-    rows = rows[np.argsort(-rows[:, 4], kind="stable")]
-    kept = []
-    while len(rows):
-        areas = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
-        overlap = box_overlap(rows[0, :4], areas[0], rows[:, :4], areas, "union") > threshold
-        overlap[0] = True
-        group = rows[overlap]
-        merged = (group * group[:, 4:5]).sum(axis=0) / group[:, 4].sum()
-        merged[4] = group[0, 4]
+    order = np.lexsort((-rows[:, 4], groups))  # by group, then score (stable: ties keep their input order)
+    rows, groups = rows[order], np.asarray(groups)[order]
+    areas = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
+    remaining = np.arange(len(rows))
+    kept, kept_groups = [], []
+    while len(remaining):
+        remaining_groups = groups[remaining]
+        firsts = np.flatnonzero(np.r_[True, remaining_groups[1:] != remaining_groups[:-1]])
+        best = remaining[np.repeat(firsts, np.diff(np.r_[firsts, len(remaining)]))]  # each row's group leader
+        overlap = box_overlap(rows[best, :4], areas[best], rows[remaining, :4], areas[remaining], "union") > threshold
+        overlap[firsts] = True
+        members = remaining[overlap]  # by group, each group's leader first
+        member_rows = rows[members]
+        weights = member_rows[:, 4:5]
+        starts = np.searchsorted(groups[members], groups[remaining[firsts]])
+        merged = np.add.reduceat(member_rows * weights, starts, axis=0) / np.add.reduceat(weights, starts, axis=0)
+        merged[:, 4] = rows[remaining[firsts], 4]
         kept.append(merged)
-        rows = rows[~overlap]
-    return np.array(kept, dtype=np.float64).reshape(-1, width)
+        kept_groups.append(groups[remaining[firsts]])
+        remaining = remaining[~overlap]
+    if not kept:
+        return np.zeros((0, width)), np.zeros(0, dtype=np.int64)
+    kept_rows, kept_groups = np.concatenate(kept), np.concatenate(kept_groups)
+    order = np.argsort(kept_groups, kind="stable")  # each step added one row per group: regroup, order kept
+    return kept_rows[order], kept_groups[order]
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,17 +171,15 @@ class BlazeFace:
         points = raw[:, 4:4 + 2 * KEYPOINTS].reshape(-1, KEYPOINTS, 2) + anchors[:, None, :]
         every = np.concatenate([centre - half, centre + half, scores[:, None], points.reshape(-1, 2 * KEYPOINTS)],
                                axis=1)
-        results = []
-        for number, (scale, pad_x, pad_y) in enumerate(geometry):
-            rows = weighted_nms(every[image_ids == number])
-            # letterbox [0, 1] -> photo pixels
-            xy = rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]]
-            xy = xy * INPUT_SIZE
-            xy[:, 0::2] = (xy[:, 0::2] - pad_x) / scale
-            xy[:, 1::2] = (xy[:, 1::2] - pad_y) / scale
-            rows[:, [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]] = xy
-            results.append(rows)
-        return results
+        rows, numbers = weighted_nms_grouped(every, image_ids)
+        # letterbox [0, 1] -> photo pixels, each row by its photo's letterbox
+        scale, pad_x, pad_y = (np.asarray(column, np.float64)[numbers, None] for column in zip(*geometry))
+        coordinates = [0, 1, 2, 3, *range(5, 5 + 2 * KEYPOINTS)]
+        xy = rows[:, coordinates] * INPUT_SIZE
+        xy[:, 0::2] = (xy[:, 0::2] - pad_x) / scale
+        xy[:, 1::2] = (xy[:, 1::2] - pad_y) / scale
+        rows[:, coordinates] = xy
+        return np.split(rows, np.searchsorted(numbers, np.arange(1, len(geometry))))
 
 
 def _letterbox_geometry(height: int, width: int) -> tuple[float, tuple[int, int], int, int]:

@@ -33,6 +33,8 @@ BORDER_ANCHORS = np.array([[x, 0.0] for x in _BORDER_STEPS] + [[CROP_SIZE - 1.0,
 CONTROL_COUNT = len(CONTROL_INDICES) + ANCHOR_COUNT + len(BORDER_ANCHORS)
 OUTLINE_POINTS = len(FACE_OVAL)
 TPS_REGULARISATION = 1e-3
+# How the GPU path solves its TPS systems (``_fit_tps_torch``): "lu" or "cholesky"; bench.profile_tps times both.
+TPS_DEVICE_METHOD = "lu"
 
 
 def tps_kernel(distance_squared: Any) -> Any:
@@ -49,28 +51,59 @@ def fit_tps(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS
 
 
 def fit_tps_batch(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS_REGULARISATION,
-                  device: str | None = None) -> np.ndarray:
+                  device: str | None = None, method: str | None = None) -> np.ndarray:
     """``fit_tps`` for a batch: (B,K,2) centres and (B,K,D) values -> (B,K+3,D), one batched solve; on a CUDA
-    ``device`` the systems are built and solved there (float64 too: the same result to ~1e-12)."""
+    ``device`` the systems are built and solved there (float64 too: the same result to ~1e-12), by ``method``
+    (``_fit_tps_torch``; default TPS_DEVICE_METHOD)."""
     points = np.asarray(centres, np.float64) * (1.0 / CROP_SIZE)
     values = np.asarray(values, np.float64)
     if device is None or not str(device).startswith("cuda"):
         return np.linalg.solve(*_tps_system(points, values, regularisation, np.zeros))
-    return _fit_tps_torch(points, values, regularisation, device)
+    return _fit_tps_torch(points, values, regularisation, device, method or TPS_DEVICE_METHOD)
 
 
-def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float, device: str) -> np.ndarray:
-    """The same systems built and solved with torch on ``device`` (unit-scaled points)."""
+def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float, device: str,
+                   method: str = "lu") -> np.ndarray:
+    """The same systems built and solved with torch on ``device`` (unit-scaled points): one upload, one download.
+    ``method`` "lu": the whole saddle-point system by LU; "cholesky": the spline's kernel part on the polynomials'
+    null space by Cholesky (``_solve_projected``). Errors (a singular system) are read with the result: the
+    ``linalg`` calls that check them on the spot make the host wait for the GPU."""
     import torch
 
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=device)
 
-    from facefuse.device_imaging import to_device
+    from facefuse.device_imaging import to_device, to_host
 
-    points_t, values_t = to_device([points, values], device)  # one upload, one wait
+    points_t, values_t = to_device([points, values], device)
     system, rhs = _tps_system(points_t, values_t, regularisation, zeros)
-    return torch.linalg.solve(system, rhs).cpu().numpy()
+    if method == "cholesky":
+        solution, info = _solve_projected(system, rhs, points.shape[1])
+    else:
+        solution, info = torch.linalg.solve_ex(system, rhs)
+    solution, info = to_host([solution, info])
+    if np.any(info != 0):
+        raise np.linalg.LinAlgError(f"a thin-plate spline system could not be solved ({method}, info {info.tolist()})")
+    return solution
+
+
+def _solve_projected(system: Any, rhs: Any, count: int) -> tuple[Any, Any]:
+    """The TPS saddle-point system [[A, P], [P^T, 0]] [w; a] = [y; 0] (A = kernel + regularisation, (B,K,K); P =
+    [1, x, y]) solved through an SPD matrix: with H = P (P^T P)^-1 P^T the projector onto P's columns and N = I - H,
+    M = N A N + H is positive definite (A is on P's null space, where w lives; H is the identity on P's range), and
+    M w = N y gives w, then a = (P^T P)^-1 P^T (y - A w). One batched Cholesky instead of a pivoting LU of the
+    larger indefinite system. Returns ([w; a] (B,K+3,D), Cholesky's info (B,))."""
+    import torch
+
+    kernel, polynomial, values = system[:, :count, :count], system[:, :count, count:], rhs[:, :count]
+    gram_inverse = torch.linalg.inv_ex(polynomial.transpose(1, 2) @ polynomial)[0]  # (B,3,3), well conditioned
+    projector = polynomial @ gram_inverse @ polynomial.transpose(1, 2)  # H
+    kernel_projected = kernel - kernel @ projector  # A N
+    matrix = kernel_projected - projector @ kernel_projected + projector  # N A N + H
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    weights = torch.cholesky_solve(values - projector @ values, factor)
+    affine = gram_inverse @ (polynomial.transpose(1, 2) @ (values - kernel @ weights))
+    return torch.cat([weights, affine], dim=1), info
 
 
 def _tps_system(points: Any, values: Any, regularisation: float, zeros: Callable[[tuple[int, ...]], Any]) -> tuple:

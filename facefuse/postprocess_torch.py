@@ -528,23 +528,21 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
                        label_position: str = DEFAULT_POSITION) -> list[tuple[bytes, dict[str, Any]] | Exception]:
     """``finish_torch`` for a batch: paste and label per row, then the watermarks of all rows and the JPEG encodes
     of all rows together (``embed_watermarks_torch``, ``encode_jpegs_torch``). A row that fails (e.g. a crop of the
-    wrong shape) gets its exception in its place; the others go on. Watermark and encode timings are the batch's
-    time divided by its rows."""
+    wrong shape) gets its exception in its place; the others go on. Paste, watermark and encode timings are the
+    batch's time divided by its rows."""
     results: list[tuple[bytes, dict[str, Any]] | Exception | None] = [None] * len(rows)
     pasted: dict[int, tuple[torch.Tensor, FusionOptions]] = {}
+    started = time.perf_counter()
     for position, row in enumerate(rows):
         try:
             _check_image(row.target)
-            device = row.target.device
             options = row.options.with_watermark_id()
-            started = time.perf_counter()
             fused = paste_back_torch(row.target, row.fused_crop, row.blend_mask, row.target_matrix)
-            row.metadata.setdefault("timings_ms", {})["paste"] = _elapsed_ms(started, device)
             if options.visible_label:  # only the label's box makes the round trip to the host (cv2 draws it)
                 layout = label_layout(int(fused.shape[1]), int(fused.shape[0]), label_text, label_position)
                 x1, y1, x2, y2 = layout.box
                 fused[y1:y2, x1:x2] = torch.from_numpy(
-                    label_box(fused[y1:y2, x1:x2].cpu().numpy(), layout, label_text)).to(device)
+                    label_box(fused[y1:y2, x1:x2].cpu().numpy(), layout, label_text)).to(fused.device)
             pasted[position] = (fused, options)
         except Exception as error:  # noqa: BLE001 - the row's own failure, reported in its place
             results[position] = error
@@ -552,6 +550,9 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
         return results  # type: ignore[return-value]
     order = sorted(pasted)
     devices = {pasted[p][0].device for p in order}
+    # Like the watermark's and the encode's, the batch's time per row: timing each paste would make the host wait
+    # for the GPU once per row.
+    paste_ms = _batch_ms(started, devices, len(order))
     started = time.perf_counter()
     marked = embed_watermarks_torch([pasted[p][0] for p in order],
                                     [parse_watermark_id(pasted[p][1].watermark_id) for p in order])
@@ -571,7 +572,8 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
     encode_ms = _batch_ms(started, devices, len(order))
     for p, image in zip(order, marked):
         options, metadata = pasted[p][1], rows[p].metadata
-        metadata["timings_ms"].update({"watermark": watermark_ms, "encode": encode_ms})
+        timings = {"paste": paste_ms, "watermark": watermark_ms, "encode": encode_ms}
+        metadata.setdefault("timings_ms", {}).update(timings)
         metadata.update({
             "watermark_id": options.watermark_id,
             "visible_label": options.visible_label,
@@ -630,7 +632,10 @@ def benchmark_rows(count: int, device: torch.device, width: int = 1920, height: 
     of the photo on ``device`` (a JPEG at quality 92): the model's warm-up and bench's profiles."""
     image, crop, mask, matrix = _benchmark_inputs(width, height)
     options = FusionOptions(format="jpeg", quality=92)
-    return [FinishRow(image_to_device(image, device), crop, mask, matrix, options, {}) for _ in range(count)]
+    # Crop and mask on the device, as the served model gets them (fusion's outputs, preprocess's mask).
+    crop_on_device, mask_on_device = torch.from_numpy(crop).to(device), torch.from_numpy(mask).to(device)
+    return [FinishRow(image_to_device(image, device), crop_on_device, mask_on_device, matrix, options, {})
+            for _ in range(count)]
 
 
 def benchmark(width: int = 1920, height: int = 1080, repeats: int = 10, fmt: str = "jpeg",

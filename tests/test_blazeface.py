@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from facefuse.blazeface import BlazeFace, weighted_nms
-from facefuse.detection import FaceDetector
+from facefuse.blazeface import BlazeFace, weighted_nms, weighted_nms_grouped
+from facefuse.detection import FaceDetector, box_overlap
 from facefuse.samples import sample_image_path
 from facefuse.tflite_graph import _same_padding
 
@@ -45,6 +45,42 @@ def test_weighted_nms_merges_overlaps_by_score_and_keeps_the_rest():
     np.testing.assert_allclose(merged[0, :4], [0.25, 0.25, 10.25, 10.25])  # (0.9 * 0 + 0.3 * 1) / 1.2
     assert merged[0, 4] == 0.9 and merged[0, 5] == pytest.approx(1.0)
     np.testing.assert_allclose(merged[1], rows[2])
+
+
+def _weighted_nms_one_by_one(rows: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """MediaPipe's weighted NMS as it reads: the best remaining row, the rows overlapping it, their weighted mean."""
+    rows = rows[np.argsort(-rows[:, 4], kind="stable")]
+    kept = []
+    while len(rows):
+        areas = (rows[:, 2] - rows[:, 0]) * (rows[:, 3] - rows[:, 1])
+        overlap = box_overlap(rows[0, :4], areas[0], rows[:, :4], areas, "union") > threshold
+        overlap[0] = True
+        group = rows[overlap]
+        merged = (group * group[:, 4:5]).sum(axis=0) / group[:, 4].sum()
+        merged[4] = group[0, 4]
+        kept.append(merged)
+        rows = rows[~overlap]
+    return np.array(kept).reshape(-1, 17)
+
+
+def test_weighted_nms_of_many_photos_at_once_is_each_photos_own():
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 7, 400)
+    groups[groups == 5] = 6  # a photo with no rows
+    centres = rng.uniform(0, 1, (400, 2)) * [[1.0, 0.2]] + groups[:, None] * 0.01  # crowded: chains of overlaps
+    sizes = rng.uniform(0.02, 0.1, (400, 1))
+    scores = rng.uniform(0.15, 1.0, (400, 1)).round(2)  # ties: input order decides
+    rows = np.hstack([centres - sizes / 2, centres + sizes / 2, scores, rng.uniform(0, 1, (400, 12))])
+    kept, kept_groups = weighted_nms_grouped(rows, groups)
+    assert np.all(np.diff(kept_groups) >= 0)
+    for group in range(8):
+        expected = _weighted_nms_one_by_one(rows[groups == group])
+        assert expected.shape == kept[kept_groups == group].shape
+        np.testing.assert_allclose(kept[kept_groups == group], expected, rtol=1e-12, atol=1e-15)
+    assert len(expected := weighted_nms(rows[groups == 0])) > 3  # the one-photo form: the same rows
+    np.testing.assert_allclose(expected, kept[kept_groups == 0], rtol=1e-12, atol=1e-15)
+    empty, empty_groups = weighted_nms_grouped(np.zeros((0, 17)), np.zeros(0, dtype=np.int64))
+    assert empty.shape == (0, 17) and empty_groups.shape == (0,)
 
 
 def test_blazeface_finds_the_group_photos_faces(cascade_faces):

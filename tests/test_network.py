@@ -67,16 +67,24 @@ def test_batched_geometry_equals_one_row_at_a_time():
     assert not np.allclose(batch["FUSED_MESH"][0], batch["FUSED_MESH"][3])  # the degree matters per row
 
 
+@pytest.mark.parametrize("method", ["lu", "cholesky"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (runs on the GPU host)"))])
-def test_tps_solve_in_torch_equals_numpy(device):
-    # The GPU path builds and solves the systems with torch (on the CPU device too).
+def test_tps_solve_in_torch_equals_numpy(device, method):
+    # The GPU path builds and solves the systems with torch (on the CPU device too); "cholesky" solves the kernel
+    # part on the polynomials' null space instead of the whole indefinite system.
     rng = np.random.default_rng(5)
     centres = rng.uniform(10, 246, size=(3, 60, 2))
+    centres[2, 30:] = centres[2, :30] + 1e-3  # near-duplicate points: the regularisation keeps the system solvable
     values = rng.uniform(0, 256, size=(3, 60, 4))
     expected = fit_tps_batch(centres, values)
-    got = geometry_module._fit_tps_torch(centres / CROP_SIZE, values, geometry_module.TPS_REGULARISATION, device)
+    got = geometry_module._fit_tps_torch(centres / CROP_SIZE, values, geometry_module.TPS_REGULARISATION, device,
+                                         method)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    collinear = np.stack([np.linspace(10, 246, 60), np.full(60, 128.0)], axis=1)[None]
+    with pytest.raises(np.linalg.LinAlgError, match="could not be solved"):  # no affine part fits a line's points
+        geometry_module._fit_tps_torch(collinear / CROP_SIZE, values[:1], geometry_module.TPS_REGULARISATION,
+                                       device, method)
 
 
 def test_synthetic_warp_lands_where_expected(network):
