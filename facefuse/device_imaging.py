@@ -177,13 +177,21 @@ def cv2_inverse(matrix: np.ndarray) -> np.ndarray:
 def cv2_warp_grid(inverse: np.ndarray, width: int, height: int, size: int, device: torch.device) -> torch.Tensor:
     """grid_sample grid (1, height, width, 2) sampling a size x size source where cv2.warpAffine does with the
     output -> source matrix ``inverse`` (``cv2_inverse`` of a forward matrix, or the matrix given with
-    WARP_INVERSE_MAP).
+    WARP_INVERSE_MAP): ``cv2_warp_tables`` uploaded (one wait for the GPU), then ``cv2_grid_of_tables``.
+    """
+    columns, rows = to_device(list(cv2_warp_tables(inverse, width, height)), device)
+    return cv2_grid_of_tables(columns, rows, size)
+
+
+def cv2_warp_tables(inverse: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-column and per-row terms of cv2.warpAffine's fixed-point source positions for a width x height
+    output and the output -> source matrix ``inverse``: (2, width) and (2, height) int64 host arrays (x terms, then
+    y terms). Several warps' tables can go up in one copy.
 
     cv2 maps each output pixel through the inverse matrix in fixed point, X = (round((m1*y + m2) * 2^10) + 16
     + round(m0*x * 2^10)) >> 5, i.e. the source position to the nearest 1/32 px, and interpolates bilinearly
     there; pixel centres are at integer positions. Only the per-row and per-column terms are computed here; the
-    per-pixel sum is on the device. With align_corners=False grid_sample's pixel u is at (2u + 1) / size - 1;
-    u = X / 32 makes that (X + 16) / (16 * size) - 1, exact in float32 for a power-of-two size.
+    per-pixel sum is on the device (``cv2_grid_of_tables``).
     """
     m = np.asarray(inverse, dtype=np.float64)
     scale = float(1 << _AB_BITS)
@@ -191,13 +199,18 @@ def cv2_warp_grid(inverse: np.ndarray, width: int, height: int, size: int, devic
     xs, ys = np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64)
     columns = np.stack([np.rint(m[0, 0] * xs * scale), np.rint(m[1, 0] * xs * scale)]).astype(np.int64)
     rows = np.stack([np.rint((m[0, 1] * ys + m[0, 2]) * scale), np.rint((m[1, 1] * ys + m[1, 2]) * scale)])
-    rows = rows.astype(np.int64) + round_delta
-    columns_t, rows_t = to_device([columns, rows], device)  # one upload
+    return columns, rows.astype(np.int64) + round_delta
+
+
+def cv2_grid_of_tables(columns: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """The (1, height, width, 2) grid_sample grid of ``cv2_warp_tables`` (on the device) over a size x size source.
+    With align_corners=False grid_sample's pixel u is at (2u + 1) / size - 1; u = X / 32 makes that
+    (X + 16) / (16 * size) - 1, exact in float32 for a power-of-two size."""
     shift = _AB_BITS - _INTER_BITS
     half = 1 << (_INTER_BITS - 1)
     denominator = float(size << (_INTER_BITS - 1))
-    gx = ((rows_t[0, :, None] + columns_t[0, None, :]) >> shift) + half
-    gy = ((rows_t[1, :, None] + columns_t[1, None, :]) >> shift) + half
+    gx = ((rows[0, :, None] + columns[0, None, :]) >> shift) + half
+    gy = ((rows[1, :, None] + columns[1, None, :]) >> shift) + half
     grid = torch.stack([gx.to(torch.float32) / denominator - 1.0, gy.to(torch.float32) / denominator - 1.0], dim=-1)
     return grid[None]
 
@@ -267,5 +280,6 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
-__all__ = ["crops_to_network", "cv2_inverse", "cv2_warp_grid", "decode_on_device", "host_array", "image_to_device",
-           "nvjpeg_decoder", "orient", "to_device", "to_host", "warp_crops_of_images", "warp_to_crops"]
+__all__ = ["crops_to_network", "cv2_grid_of_tables", "cv2_inverse", "cv2_warp_grid", "cv2_warp_tables",
+           "decode_on_device", "host_array", "image_to_device", "nvjpeg_decoder", "orient", "to_device", "to_host",
+           "warp_crops_of_images", "warp_to_crops"]

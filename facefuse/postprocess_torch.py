@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from facefuse.alignment import invert_affine
-from facefuse.device_imaging import cv2_inverse, cv2_warp_grid, image_to_device, to_device, to_host
+from facefuse.device_imaging import (
+    cv2_grid_of_tables,
+    cv2_inverse,
+    cv2_warp_tables,
+    image_to_device,
+    to_device,
+    to_host,
+)
 from facefuse.imaging import encode_image, insert_jpeg_xmp
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, label_box, label_layout
 from facefuse.options import FusionOptions
@@ -66,7 +73,8 @@ from facefuse.watermark import (
 )
 
 __all__ = ["FinishRow", "benchmark", "embed_watermark_torch", "embed_watermarks_torch", "encode_jpeg_torch",
-           "encode_jpegs_torch", "finish_torch", "finish_torch_batch", "jpeg_encoder_for", "paste_back_torch"]
+           "encode_jpegs_torch", "finish_torch", "finish_torch_batch", "jpeg_encoder_for", "paste_back_rows_torch",
+           "paste_back_torch"]
 
 # cv2.cvtColor(RGB2GRAY) on 8-bit: BT.601 weights in 15-bit fixed point, rounded (exact over all 2^24 colours).
 _GRAY_WEIGHTS = (9798, 19235, 3735)
@@ -104,21 +112,61 @@ def paste_back_torch(target: torch.Tensor, fused_crop: torch.Tensor | np.ndarray
     ``target_matrix`` (2x3) maps image pixels to crop pixels. Crop and mask may be numpy arrays or tensors on any
     device; they are moved to target's. Returns a new tensor; ``target`` is not modified.
     """
-    _check_image(target)
-    device = target.device
-    height, width = target.shape[:2]
-    crop = torch.as_tensor(fused_crop, device=device).to(torch.float32)
-    size = int(crop.shape[-1])
-    if crop.shape != (3, size, size):
-        raise ValueError(f"expected the fused crop as (3, S, S), got {tuple(crop.shape)}")
-    mask = torch.as_tensor(blend_mask, device=device).to(torch.float32).reshape(1, 1, size, size)
-    box = crop_footprint(target_matrix, size, width, height)
-    if box is None:
-        return target.clone()
+    result = paste_back_rows_torch([(target, fused_crop, blend_mask, target_matrix)])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+_PasteRow = tuple[torch.Tensor, torch.Tensor | np.ndarray, torch.Tensor | np.ndarray, np.ndarray]
+
+
+def paste_back_rows_torch(rows: Sequence[_PasteRow]) -> list[torch.Tensor | Exception]:
+    """``paste_back_torch`` of several (target, fused crop, blend mask, target matrix) rows, a row's failure in its
+    place: every row's warp tables (host arithmetic) go up in one copy per device, so the host waits for the GPU
+    once per batch, not once per row behind the pastes already queued."""
+    results: list[torch.Tensor | Exception | None] = [None] * len(rows)
+    planned = []  # (position, crop, mask, box, tables)
+    for position, (target, fused_crop, blend_mask, target_matrix) in enumerate(rows):
+        try:
+            _check_image(target)
+            device = target.device
+            height, width = target.shape[:2]
+            crop = torch.as_tensor(fused_crop, device=device).to(torch.float32)
+            size = int(crop.shape[-1])
+            if crop.shape != (3, size, size):
+                raise ValueError(f"expected the fused crop as (3, S, S), got {tuple(crop.shape)}")
+            mask = torch.as_tensor(blend_mask, device=device).to(torch.float32).reshape(1, 1, size, size)
+            box = crop_footprint(target_matrix, size, width, height)
+            if box is None:
+                results[position] = target.clone()
+                continue
+            x1, y1, x2, y2 = box
+            shifted = invert_affine(target_matrix)  # crop -> image: the forward matrix paste_back gives warpAffine
+            shifted[:, 2] -= (x1, y1)
+            planned.append((position, crop, mask, box, cv2_warp_tables(cv2_inverse(shifted), x2 - x1, y2 - y1)))
+        except Exception as error:  # noqa: BLE001 - the row's own failure, reported in its place
+            results[position] = error
+    by_device: dict[torch.device, list[int]] = {}
+    for slot, (position, *_) in enumerate(planned):
+        by_device.setdefault(rows[position][0].device, []).append(slot)
+    for device, slots in by_device.items():
+        uploaded = to_device([table for slot in slots for table in planned[slot][4]], device)
+        for index, slot in enumerate(slots):
+            position, crop, mask, box, _ = planned[slot]
+            try:
+                grid = cv2_grid_of_tables(uploaded[2 * index], uploaded[2 * index + 1], int(crop.shape[-1]))
+                results[position] = _blend_warped(rows[position][0], crop, mask, box, grid)
+            except Exception as error:  # noqa: BLE001
+                results[position] = error
+    return results  # type: ignore[return-value]
+
+
+def _blend_warped(target: torch.Tensor, crop: torch.Tensor, mask: torch.Tensor, box: tuple[int, int, int, int],
+                  grid: torch.Tensor) -> torch.Tensor:
+    """A copy of target with the crop (3,S,S float in [0,1]) and its mask (1,1,S,S) sampled through ``grid`` into
+    ``box`` and blended there."""
     x1, y1, x2, y2 = box
-    shifted = invert_affine(target_matrix)  # crop -> image: the forward matrix paste_back gives cv2.warpAffine
-    shifted[:, 2] -= (x1, y1)
-    grid = cv2_warp_grid(cv2_inverse(shifted), x2 - x1, y2 - y1, size, device)
     pixels = torch.clamp(crop * 255.0, 0.0, 255.0)[None]  # alignment.tensor_to_crop, channels first
     fused = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     weight = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
@@ -533,11 +581,12 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
     results: list[tuple[bytes, dict[str, Any]] | Exception | None] = [None] * len(rows)
     pasted: dict[int, tuple[torch.Tensor, FusionOptions]] = {}
     started = time.perf_counter()
-    for position, row in enumerate(rows):
+    pastes = paste_back_rows_torch([(row.target, row.fused_crop, row.blend_mask, row.target_matrix) for row in rows])
+    for position, (row, fused) in enumerate(zip(rows, pastes)):
         try:
-            _check_image(row.target)
+            if isinstance(fused, Exception):
+                raise fused
             options = row.options.with_watermark_id()
-            fused = paste_back_torch(row.target, row.fused_crop, row.blend_mask, row.target_matrix)
             if options.visible_label:  # only the label's box makes the round trip to the host (cv2 draws it)
                 layout = label_layout(int(fused.shape[1]), int(fused.shape[0]), label_text, label_position)
                 x1, y1, x2, y2 = layout.box

@@ -165,6 +165,24 @@ def test_paste_back_outside_the_image_is_a_copy(generated):
     assert torch.equal(out, target) and out.data_ptr() != target.data_ptr()
 
 
+def test_paste_back_of_rows_equals_one_at_a_time_and_keeps_failures_in_place(photo, generated):
+    # One upload of every row's warp tables (paste_back_rows_torch); a bad row and a row off the image keep their
+    # places, the others paste exactly as alone.
+    cases = [(photo, _similarity((610.0, 380.0), 300.0, 17.0)), (generated, _similarity((250.0, 160.0), 120.3, 33.0)),
+             (generated, _similarity((-500.0, -500.0), 200.0, 0.0)), (photo, _similarity((640.0, 450.0), 700.0, -8.0))]
+    rows = []
+    for seed, (image, matrix) in enumerate(cases):
+        crop, mask = _crop_and_mask(image, matrix, seed=seed)
+        rows.append((torch.from_numpy(image), torch.from_numpy(crop), torch.from_numpy(mask), matrix))
+    bad = (rows[0][0], rows[0][1][:, :100], rows[0][2], rows[0][3])  # a crop of the wrong shape
+    results = pt.paste_back_rows_torch([rows[0], bad, rows[1], rows[2], rows[3]])
+    assert isinstance(results[1], ValueError) and "(3, S, S)" in str(results[1])
+    for row, result in zip(rows, [results[0], results[2], results[3], results[4]]):
+        assert torch.equal(result, pt.paste_back_torch(*row))
+    assert torch.equal(results[3], rows[2][0])  # off the image: an unchanged copy
+    assert not torch.equal(results[0], rows[0][0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Watermark.
 
