@@ -83,8 +83,9 @@ _GRAY_SHIFT = 15
 _BLUR_FRACTION_BITS = 8
 # Same-size images whose watermark analysis runs as one batch: bounds its int32 temporaries (~0.5 GB at 1080p).
 _IMAGES_PER_PASS = 8
-# Rows per band of the watermark add: bounds the float temporaries (~4 M px) whatever the image size.
-_BAND_PIXELS = 1 << 22
+# Pixels per band of the watermark add (over the images added together): bounds the float temporaries (~16 M px,
+# ~200 MB) whatever the image size; 8 1080p images go in one band.
+_BAND_PIXELS = 1 << 24
 
 
 def _elapsed_ms(started: float, device: torch.device) -> float:
@@ -442,33 +443,56 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
         by_device.setdefault(images[position].device, []).append(slot)
     for device, slots in by_device.items():
         uploaded = to_device([tables[2 * slot + k] for slot in slots for k in (0, 1)], device)
+        # Same-size rows get their marks added together (a dozen full-resolution steps per batch, not per row).
+        by_shape: dict[tuple, list[int]] = {}
         for index, slot in enumerate(slots):
             position, period = pending[slot]
-            marked[position] = _add_mark(images[position], uploaded[2 * index], uploaded[2 * index + 1], period)
+            by_shape.setdefault((tuple(images[position].shape), period, tuple(uploaded[2 * index].shape)),
+                                []).append(index)
+        for (_, period, _), indices in by_shape.items():
+            positions = [pending[slots[index]][0] for index in indices]
+            for start in range(0, len(indices), _IMAGES_PER_PASS):
+                part = slice(start, start + _IMAGES_PER_PASS)
+                outs = _add_marks([images[p] for p in positions[part]],
+                                  [uploaded[2 * index] for index in indices[part]],
+                                  [uploaded[2 * index + 1] for index in indices[part]], period)
+                for position, out in zip(positions[part], outs):
+                    marked[position] = out
     return marked  # type: ignore[return-value]
 
 
 def _add_mark(rgb: torch.Tensor, amplitude: torch.Tensor, tile: torch.Tensor, period: int) -> torch.Tensor:
     """rgb plus the tile scaled by the amplitude map (upsampled to full size), as cv2.add does it; amplitude map
     and tile are float32 tensors on rgb's device."""
-    device = rgb.device
-    height, width = rgb.shape[:2]
+    return _add_marks([rgb], [amplitude], [tile], period)[0]
+
+
+def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles: list[torch.Tensor],
+               period: int) -> list[torch.Tensor]:
+    """``_add_mark`` for same-size images (and amplitude maps, tiles of one period) in one pass: each step is one
+    launch for all of them; the arithmetic per pixel is the same."""
+    device = images[0].device
+    height, width = images[0].shape[:2]
+    amplitude = torch.stack(amplitudes) if len(amplitudes) > 1 else amplitudes[0][None]  # (B, small h, small w)
+    tile = torch.stack(tiles) if len(tiles) > 1 else tiles[0][None]
+    rgb = torch.stack(images) if len(images) > 1 else images[0][None]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
-    x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[1], width, device)
-    y0, y1, by0, by1 = _taps_on(_linear_taps, amplitude.shape[0], height, device)
-    rows = amplitude[:, x0] * ax0 + amplitude[:, x1] * ax1  # (small height, width)
-    band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width)))  # whole tile rows
-    pattern = tile.repeat(band // period, -(-width // period))[:, :width]
+    x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[2], width, device)
+    y0, y1, by0, by1 = _taps_on(_linear_taps, amplitude.shape[1], height, device)
+    rows = amplitude[:, :, x0] * ax0 + amplitude[:, :, x1] * ax1  # (B, small height, width)
+    count = len(images)
+    band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width * count)))  # whole tile rows
+    pattern = tile.repeat(1, band // period, -(-width // period))[:, :, :width]
     out = torch.empty_like(rgb)
     for top in range(0, height, band):
         bottom = min(height, top + band)
-        full = (rows.index_select(0, y0[top:bottom]) * by0[top:bottom, None]
-                + rows.index_select(0, y1[top:bottom]) * by1[top:bottom, None])
+        full = (rows.index_select(1, y0[top:bottom]) * by0[top:bottom, None]
+                + rows.index_select(1, y1[top:bottom]) * by1[top:bottom, None])
         # cv2.add(uint8, float32, dtype=CV_8U) rounds the delta (half to even), then adds and saturates.
-        delta = torch.round(full * pattern[: bottom - top]).clamp_(-256, 256).to(torch.int16)
-        out[top:bottom] = (rgb[top:bottom].to(torch.int16) + delta[..., None]).clamp_(0, 255).to(torch.uint8)
-    return out
+        delta = torch.round(full * pattern[:, : bottom - top]).clamp_(-256, 256).to(torch.int16)
+        out[:, top:bottom] = (rgb[:, top:bottom].to(torch.int16) + delta[..., None]).clamp_(0, 255).to(torch.uint8)
+    return list(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

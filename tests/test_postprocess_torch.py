@@ -198,7 +198,10 @@ def test_watermark_matches_embed_watermark(photo, full_hd, generated):
 def test_watermark_in_several_row_bands_matches(photo, monkeypatch):
     monkeypatch.setattr(pt, "_BAND_PIXELS", 1 << 16)  # one tile row per band: 9 bands with a partial last one
     expected = embed_watermark(photo, WID)
-    _assert_parity(expected, pt.embed_watermark_torch(torch.from_numpy(photo), WID).numpy())
+    alone = pt.embed_watermark_torch(torch.from_numpy(photo), WID)
+    _assert_parity(expected, alone.numpy())
+    together = pt.embed_watermarks_torch([torch.from_numpy(photo[::-1].copy()), torch.from_numpy(photo)], [7, WID])
+    assert torch.equal(together[1], alone)  # two images share each band
 
 
 def test_watermark_is_read_back_also_after_jpeg(photo):
