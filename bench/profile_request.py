@@ -42,13 +42,16 @@ def _synchronize(device: torch.device) -> None:
 
 
 def wall_ms(call: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Mean wall time of ``call`` in ms, the device's queue drained before and after."""
-    _synchronize(device)
-    started = time.perf_counter()
+    """Median wall time of ``call`` in ms over ``repeats`` calls, the device's queue drained before and after each:
+    a mean let one stalled call of eight (100 ms and more, H100) decide a comparison."""
+    times = []
     for _ in range(repeats):
+        _synchronize(device)
+        started = time.perf_counter()
         call()
-    _synchronize(device)
-    return (time.perf_counter() - started) / repeats * 1000.0
+        _synchronize(device)
+        times.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(times)
 
 
 def host_waits(call: Callable[[], object]) -> collections.Counter:
@@ -185,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"postprocess {rows_label}": functools.partial(finish_torch_batch, finish_rows)}
         for label, call in work.items():
             per_batch = wall_ms(call, device, args.repeats)
-            print(f"[request] {label}: {per_batch:.2f} ms wall, {per_batch / count:.2f} ms per row; stages per row "
-                  f"(median of 3 calls) {median_stage_ms(call)}", flush=True)
+            print(f"[request] {label}: {per_batch:.2f} ms wall (median of {args.repeats}), {per_batch / count:.2f} ms "
+                  f"per row; stages per row (median of 3 calls) {median_stage_ms(call)}", flush=True)
             if device.type == "cuda":
                 # What one instance's process holds at this batch size: 12 instances filled an 80 GB H100.
                 torch.cuda.empty_cache()

@@ -33,8 +33,11 @@ BORDER_ANCHORS = np.array([[x, 0.0] for x in _BORDER_STEPS] + [[CROP_SIZE - 1.0,
 CONTROL_COUNT = len(CONTROL_INDICES) + ANCHOR_COUNT + len(BORDER_ANCHORS)
 OUTLINE_POINTS = len(FACE_OVAL)
 TPS_REGULARISATION = 1e-3
-# How the GPU path solves its TPS systems (``_fit_tps_torch``): "lu" or "cholesky"; bench.profile_tps times both.
-TPS_DEVICE_METHOD = "lu"
+# How the GPU path solves its TPS systems (``_fit_tps_torch``): "lu", "cholesky", or "auto": Cholesky from
+# TPS_CHOLESKY_ROWS systems on. bench.profile_tps on an H100 (2026-12-06): 8 systems 1.33 ms of GPU time by LU,
+# 0.37 by Cholesky, the same wall time (2.5 ms); 1 system 0.81 ms wall by LU, 1.47 by Cholesky (more launches).
+TPS_DEVICE_METHOD = "auto"
+TPS_CHOLESKY_ROWS = 4
 
 
 def tps_kernel(distance_squared: Any) -> Any:
@@ -66,8 +69,9 @@ def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float
                    method: str = "lu") -> np.ndarray:
     """The same systems built and solved with torch on ``device`` (unit-scaled points): one upload, one download.
     ``method`` "lu": the whole saddle-point system by LU; "cholesky": the spline's kernel part on the polynomials'
-    null space by Cholesky (``_solve_projected``). Errors (a singular system) are read with the result: the
-    ``linalg`` calls that check them on the spot make the host wait for the GPU."""
+    null space by Cholesky (``_solve_projected``); "auto": Cholesky from TPS_CHOLESKY_ROWS systems on, else LU.
+    Errors (a singular system) are read with the result: ``linalg`` calls that check them on the spot make the
+    host wait for the GPU."""
     import torch
 
     def zeros(shape: tuple[int, ...]) -> torch.Tensor:
@@ -75,6 +79,8 @@ def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float
 
     from facefuse.device_imaging import to_device, to_host
 
+    if method == "auto":
+        method = "cholesky" if len(points) >= TPS_CHOLESKY_ROWS else "lu"
     points_t, values_t = to_device([points, values], device)
     system, rhs = _tps_system(points_t, values_t, regularisation, zeros)
     if method == "cholesky":
