@@ -667,7 +667,7 @@ class FaceDetector:
                 factor = whole_factor(h, w, size)
                 if size is None:
                     work, scale = pixels.float(), (1.0, 1.0)
-                elif factor is not None:  # e.g. 1080p to 640 x 360: block means, straight from the uint8 pixels
+                elif factor is not None:  # e.g. 1080p to 640 x 360: block means (INTER_AREA), not the antialiased pass
                     work, scale = shrink_by_whole_factor(pixels, factor), (size[0] / w, size[1] / h)
                 else:
                     work, scale = shrink_tensor(pixels.float(), size), (size[0] / w, size[1] / h)

@@ -324,3 +324,27 @@ def test_small_max_side_maps_back(group, group_faces):
 def test_constructor_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         FaceDetector(**kwargs)
+
+
+def test_faces_are_listed_largest_first_with_eyes_and_mouth_corners_by_x():
+    # _to_faces orders and fixes every face at once; the rule as it reads, face by face, must give the same list.
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        count = int(rng.integers(0, 12))
+        boxes = rng.uniform(0, 100, (count, 4)).round(int(rng.integers(0, 3)))
+        if trial % 3 == 0 and count:
+            boxes[: count // 2] = boxes[0]  # equal areas: score, then position decide
+        scores = rng.uniform(0.9, 1.0, count).round(int(rng.integers(1, 4)))
+        landmarks = rng.uniform(0, 100, (count, 5, 2))
+        expected = []
+        for box, score, points in zip(boxes, scores, landmarks):
+            points = points.copy()
+            for a, b in ((0, 1), (3, 4)):
+                if points[a, 0] > points[b, 0]:
+                    points[[a, b]] = points[[b, a]]
+            expected.append(DetectedFace(box.astype(np.float32), float(score), points.astype(np.float32)))
+        expected.sort(key=lambda face: (-face.area, -face.score, float(face.box[0]), float(face.box[1])))
+        faces = detection._to_faces(boxes, scores, landmarks)
+        assert [face.to_json() for face in faces] == [face.to_json() for face in expected]
+        for face, reference in zip(faces, expected):
+            assert np.array_equal(face.box, reference.box) and np.array_equal(face.landmarks, reference.landmarks)
