@@ -435,7 +435,7 @@ def shrink_by_whole_factor(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     """(B,3,H,W) uint8 -> (B,3,H/factor,W/factor) float: the mean of each factor x factor block, which is OpenCV's
     INTER_AREA at a whole-number factor (``_shrink`` on the host path) before its rounding to uint8. A block-mean
     pool instead of the antialiased bilinear pass: closer to the host path's working image and cheaper
-    (bench.profile_shrink: 16 1080p photos, H100)."""
+    (bench.profile_shrink, 16 1080p photos on an H100: 0.47 vs 0.72 ms; a uint8 block-sum reduction took 1.10)."""
     return F.avg_pool2d(pixels.float(), factor)
 
 
