@@ -6,12 +6,15 @@ A change's effect is measured side by side because two machines of one kind diff
     python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
     python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
 
-Everything after ``--`` goes to ``bench.run`` for both; each writes its files under ``--out`` with the machine tag
-``<machine>-<label>`` ("new" and "rev-<commit>" or "tree-<folder>"). The revision is ``git archive``d into
-.cache/bench/; where this checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when
-its network code is unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a
-GPU). Prints and writes ``<date>_<machine>_side_by_side.csv``: throughput, p50 and p99 of each (model, concurrency)
-and the new/revision ratios.
+``--rounds N`` runs both N times, this checkout first in odd rounds and the revision first in even ones, and
+prints each round's ratios and their median (session 13: two single rounds on two H100s disagreed with in-process
+timings at concurrency 1). Everything after ``--`` goes to ``bench.run`` for both; each writes its files under
+``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>" or "tree-<folder>", with "-r<round>"
+for several rounds). The revision is ``git archive``d into .cache/bench/; where this checkout serves the fusion model
+from ONNX (CPU hosts) the revision gets the same file when its network code is unchanged, else its own export (a
+``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints and writes
+``<date>_<machine>_side_by_side.csv``: per round, throughput, p50 and p99 of each (model, concurrency) and the
+new/revision ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +88,15 @@ def _without(args: list[str], option: str, values: tuple[str, ...] | None = None
     return kept
 
 
+def median_ratios(tables: list[list[dict]]) -> dict[tuple[str, int], float]:
+    """Per (model, concurrency): the median of the rounds' throughput ratios (new / revision)."""
+    by_level: dict[tuple[str, int], list[float]] = {}
+    for table in tables:
+        for entry in table:
+            by_level.setdefault((entry["model"], entry["concurrency"]), []).append(entry["ratio_throughput_per_s"])
+    return {level: float(statistics.median(values)) for level, values in by_level.items()}
+
+
 def ratios(new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
     """Per (model, concurrency) measured by both: each side's throughput, p50 and p99, and new / revision."""
     old = {(row["model"], int(row["concurrency"])): row for row in old_rows}
@@ -114,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  ".device)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run both this many times, alternating which goes first (odd rounds: this checkout); "
+                             "prints each round's ratios and their median")
     args = parser.parse_args(own)
     # Profiles and file locations are this tool's business; the rest goes to both runs unchanged.
     passed = _without(_without(_without(passed, "--out"), "--machine"), "--profile-stubs", ("busy", "wall"))
@@ -123,24 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench") if args.rev else args.tree.resolve()
     label = tree.name if args.rev else f"tree-{tree.name}"
     date = datetime.date.today().isoformat()
-    summaries = {}
-    for side, folder in (("new", REPO_ROOT), (label, tree)):
-        tag = f"{machine}-{side}"
-        print(f"[side-by-side] {side}: python -m bench.run {' '.join(passed)}", flush=True)
-        subprocess.run([sys.executable, "-m", "bench.run", *passed, "--out", str(args.out), "--machine", tag],
-                       cwd=folder, env=_environment(folder), check=True)
-        summaries[side] = json.loads((args.out / f"{date}_{tag}_summary.json").read_text())["rows"]
-    table = ratios(summaries["new"], summaries[label])
+    tables = []
+    for number in range(1, args.rounds + 1):
+        sides = [("new", REPO_ROOT), (label, tree)]
+        if number % 2 == 0:  # a machine's state can drift within a call: who goes first alternates
+            sides.reverse()
+        summaries = {}
+        for side, folder in sides:
+            tag = f"{machine}-{side}" + (f"-r{number}" if args.rounds > 1 else "")
+            print(f"[side-by-side] {side}{f' (round {number})' if args.rounds > 1 else ''}: python -m bench.run "
+                  f"{' '.join(passed)}", flush=True)
+            subprocess.run([sys.executable, "-m", "bench.run", *passed, "--out", str(args.out), "--machine", tag],
+                           cwd=folder, env=_environment(folder), check=True)
+            summaries[side] = json.loads((args.out / f"{date}_{tag}_summary.json").read_text())["rows"]
+        table = ratios(summaries["new"], summaries[label])
+        tables.append(table)
+        for entry in table:
+            print(f"[side-by-side] {f'round {number}: ' if args.rounds > 1 else ''}{entry['model']} "
+                  f"c={entry['concurrency']}: {entry['new_throughput_per_s']:.2f} vs "
+                  f"{entry['rev_throughput_per_s']:.2f}/s ({entry['ratio_throughput_per_s']:.2f}x); p50 "
+                  f"{entry['new_p50_ms']:.1f} vs {entry['rev_p50_ms']:.1f} ms; p99 {entry['new_p99_ms']:.1f} vs "
+                  f"{entry['rev_p99_ms']:.1f} ms", flush=True)
+    rows = [{"round": number, **entry} for number, table in enumerate(tables, 1) for entry in table]
     path = args.out / f"{date}_{machine}_side_by_side.csv"
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["model", "concurrency"])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["round", "model", "concurrency"])
         writer.writeheader()
-        writer.writerows(table)
-    for entry in table:
-        print(f"[side-by-side] {entry['model']} c={entry['concurrency']}: {entry['new_throughput_per_s']:.2f} vs "
-              f"{entry['rev_throughput_per_s']:.2f}/s ({entry['ratio_throughput_per_s']:.2f}x); p50 "
-              f"{entry['new_p50_ms']:.1f} vs {entry['rev_p50_ms']:.1f} ms; p99 {entry['new_p99_ms']:.1f} vs "
-              f"{entry['rev_p99_ms']:.1f} ms", flush=True)
+        writer.writerows(rows)
+    if args.rounds > 1:
+        for (model, level), ratio in median_ratios(tables).items():
+            print(f"[side-by-side] {model} c={level}: median over {args.rounds} rounds {ratio:.3f}x", flush=True)
     print(f"[side-by-side] wrote {path}")
     return 0
 

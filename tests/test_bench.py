@@ -241,6 +241,36 @@ def test_side_by_side_ratios_pair_each_level_measured_by_both():
         "--models", "fusion", "-c"]
 
 
+def test_side_by_side_rounds_alternate_who_goes_first_and_report_the_median(tmp_path, monkeypatch, capsys):
+    # bench.run stood in for by a function writing each run's summary (the live test below runs the real one).
+    import csv
+    import datetime
+    import json
+
+    from bench import side_by_side
+
+    runs = []
+    throughput = {"new": iter([30.0, 36.0, 33.0]), "tree-base": iter([30.0, 30.0, 30.0])}
+
+    def fake_run(command, cwd, env, check):
+        tag = command[command.index("--machine") + 1]
+        side = "new" if "-new-" in tag else "tree-base"
+        runs.append(tag)
+        rows = [{"model": "face_fusion", "concurrency": 1, "throughput_per_s": next(throughput[side]),
+                 "p50_ms": 30.0, "p99_ms": 40.0}]
+        (tmp_path / f"{datetime.date.today().isoformat()}_{tag}_summary.json").write_text(json.dumps({"rows": rows}))
+
+    monkeypatch.setattr(side_by_side.subprocess, "run", fake_run)
+    base = tmp_path / "base"
+    base.mkdir()
+    assert side_by_side.main(["--tree", str(base), "--out", str(tmp_path), "--machine", "m", "--rounds", "3",
+                              "--", "--concurrency", "1"]) == 0
+    assert runs == ["m-new-r1", "m-tree-base-r1", "m-tree-base-r2", "m-new-r2", "m-new-r3", "m-tree-base-r3"]
+    assert "median over 3 rounds 1.100x" in capsys.readouterr().out  # ratios 1.0, 1.2, 1.1
+    with open(next(tmp_path.glob("*_m_side_by_side.csv"))) as handle:
+        assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2", "3"]
+
+
 @pytest.mark.live
 def test_side_by_side_serves_this_checkout_and_a_revision_and_writes_their_ratios(tmp_path):
     """The real thing, small: the fusion model of this checkout and of HEAD (git archive), each served by the real
