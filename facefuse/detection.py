@@ -661,10 +661,10 @@ class FaceDetector:
         for (h, w), members in by_size.items():
             size = self._working_size(h, w)
             per_pass = self._images_per_pass(h, w)
+            factor = whole_factor(h, w, size)
             for first in range(0, len(members), per_pass):
                 chunk = members[first:first + per_pass]
                 pixels = _stack_channels_first([images[i] for i in chunk], self.device)
-                factor = whole_factor(h, w, size)
                 if size is None:
                     work, scale = pixels.float(), (1.0, 1.0)
                 elif factor is not None:  # e.g. 1080p to 640 x 360: block means (INTER_AREA), not the antialiased pass

@@ -54,19 +54,19 @@ def fit_tps(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS
 
 
 def fit_tps_batch(centres: np.ndarray, values: np.ndarray, regularisation: float = TPS_REGULARISATION,
-                  device: str | None = None, method: str | None = None) -> np.ndarray:
+                  device: str | None = None, method: str = TPS_DEVICE_METHOD) -> np.ndarray:
     """``fit_tps`` for a batch: (B,K,2) centres and (B,K,D) values -> (B,K+3,D), one batched solve; on a CUDA
     ``device`` the systems are built and solved there (float64 too: the same result to ~1e-12), by ``method``
-    (``_fit_tps_torch``; default TPS_DEVICE_METHOD)."""
+    (``_fit_tps_torch``)."""
     points = np.asarray(centres, np.float64) * (1.0 / CROP_SIZE)
     values = np.asarray(values, np.float64)
     if device is None or not str(device).startswith("cuda"):
         return np.linalg.solve(*_tps_system(points, values, regularisation, np.zeros))
-    return _fit_tps_torch(points, values, regularisation, device, method or TPS_DEVICE_METHOD)
+    return _fit_tps_torch(points, values, regularisation, device, method)
 
 
 def _fit_tps_torch(points: np.ndarray, values: np.ndarray, regularisation: float, device: str,
-                   method: str = "lu") -> np.ndarray:
+                   method: str = TPS_DEVICE_METHOD) -> np.ndarray:
     """The same systems built and solved with torch on ``device`` (unit-scaled points): one upload, one download.
     ``method`` "lu": the whole saddle-point system by LU; "cholesky": the spline's kernel part on the polynomials'
     null space by Cholesky (``_solve_projected``); "auto": Cholesky from TPS_CHOLESKY_ROWS systems on, else LU.
