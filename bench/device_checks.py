@@ -1,6 +1,7 @@
-"""Session 13's CUDA code paths against their references, for a GPU host without pytest (the device tool's): both
-spline solvers against numpy (and raising on a singular system), the batched paste-back on CUDA against the CPU, the
-marks of a batch against one at a time and against the CPU, the pooled shrink against block means.
+"""The CUDA code paths against their references, for a GPU host without pytest (the device tool's): both spline
+solvers against numpy (and raising on a singular system), the batched paste-back on CUDA against the CPU, the marks of
+a batch against one at a time and against the CPU, the pooled shrink against block means, and the fused watermark
+kernels (facefuse.fused_kernels) against the torch path on CUDA, bit for bit.
 
     python -m bench.device_checks        # on a CUDA host (H100 output: bench/results/*_session13c_checks_profile.txt)
 
@@ -9,16 +10,55 @@ The tests hold the same checks on the CPU device (CI has no GPU); this runs them
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import torch
 
 import facefuse.geometry as geometry
-from facefuse import postprocess_torch
+from facefuse import fused_kernels, postprocess_torch
 from facefuse.detection import shrink_by_whole_factor
 
 
 def _worst_levels(first: list[torch.Tensor], second: list[torch.Tensor]) -> int:
     return max(int((a.cpu().int() - b.cpu().int()).abs().max()) for a, b in zip(first, second, strict=True))
+
+
+def _torch_path(function, *args):
+    """``function(*args)`` with the fused kernels switched off (FACEFUSE_FUSED_KERNELS=off)."""
+    before = os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE)
+    os.environ[fused_kernels.ENVIRONMENT_VARIABLE] = "off"
+    try:
+        return function(*args)
+    finally:
+        if before is None:
+            del os.environ[fused_kernels.ENVIRONMENT_VARIABLE]
+        else:
+            os.environ[fused_kernels.ENVIRONMENT_VARIABLE] = before
+
+
+def check_fused_kernels(images: list[torch.Tensor], device: torch.device) -> None:
+    started = time.perf_counter()
+    launch = fused_kernels.launcher(device)
+    print(f"[check] fused kernels: {'available' if launch else 'UNAVAILABLE'} "
+          f"(self-check incl. compiling {1e3 * (time.perf_counter() - started):.0f} ms)")
+    if launch is None:
+        return
+    pt = postprocess_torch
+    batch = torch.stack(images)
+    luma = pt._luma(batch)
+    same_luma = torch.equal(luma.to(torch.int32), _torch_path(pt._luma, batch))
+    same_detail = torch.equal(pt._amplitude_detail(luma), _torch_path(pt._amplitude_detail, luma.to(torch.int32)))
+    samples = pt._area_resize(luma, luma.shape[-2] // 2, luma.shape[-1] // 2).to(torch.float32)
+    same_high = torch.equal(pt._high_pass(samples, 2.0), _torch_path(pt._high_pass, samples, 2.0))
+    print(f"[check] fused == torch path on cuda: luma {same_luma}, detail {same_detail}, high-pass {same_high}")
+    marked_once = pt.embed_watermarks_torch(images[:1], [99])[0]  # the re-marking check's path too
+    again = [marked_once, *images[1:]]
+    ids = [7, 8, 9, 10][: len(again)]
+    fused_marks = pt.embed_watermarks_torch(again, ids)
+    torch_marks = _torch_path(pt.embed_watermarks_torch, again, ids)
+    print(f"[check] fused == torch path on cuda: watermarks {all(map(torch.equal, fused_marks, torch_marks))}")
 
 
 def main() -> int:
@@ -57,6 +97,7 @@ def main() -> int:
     print(f"[check] watermarks together == alone on cuda: {all(map(torch.equal, together, alone))}")
     on_cpu = postprocess_torch.embed_watermarks_torch([image.cpu() for image in images], ids)
     print(f"[check] watermarks cuda vs cpu: worst {_worst_levels(together, on_cpu)} grey levels")
+    check_fused_kernels(images, cuda)
     pixels = torch.randint(0, 256, (4, 3, 1080, 1920), dtype=torch.uint8, device=cuda)
     error = float((shrink_by_whole_factor(pixels, 3).double()
                    - pixels.double().reshape(4, 3, 360, 3, 640, 3).mean(dim=(3, 5))).abs().max())

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facefuse import fused_kernels
 from facefuse.alignment import invert_affine
 from facefuse.device_imaging import (
     cv2_grid_of_tables,
@@ -183,8 +184,18 @@ def _blend_warped(target: torch.Tensor, crop: torch.Tensor, mask: torch.Tensor, 
 # take (..., H, W) tensors: the images of one size in a batch go through them together (one launch per step).
 
 
+@functools.lru_cache(maxsize=8)
+def _one(device: torch.device) -> torch.Tensor:
+    """A float32 1 on ``device``: the input that makes a fused kernel over uint8 pixels run in float32."""
+    return torch.ones((), device=device)
+
+
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
-    """cv2.cvtColor(rgb, COLOR_RGB2GRAY) as int32 (H, W), bit-exact."""
+    """cv2.cvtColor(rgb, COLOR_RGB2GRAY) (..., H, W), bit-exact: int32, or float32 from the fused kernel."""
+    launch = fused_kernels.launcher(rgb.device)
+    if launch is not None:
+        return launch(fused_kernels.luma_kernel(_GRAY_WEIGHTS, _GRAY_SHIFT),
+                      [rgb[..., 0], rgb[..., 1], rgb[..., 2], _one(rgb.device)])
     red, green, blue = (rgb[..., channel].to(torch.int32) for channel in range(3))
     weight_r, weight_g, weight_b = _GRAY_WEIGHTS
     return (red * weight_r + green * weight_g + blue * weight_b + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
@@ -228,6 +239,49 @@ def _gaussian_blur_u8(image: torch.Tensor, ksize: int, sigma: float) -> torch.Te
     taps = _fixed_point_gaussian(ksize, sigma)
     bits = 2 * _BLUR_FRACTION_BITS
     return (_symmetric_pass(_symmetric_pass(image.to(torch.int32), taps, -1), taps, -2) + (1 << (bits - 1))) >> bits
+
+
+def _padded_planes(image: torch.Tensor, radius: int) -> torch.Tensor:
+    """(..., H, W) -> (N, H + 2 radius, W + 2 radius) float32 with BORDER_REFLECT_101 (torch's "reflect") on both
+    axes in one pass: a row filter over the padded rows then a column filter equals cv2's separable filter."""
+    planes = image.to(torch.float32).reshape(-1, 1, *image.shape[-2:])
+    return F.pad(planes, (radius, radius, radius, radius), mode="reflect")[:, 0]
+
+
+def _shifted(padded: torch.Tensor, dim: int, length: int, offsets: Sequence[int]) -> list[torch.Tensor]:
+    """Views of ``padded`` starting ``offset`` samples in along ``dim``, ``length`` long: a filter's taps as inputs
+    of an elementwise kernel."""
+    return [padded.narrow(dim, offset, length) for offset in offsets]
+
+
+def _fused_detail(luma: torch.Tensor, launch: fused_kernels.Launcher) -> torch.Tensor:
+    """|luma - GaussianBlur(luma, 5x5, 1.2)| as float32 exact integers: _gaussian_blur_u8's arithmetic in two fused
+    kernels (row pass; column pass + rounding + difference)."""
+    taps = _fixed_point_gaussian(DETAIL_KSIZE, DETAIL_SIGMA)
+    height, width = luma.shape[-2:]
+    padded = _padded_planes(luma, DETAIL_KSIZE // 2)
+    rows = launch(fused_kernels.blur_u8_row_kernel(taps), _shifted(padded, -1, width, range(DETAIL_KSIZE)))
+    centre = luma.to(torch.float32).reshape(-1, height, width)
+    detail = launch(fused_kernels.column_detail_kernel(taps, _BLUR_FRACTION_BITS),
+                    [*_shifted(rows, -2, height, range(DETAIL_KSIZE)), centre])
+    return detail.reshape(luma.shape)
+
+
+def _fused_float_pass(padded: torch.Tensor, taps: tuple[float, ...], dim: int, length: int,
+                      launch: fused_kernels.Launcher, values: torch.Tensor | None = None) -> torch.Tensor:
+    """_symmetric_pass over already padded values (``length`` results along ``dim``) in fused kernels; with
+    ``values``, values minus the filtered values."""
+    ksize = len(taps)
+    radius = ksize // 2
+    partial = None
+    for kernel, pairs in fused_kernels.float_pass_kernels(taps, values is not None):
+        inputs = [padded.narrow(dim, radius, length) if partial is None else partial]
+        for offset in pairs:
+            inputs += _shifted(padded, dim, length, (offset, ksize - 1 - offset))
+        if values is not None and kernel.params[-1] == "values":
+            inputs.append(values)
+        partial = launch(kernel, inputs)
+    return partial
 
 
 def _symmetric_pass(values: torch.Tensor, taps: tuple[float, ...] | tuple[int, ...], dim: int) -> torch.Tensor:
@@ -284,11 +338,13 @@ def _area_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     scale_x, scale_y = 1.0 / (width / source_width), 1.0 / (height / source_height)  # cv2's own expression
     fx, fy = round(scale_x), round(scale_y)
     if abs(scale_x - fx) < np.finfo(np.float64).eps and abs(scale_y - fy) < np.finfo(np.float64).eps:
-        blocks = image.to(torch.int32)[..., : height * fy, : width * fx].reshape(*lead, height * fy, width, fx).sum(-1)
-        blocks = blocks.reshape(*lead, height, fy, width).sum(dim=-2)
+        # Block sums by pooling in float32: exact (integers below 2**24), one pass, any device.
+        region = image.to(torch.float32)[..., : height * fy, : width * fx]
+        blocks = F.avg_pool2d(region.reshape(-1, 1, height * fy, width * fx), (fy, fx), divisor_override=1)
+        blocks = blocks.reshape(*lead, height, width)
         if fx == 2 and fy == 2:
-            return (blocks + 2) >> 2
-        return torch.round(blocks.to(torch.float32) * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
+            return torch.floor((blocks + 2) * 0.25).to(torch.int32)  # (sum + 2) >> 2
+        return torch.round(blocks * np.float32(1.0 / (fx * fy))).clamp(0, 255).to(torch.int32)
     values = image.to(torch.float32)
     for dim, (source, target) in ((-1, (source_width, width)), (-2, (source_height, height))):
         index_t, weight_t = _taps_on(_area_taps, source, target, image.device)
@@ -327,7 +383,11 @@ def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
     """The device half of watermark._amplitude: the 1/8-resolution texture map (uint8, bit-exact); its small blur
     and clipping (watermark._amplitude_from_detail) run on the host."""
     height, width = luma.shape[-2:]
-    detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
+    launch = fused_kernels.launcher(luma.device)
+    if launch is not None and min(height, width) > DETAIL_KSIZE // 2:
+        detail = _fused_detail(luma, launch)
+    else:
+        detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
     return _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION)).to(
         torch.uint8)
 
@@ -342,12 +402,33 @@ def _earlier_mark_samples(luma: torch.Tensor, period: int) -> torch.Tensor | Non
     return _area_resize(region, tiles_y * size, tiles_x * size)
 
 
-def _gaussian_blur_float(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """cv2.GaussianBlur(float32 image, (0, 0), sigma): OpenCV's kernel size for float images (8 sigma + 1, odd) and
-    float32 taps, BORDER_REFLECT_101; equal up to float rounding (summation order)."""
+@functools.lru_cache(maxsize=8)
+def _float_gaussian(sigma: float) -> tuple[float, ...]:
+    """OpenCV's float32 Gaussian taps for GaussianBlur(float image, (0, 0), sigma): 8 sigma + 1 taps, odd."""
     ksize = int(round(sigma * 4 * 2 + 1)) | 1
-    taps = tuple(cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().tolist())
+    return tuple(cv2.getGaussianKernel(ksize, sigma, cv2.CV_32F).ravel().tolist())
+
+
+def _gaussian_blur_float(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """cv2.GaussianBlur(float32 image, (0, 0), sigma): OpenCV's kernel size and float32 taps, BORDER_REFLECT_101;
+    equal up to float rounding (summation order)."""
+    taps = _float_gaussian(sigma)
     return _symmetric_pass(_symmetric_pass(image, taps, -1), taps, -2)
+
+
+def _high_pass(samples: torch.Tensor, sigma: float) -> torch.Tensor:
+    """samples - _gaussian_blur_float(samples, sigma) (float32), in fused kernels where the device has them (the
+    same roundings in the same order: bit-identical)."""
+    taps = _float_gaussian(sigma)
+    radius = len(taps) // 2
+    height, width = samples.shape[-2:]
+    launch = fused_kernels.launcher(samples.device)
+    if launch is None or min(height, width) <= radius:
+        return samples - _gaussian_blur_float(samples, sigma)
+    padded = _padded_planes(samples, radius)
+    rows = _fused_float_pass(padded, taps, -1, width, launch)
+    high = _fused_float_pass(rows, taps, -2, height, launch, values=samples.reshape(-1, height, width))
+    return high.reshape(samples.shape)
 
 
 def _earlier_mark_fold(luma: torch.Tensor, period: int) -> torch.Tensor | None:
@@ -359,7 +440,7 @@ def _earlier_mark_fold(luma: torch.Tensor, period: int) -> torch.Tensor | None:
         return None
     size = EARLIER_MARK_SAMPLES
     samples = samples.to(torch.float32)
-    high = samples - _gaussian_blur_float(samples, EARLIER_MARK_SIGMA)
+    high = _high_pass(samples, EARLIER_MARK_SIGMA)
     *lead, height, width = samples.shape
     return high.reshape(*lead, height // size, size, width // size, size).mean(dim=(-4, -2))
 
@@ -485,10 +566,16 @@ def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width * count)))  # whole tile rows
     pattern = tile.repeat(1, band // period, -(-width // period))[:, :, :width]
     out = torch.empty_like(rgb)
+    launch = fused_kernels.launcher(device)
     for top in range(0, height, band):
         bottom = min(height, top + band)
-        full = (rows.index_select(1, y0[top:bottom]) * by0[top:bottom, None]
-                + rows.index_select(1, y1[top:bottom]) * by1[top:bottom, None])
+        upper, lower = rows.index_select(1, y0[top:bottom]), rows.index_select(1, y1[top:bottom])
+        if launch is not None:  # the steps below in one kernel per channel value; the copy casts (exact integers)
+            out[:, top:bottom] = launch(fused_kernels.mark_kernel(), [
+                rgb[:, top:bottom], upper[..., None], lower[..., None], by0[top:bottom, None, None],
+                by1[top:bottom, None, None], pattern[:, : bottom - top, :, None]])
+            continue
+        full = upper * by0[top:bottom, None] + lower * by1[top:bottom, None]
         # cv2.add(uint8, float32, dtype=CV_8U) rounds the delta (half to even), then adds and saturates.
         delta = torch.round(full * pattern[:, : bottom - top]).clamp_(-256, 256).to(torch.int16)
         out[:, top:bottom] = (rgb[:, top:bottom].to(torch.int16) + delta[..., None]).clamp_(0, 255).to(torch.uint8)

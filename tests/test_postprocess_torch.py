@@ -21,6 +21,7 @@ from facefuse.pipeline import finish, paste_back
 from facefuse.provenance import build_xmp, read_provenance
 from facefuse.samples import sample_image_path
 from facefuse.watermark import _amplitude, _earlier_mark, _period, embed_watermark, extract_watermark
+from tests import kernel_emulator
 
 WID = 0x0123456789ABCDEF
 WID_HEX = "0123456789abcdef"
@@ -411,3 +412,101 @@ def test_warm_up_runs_one_synthetic_row_through_the_batch_path():
     from facefuse.postprocess_torch import warm_up
 
     assert warm_up(torch.device("cpu"), 320, 240) > 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused CUDA kernels (facefuse.fused_kernels): their C++ source, compiled here by the host's compiler
+# (tests/kernel_emulator.py), in place of jiterator; every fused branch against the torch path, bit for bit.
+
+needs_compiler = pytest.mark.skipif(kernel_emulator.compiler() is None,
+                                    reason="no C++ compiler on this host to run the fused kernels' source")
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """postprocess_torch with the fused branches on (CPU tensors through the emulator)."""
+    monkeypatch.setattr(pt.fused_kernels, "launcher", lambda device: kernel_emulator.launch)
+
+
+def _torch_path(function, *args):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pt.fused_kernels, "launcher", lambda device: None)
+        return function(*args)
+
+
+@needs_compiler
+def test_fused_luma_detail_and_high_pass_equal_the_torch_path(fused, photo, generated):
+    for image in (photo, generated, np.ascontiguousarray(photo[:51, :77])):
+        batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))
+        luma = pt._luma(batch)
+        assert luma.dtype == torch.float32
+        assert torch.equal(luma.to(torch.int32), _torch_path(pt._luma, batch))
+        assert torch.equal(pt._amplitude_detail(luma), _torch_path(pt._amplitude_detail, luma.to(torch.int32)))
+        samples = pt._area_resize(luma, luma.shape[-2] // 2, luma.shape[-1] // 2).to(torch.float32)
+        high = pt._high_pass(samples, 2.0)
+        assert torch.equal(high, _torch_path(pt._high_pass, samples, 2.0))
+        assert torch.equal(high, samples - pt._gaussian_blur_float(samples, 2.0))
+    # A single plane (no batch dimension) and cv2's own result.
+    luma = cv2.cvtColor(generated, cv2.COLOR_RGB2GRAY)
+    blurred = cv2.GaussianBlur(luma, (pt.DETAIL_KSIZE, pt.DETAIL_KSIZE), pt.DETAIL_SIGMA)
+    detail = pt._fused_detail(torch.from_numpy(luma), kernel_emulator.launch)
+    assert np.array_equal(detail.numpy().astype(np.uint8), cv2.absdiff(luma, blurred))
+
+
+@needs_compiler
+def test_fused_watermark_equals_the_torch_path(fused, photo, full_hd, generated, monkeypatch):
+    first = decode_image(encode_image(embed_watermark(photo, WID), "jpeg", 92))  # re-marking: the fold decides
+    images = [torch.from_numpy(image) for image in (photo, first, full_hd, generated, photo[::-1].copy())]
+    ids = [3, WID ^ 1, 5, 2**63 + 9, 11]
+    fused_marks = pt.embed_watermarks_torch(images, ids)
+    expected = _torch_path(pt.embed_watermarks_torch, images, ids)
+    for got, want in zip(fused_marks, expected):
+        assert torch.equal(got, want)
+    assert extract_watermark(fused_marks[1].numpy()).watermark_id == f"{WID ^ 1:016x}"
+    monkeypatch.setattr(pt, "_BAND_PIXELS", 1 << 16)  # several bands with a partial last one
+    assert torch.equal(pt.embed_watermark_torch(images[0], ids[0]), expected[0])
+
+
+@needs_compiler
+def test_fused_kernels_can_fail_the_comparison(fused, photo):
+    """The comparisons above can fail: a mark kernel that rounds the delta towards zero (in place of to nearest) is
+    caught on one photo."""
+    wrong = pt.fused_kernels.Kernel("facefuse_mark_wrong", pt.fused_kernels.mark_kernel().params,
+                                    pt.fused_kernels.mark_kernel().body.replace("rintf(", "truncf("))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pt.fused_kernels, "mark_kernel", lambda: wrong)
+        marked = pt.embed_watermark_torch(torch.from_numpy(photo), WID)
+    assert not torch.equal(marked, _torch_path(pt.embed_watermark_torch, torch.from_numpy(photo), WID))
+
+
+def test_fused_kernels_stay_off_on_the_cpu_and_when_switched_off(monkeypatch):
+    assert pt.fused_kernels.launcher(torch.device("cpu")) is None
+    monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, "off")
+    assert pt.fused_kernels.launcher(torch.device("cuda", 0)) is None
+
+
+def test_fused_kernel_sources_fit_jiterator():
+    """Each kernel parses as jiterator's one-template-function form and takes at most 8 inputs."""
+    from torch.cuda.jiterator import _CodeParser
+
+    fk = pt.fused_kernels
+    kernels = [fk.luma_kernel(pt._GRAY_WEIGHTS, pt._GRAY_SHIFT), fk.mark_kernel(),
+               fk.blur_u8_row_kernel(pt._fixed_point_gaussian(5, 1.2)),
+               fk.column_detail_kernel(pt._fixed_point_gaussian(5, 1.2), pt._BLUR_FRACTION_BITS)]
+    for sigma in (2.0, 0.6, 5.0):
+        kernels += [kernel for subtract in (False, True)
+                    for kernel, _ in fk.float_pass_kernels(pt._float_gaussian(sigma), subtract)]
+    for kernel in kernels:
+        parsed = _CodeParser(kernel.source)
+        assert parsed.function_name == kernel.name and len(kernel.params) <= fk.MAX_INPUTS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host (CI: CPU only)")
+def test_fused_kernels_on_cuda_equal_the_torch_path(photo, generated):
+    device = torch.device("cuda")
+    assert pt.fused_kernels.launcher(device) is not None, "the fused kernels did not compile on this GPU host"
+    images = [torch.from_numpy(image).to(device) for image in (photo, generated)]
+    fused_marks = pt.embed_watermarks_torch(images, [1, 2])
+    expected = _torch_path(pt.embed_watermarks_torch, images, [1, 2])
+    for got, want in zip(fused_marks, expected):
+        assert torch.equal(got, want)

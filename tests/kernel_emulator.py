@@ -1,0 +1,65 @@
+"""The fused CUDA kernels' C++ source (facefuse.fused_kernels) compiled by the host's C++ compiler and run on CPU
+tensors, so that the fused branches of postprocess_torch run, and are compared, on a machine without a GPU.
+
+What differs from the GPU: the launch (a loop here, jiterator's grid there) and the compiler (g++ with
+-ffp-contract=off here, NVRTC there; the kernels round each float operation explicitly with __fmul_rn/__fadd_rn, so
+contraction cannot change their results on either). Inputs are broadcast and loaded as float32, as jiterator
+does for the kernels' common dtype float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facefuse.fused_kernels import Kernel
+
+_PRELUDE = """
+#include <cmath>
+// CUDA's explicitly rounded operations: on the host each float operation rounds on its own anyway (no contraction).
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+"""
+
+
+def compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+_BUILD = Path(tempfile.mkdtemp(prefix="facefuse-kernels-"))
+
+
+@functools.lru_cache(maxsize=64)
+def _library(kernel: Kernel) -> ctypes.CDLL:
+    arguments = ", ".join(f"inputs[{index}][i]" for index in range(len(kernel.params)))
+    source = (f"{_PRELUDE}\n{kernel.source}\n"
+              f'extern "C" void run(const float* const* inputs, float* out, long count) {{\n'
+              f"  for (long i = 0; i < count; ++i) out[i] = {kernel.name}<float>({arguments});\n}}\n")
+    stem = hashlib.sha1(source.encode()).hexdigest()[:16]
+    path = _BUILD / f"{stem}.cpp"
+    path.write_text(source)
+    library = _BUILD / f"{stem}.so"
+    subprocess.run([compiler(), "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", str(path), "-o",
+                    str(library)], check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(library))
+
+
+def launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """fused_kernels.jiterator_launch, on CPU tensors."""
+    assert len(inputs) == len(kernel.params), (kernel.name, len(inputs))
+    arrays = [np.ascontiguousarray(tensor.to(torch.float32).numpy()) for tensor in torch.broadcast_tensors(*inputs)]
+    out = np.empty(arrays[0].shape, dtype=np.float32)
+    pointers = (ctypes.POINTER(ctypes.c_float) * len(arrays))(
+        *(array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for array in arrays))
+    _library(kernel).run(pointers, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), ctypes.c_long(out.size))
+    return torch.from_numpy(out)
