@@ -231,6 +231,16 @@ def image_to_device(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return staging.to(device, non_blocking=True)
 
 
+def _flat_layout(image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An HxWx3 image's values as a flat tensor and the (row, column, channel) strides of its pixels there: a view
+    of nvJPEG's (3,H,W) planes under their HxWx3 view (no copy of the photo), else the packed HxWx3 values."""
+    height, width = image.shape[:2]
+    planes = image.permute(2, 0, 1)
+    if planes.is_contiguous():
+        return planes.reshape(-1), (width, 1, height * width)
+    return image.reshape(-1), (3 * width, 3, 1)
+
+
 def warp_to_crops(image: torch.Tensor, matrices: np.ndarray, crop_size: int = CROP_SIZE) -> torch.Tensor:
     """``alignment.warp_to_crop`` for several faces of one HxWx3 uint8 tensor: (N,2,3) image->crop matrices ->
     (N,S,S,3) uint8 crops on the image's device (bilinear, mirrored border; matches OpenCV to ~1 grey level)."""
@@ -247,17 +257,22 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     device = images[0].device
     image_index = np.asarray(image_index, dtype=np.int64)
     count = len(image_index)
-    flat = torch.cat([image.reshape(-1) for image in images])
+    layouts = [_flat_layout(image) for image in images]
+    flat = layouts[0][0] if len(layouts) == 1 else torch.cat([values for values, _ in layouts])
     starts = np.cumsum([0] + [image.numel() for image in images[:-1]])
     heights = np.array([image.shape[0] for image in images])
     widths = np.array([image.shape[1] for image in images])
-    # The per-crop tables in one upload (one wait for the GPU): inverse matrices, last pixel centres (x, y), bytes
-    # per image row, where each image starts in ``flat``.
-    inverse, last, row_bytes, base = to_device([
+    strides = np.array([layout for _, layout in layouts], dtype=np.int64)[image_index]  # (N, 3): row, column, channel
+    # The per-crop tables in one upload (one wait for the GPU): inverse matrices, last pixel centres (x, y), where
+    # each image starts in ``flat`` and its strides there.
+    inverse, last, base, strides = to_device([
         np.stack([invert_affine(matrix) for matrix in matrices]).astype(np.float64),
         np.stack([np.maximum(widths - 1, 1), np.maximum(heights - 1, 1)], axis=1)[image_index].astype(np.float64),
-        (widths[image_index] * 3).astype(np.int64), starts[image_index].astype(np.int64)], device)
-    last, row_bytes, base = last[:, None, :], row_bytes[:, None], base[:, None]  # (N, 1, 2), (N, 1), (N, 1)
+        starts[image_index].astype(np.int64), strides], device)
+    last, base = last[:, None, :], base[:, None]  # (N, 1, 2), (N, 1)
+    # (N, 1, 1) for the (N, P, 2) neighbour positions; the channel's (N, 1, 1, 1, 1) for the (N, P, 2, 2, 3) taps.
+    row_stride, column_stride, channel_stride = strides[:, 0, None, None], strides[:, 1, None, None], strides[:, 2]
+    channel_stride = channel_stride[:, None, None, None, None]
     centres = torch.arange(crop_size, device=device, dtype=torch.float64)
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(-1, 3)  # crop pixels (x, y, 1)
@@ -274,8 +289,8 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     neighbours = torch.stack([low, high], -1)  # (N, P, axis x/y, lower/upper)
     weights = torch.stack([1.0 - weight, weight], -1)
     xs, ys, wx, wy = neighbours[..., 0, :], neighbours[..., 1, :], weights[..., 0, :], weights[..., 1, :]
-    pixel = (base[..., None] + ys * row_bytes[..., None])[..., :, None] + (xs * 3)[..., None, :]  # (N, P, 2, 2)
-    taps = flat[pixel[..., None] + torch.arange(3, device=device)].float()  # (N, P, 2, 2, 3)
+    pixel = (base[..., None] + ys * row_stride)[..., :, None] + (xs * column_stride)[..., None, :]  # (N, P, 2, 2)
+    taps = flat[pixel[..., None] + torch.arange(3, device=device) * channel_stride].float()  # (N, P, 2, 2, 3)
     crops = (taps * (wy[..., :, None] * wx[..., None, :])[..., None]).sum(dim=(2, 3))
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 

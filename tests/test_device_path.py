@@ -95,6 +95,32 @@ def test_crops_of_several_images_at_once_match_opencv(group):
         assert int(difference.max()) <= 4 and float(difference.mean()) < 0.15
 
 
+def test_crops_read_planar_photos_in_place_like_packed_ones(group):
+    """nvJPEG's photos are (3,H,W) planes under HxWx3 views: the gather reads them where they are (no packed copy)
+    and gets the very bytes it gets from packed HxWx3 copies; a strided view (neither layout) is packed first."""
+    hanks = decode_image(sample_image_path("Tom_Hanks_54745.png").read_bytes())
+    packed = [group, hanks, np.ascontiguousarray(group[::2])]
+    views = [torch.from_numpy(np.ascontiguousarray(group.transpose(2, 0, 1))).permute(1, 2, 0),
+             torch.from_numpy(hanks), torch.from_numpy(group)[::2]]
+    assert views[0].permute(2, 0, 1).is_contiguous() and not views[2].is_contiguous()
+    rng = np.random.default_rng(3)
+    image_index = np.array([0, 1, 2, 0, 2, 1])
+    matrices = np.stack([_similarity_for(image.shape, rng) for image in (packed[i] for i in image_index)])
+    expected = warp_crops_of_images([torch.from_numpy(image) for image in packed], image_index, matrices)
+    assert torch.equal(warp_crops_of_images(views, image_index, matrices), expected)
+    assert torch.equal(warp_crops_of_images(views[:1], np.zeros(2, dtype=np.int64), matrices[[0, 3]]),
+                       expected[[0, 3]])
+
+
+def _similarity_for(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A random image -> crop similarity around a point of an image of ``shape`` (some run off its edges)."""
+    height, width = shape[:2]
+    angle, scale = rng.uniform(-0.6, 0.6), 256.0 / rng.uniform(60, 400)
+    centre = np.array([rng.uniform(0, width), rng.uniform(0, height)])
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return np.concatenate([rotation, (128.0 - rotation @ centre)[:, None]], axis=1)
+
+
 def test_tables_uploaded_together_keep_dtype_shape_and_values():
     """to_device: mixed dtypes and shapes (empty, 0-d, non-contiguous, 1-byte types at odd lengths before 8-byte
     ones) through one buffer; every tensor equals its array. CPU here; on a GPU the same views of one upload."""
