@@ -19,6 +19,7 @@ import torch
 import facefuse.geometry as geometry
 from facefuse import fused_kernels, postprocess_torch
 from facefuse.detection import shrink_by_whole_factor
+from facefuse.device_imaging import warp_crops_of_images
 
 
 def _worst_levels(first: list[torch.Tensor], second: list[torch.Tensor]) -> int:
@@ -98,6 +99,13 @@ def main() -> int:
     on_cpu = postprocess_torch.embed_watermarks_torch([image.cpu() for image in images], ids)
     print(f"[check] watermarks cuda vs cpu: worst {_worst_levels(together, on_cpu)} grey levels")
     check_fused_kernels(images, cuda)
+    planes = torch.randint(0, 256, (2, 3, 1080, 1920), dtype=torch.uint8, device=cuda)  # like nvJPEG's output
+    views = [plane.permute(1, 2, 0) for plane in planes]
+    matrices = np.array([[[0.8, 0.1, -600.0], [-0.1, 0.8, -300.0]], [[1.2, 0.0, -50.0], [0.0, 1.2, -900.0]]] * 2)
+    index = np.array([0, 1, 1, 0])
+    in_place = warp_crops_of_images(views, index, matrices)
+    packed = warp_crops_of_images([view.contiguous() for view in views], index, matrices)
+    print(f"[check] crops from (3,H,W) planes in place == from packed copies on cuda: {torch.equal(in_place, packed)}")
     pixels = torch.randint(0, 256, (4, 3, 1080, 1920), dtype=torch.uint8, device=cuda)
     error = float((shrink_by_whole_factor(pixels, 3).double()
                    - pixels.double().reshape(4, 3, 360, 3, 640, 3).mean(dim=(3, 5))).abs().max())
