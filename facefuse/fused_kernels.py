@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "blur_u8_row_kernel", "column_detail_kernel",
-           "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel"]
+__all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "block_means", "blur_u8_row_kernel", "column_detail_kernel",
+           "block_mean_kernels", "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel", "one"]
 
 ENVIRONMENT_VARIABLE = "FACEFUSE_FUSED_KERNELS"
 # Jiterator's limit on a kernel's tensor arguments.
@@ -123,6 +123,24 @@ def float_pass_kernels(taps: tuple[float, ...], subtract_from: bool) -> tuple[tu
     return tuple(kernels)
 
 
+@functools.lru_cache(maxsize=8)
+def block_mean_kernels(factor: int) -> tuple[Kernel, ...]:
+    """The mean of each factor x factor block of uint8 pixels, as avg_pool2d computes it in float32 (the sum, exact,
+    divided by factor**2), from the block's factor**2 strided views: the first kernel takes a float 0-dim ``one``
+    (the launch's dtype) and up to MAX_INPUTS - 1 views, each further one the partial sum and up to MAX_INPUTS - 1
+    views; the last divides."""
+    count, per_kernel = factor * factor, MAX_INPUTS - 1
+    kernels = []
+    for number, start in enumerate(range(0, count, per_kernel)):
+        views = [f"v{index}" for index in range(start, min(count, start + per_kernel))]
+        params = ("one" if number == 0 else "partial", *views)
+        total = " + ".join(views)
+        total = f"({total}) * one" if number == 0 else f"partial + {total}"
+        result = f"__fdiv_rn({total}, {_float(count)})" if start + per_kernel >= count else total
+        kernels.append(Kernel(f"facefuse_block_mean_{factor}_{number}", params, f"return {result};"))
+    return tuple(kernels)
+
+
 def mark_kernel() -> Kernel:
     """The watermark add of one channel value: the amplitude's vertical interpolation (upper row times its weight
     plus lower row times its weight), times the pattern, rounded half to even and clamped to +-256 (cv2.add rounds
@@ -137,6 +155,24 @@ def mark_kernel() -> Kernel:
 # Launching.
 
 Launcher = Callable[[Kernel, Sequence[torch.Tensor]], torch.Tensor]
+
+
+@functools.lru_cache(maxsize=8)
+def one(device: torch.device) -> torch.Tensor:
+    """A float32 1 on ``device``: the input that makes a kernel over uint8 pixels run in float32."""
+    return torch.ones((), device=device)
+
+
+def block_means(pixels: torch.Tensor, factor: int, launch: Launcher) -> torch.Tensor:
+    """(..., H, W) uint8 -> (..., H/factor, W/factor) float32 block means (H, W multiples of factor): avg_pool2d's
+    values without a float copy of the pixels."""
+    views = [pixels[..., row::factor, column::factor] for row in range(factor) for column in range(factor)]
+    partial, taken = None, 0
+    for kernel in block_mean_kernels(factor):
+        count = len(kernel.params) - 1
+        partial = launch(kernel, [one(pixels.device) if partial is None else partial, *views[taken:taken + count]])
+        taken += count
+    return partial
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,14 +193,14 @@ def jiterator_launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Te
 def _self_check(device: torch.device) -> None:
     """Compiles and runs a small kernel of each kind: a host that cannot (no NVRTC) falls back as a whole."""
     values = torch.arange(24, dtype=torch.float32, device=device).reshape(2, 12)
-    one = torch.ones((), device=device)
     pixel = values.to(torch.uint8)
-    jiterator_launch(luma_kernel((9798, 19235, 3735), 15), [pixel, pixel, pixel, one])
+    jiterator_launch(luma_kernel((9798, 19235, 3735), 15), [pixel, pixel, pixel, one(device)])
     jiterator_launch(blur_u8_row_kernel((1, 2, 1)), [values, values, values])
     jiterator_launch(column_detail_kernel((1, 2, 1), 8), [values, values, values, values])
     for kernel, _ in float_pass_kernels((0.25, 0.5, 0.25), True):
         jiterator_launch(kernel, [values] * len(kernel.params))
     jiterator_launch(mark_kernel(), [pixel[..., None]] + [values[..., None]] * 5)
+    block_means(pixel[:, :9], 3, jiterator_launch)
     torch.cuda.synchronize(device)
 
 

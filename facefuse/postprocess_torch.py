@@ -184,18 +184,12 @@ def _blend_warped(target: torch.Tensor, crop: torch.Tensor, mask: torch.Tensor, 
 # take (..., H, W) tensors: the images of one size in a batch go through them together (one launch per step).
 
 
-@functools.lru_cache(maxsize=8)
-def _one(device: torch.device) -> torch.Tensor:
-    """A float32 1 on ``device``: the input that makes a fused kernel over uint8 pixels run in float32."""
-    return torch.ones((), device=device)
-
-
 def _luma(rgb: torch.Tensor) -> torch.Tensor:
     """cv2.cvtColor(rgb, COLOR_RGB2GRAY) (..., H, W), bit-exact: int32, or float32 from the fused kernel."""
     launch = fused_kernels.launcher(rgb.device)
     if launch is not None:
         return launch(fused_kernels.luma_kernel(_GRAY_WEIGHTS, _GRAY_SHIFT),
-                      [rgb[..., 0], rgb[..., 1], rgb[..., 2], _one(rgb.device)])
+                      [rgb[..., 0], rgb[..., 1], rgb[..., 2], fused_kernels.one(rgb.device)])
     red, green, blue = (rgb[..., channel].to(torch.int32) for channel in range(3))
     weight_r, weight_g, weight_b = _GRAY_WEIGHTS
     return (red * weight_r + green * weight_g + blue * weight_b + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
