@@ -41,16 +41,18 @@ MAX_INPUTS = 8
 
 @dataclass(frozen=True)
 class Kernel:
-    """One elementwise function: ``body`` computes the result from the ``params`` (one element of each input)."""
+    """One elementwise function: ``body`` computes the result from the ``params`` (one element of each input) and
+    returns it, or, with ``outputs``, assigns each of them (several results per element)."""
 
     name: str
     params: tuple[str, ...]
     body: str
+    outputs: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
-        arguments = ", ".join(f"T {param}" for param in self.params)
-        return f"template <typename T> T {self.name}({arguments}) {{ {self.body} }}"
+        arguments = ", ".join([f"T {param}" for param in self.params] + [f"T& {output}" for output in self.outputs])
+        return f"template <typename T> {'void' if self.outputs else 'T'} {self.name}({arguments}) {{ {self.body} }}"
 
 
 def _float(value: float) -> str:
@@ -142,19 +144,24 @@ def block_mean_kernels(factor: int) -> tuple[Kernel, ...]:
 
 
 def mark_kernel() -> Kernel:
-    """The watermark add of one channel value: the amplitude's vertical interpolation (upper row times its weight
-    plus lower row times its weight), times the pattern, rounded half to even and clamped to +-256 (cv2.add rounds
-    the float delta), then added to the value and saturated to 0..255."""
-    return Kernel("facefuse_mark", ("value", "upper", "lower", "upper_weight", "lower_weight", "pattern"),
+    """The watermark add of one pixel (its three channels in, three out: one element per pixel, so that no input is
+    broadcast over channels, which cost jiterator's indexing 4x the time): the amplitude's vertical interpolation
+    (upper row times its weight plus lower row times its weight), times the pattern, rounded half to even and
+    clamped to +-256 (cv2.add rounds the float delta), then added to each channel value and saturated to 0..255."""
+    saturate = "fminf(fmaxf({} + delta, 0.0f), 255.0f)"
+    return Kernel("facefuse_mark",
+                  ("red", "green", "blue", "upper", "lower", "upper_weight", "lower_weight", "pattern"),
                   "T amplitude = __fadd_rn(__fmul_rn(upper, upper_weight), __fmul_rn(lower, lower_weight)); "
                   "T delta = fminf(fmaxf(rintf(__fmul_rn(amplitude, pattern)), -256.0f), 256.0f); "
-                  "return fminf(fmaxf(value + delta, 0.0f), 255.0f);")
+                  + " ".join(f"{channel}_out = {saturate.format(channel)};" for channel in ("red", "green", "blue")),
+                  outputs=("red_out", "green_out", "blue_out"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launching.
 
-Launcher = Callable[[Kernel, Sequence[torch.Tensor]], torch.Tensor]
+# Runs a kernel over broadcast inputs: its result (float32), or a tuple of them for a kernel with ``outputs``.
+Launcher = Callable[[Kernel, Sequence[torch.Tensor]], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,18 +183,22 @@ def block_means(pixels: torch.Tensor, factor: int, launch: Launcher) -> torch.Te
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(kernel: Kernel) -> Callable[..., torch.Tensor]:
+def _jitted(kernel: Kernel) -> Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]:
+    if kernel.outputs:
+        return torch.cuda.jiterator._create_multi_output_jit_fn(kernel.source, num_outputs=len(kernel.outputs))
     return torch.cuda.jiterator._create_jit_fn(kernel.source)
 
 
-def jiterator_launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Runs ``kernel`` over the broadcast ``inputs`` (CUDA tensors) into a new float32 tensor."""
+def jiterator_launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Runs ``kernel`` over the broadcast ``inputs`` (CUDA tensors) into new float32 tensors."""
     if len(inputs) != len(kernel.params):
         raise ValueError(f"{kernel.name} takes {len(kernel.params)} inputs, got {len(inputs)}")
     result = _jitted(kernel)(*inputs)
-    if result.dtype != torch.float32:
-        raise TypeError(f"{kernel.name} ran in {result.dtype}, expected float32 (give it a float input)")
-    return result
+    results = tuple(result) if kernel.outputs else (result,)
+    if len(results) != max(1, len(kernel.outputs)) or any(out.dtype != torch.float32 for out in results):
+        raise TypeError(f"{kernel.name} gave {[out.dtype for out in results]}, expected float32 (give it a float "
+                        "input)")
+    return results if kernel.outputs else result
 
 
 def _self_check(device: torch.device) -> None:
@@ -199,7 +210,10 @@ def _self_check(device: torch.device) -> None:
     jiterator_launch(column_detail_kernel((1, 2, 1), 8), [values, values, values, values])
     for kernel, _ in float_pass_kernels((0.25, 0.5, 0.25), True):
         jiterator_launch(kernel, [values] * len(kernel.params))
-    jiterator_launch(mark_kernel(), [pixel[..., None]] + [values[..., None]] * 5)
+    # The mark's outputs in order, each its own channel (a swapped or merged output would colour the marks).
+    red, green, blue = jiterator_launch(mark_kernel(), [pixel, pixel + 1, pixel + 2] + [values * 0] * 5)
+    if not (torch.equal(red, values) and torch.equal(green, values + 1) and torch.equal(blue, values + 2)):
+        raise RuntimeError("the mark kernel's outputs came back out of order")
     block_means(pixel[:, :9], 3, jiterator_launch)
     torch.cuda.synchronize(device)
 

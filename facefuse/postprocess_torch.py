@@ -564,10 +564,13 @@ def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles
     for top in range(0, height, band):
         bottom = min(height, top + band)
         upper, lower = rows.index_select(1, y0[top:bottom]), rows.index_select(1, y1[top:bottom])
-        if launch is not None:  # the steps below in one kernel per channel value; the copy casts (exact integers)
-            out[:, top:bottom] = launch(fused_kernels.mark_kernel(), [
-                rgb[:, top:bottom], upper[..., None], lower[..., None], by0[top:bottom, None, None],
-                by1[top:bottom, None, None], pattern[:, : bottom - top, :, None]])
+        if launch is not None:  # the steps below in one kernel per pixel; the copies cast (exact integers)
+            band_rgb = rgb[:, top:bottom]
+            planes = launch(fused_kernels.mark_kernel(), [
+                band_rgb[..., 0], band_rgb[..., 1], band_rgb[..., 2], upper, lower, by0[top:bottom, None],
+                by1[top:bottom, None], pattern[:, : bottom - top]])
+            for channel, plane in enumerate(planes):
+                out[:, top:bottom, :, channel] = plane
             continue
         full = upper * by0[top:bottom, None] + lower * by1[top:bottom, None]
         # cv2.add(uint8, float32, dtype=CV_8U) rounds the delta (half to even), then adds and saturates.

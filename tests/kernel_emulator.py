@@ -42,10 +42,15 @@ _BUILD = Path(tempfile.mkdtemp(prefix="facefuse-kernels-"))
 
 @functools.lru_cache(maxsize=64)
 def _library(kernel: Kernel) -> ctypes.CDLL:
-    arguments = ", ".join(f"inputs[{index}][i]" for index in range(len(kernel.params)))
+    arguments = [f"inputs[{index}][i]" for index in range(len(kernel.params))]
+    if kernel.outputs:
+        arguments += [f"outputs[{index}][i]" for index in range(len(kernel.outputs))]
+        call = f"{kernel.name}<float>({', '.join(arguments)});"
+    else:
+        call = f"outputs[0][i] = {kernel.name}<float>({', '.join(arguments)});"
     source = (f"{_PRELUDE}\n{kernel.source}\n"
-              f'extern "C" void run(const float* const* inputs, float* out, long count) {{\n'
-              f"  for (long i = 0; i < count; ++i) out[i] = {kernel.name}<float>({arguments});\n}}\n")
+              f'extern "C" void run(const float* const* inputs, float* const* outputs, long count) {{\n'
+              f"  for (long i = 0; i < count; ++i) {call}\n}}\n")
     stem = hashlib.sha1(source.encode()).hexdigest()[:16]
     path = _BUILD / f"{stem}.cpp"
     path.write_text(source)
@@ -55,12 +60,16 @@ def _library(kernel: Kernel) -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
-def launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def _pointers(arrays: list[np.ndarray]) -> ctypes.Array:
+    return (ctypes.POINTER(ctypes.c_float) * len(arrays))(
+        *(array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for array in arrays))
+
+
+def launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """fused_kernels.jiterator_launch, on CPU tensors."""
     assert len(inputs) == len(kernel.params), (kernel.name, len(inputs))
     arrays = [np.ascontiguousarray(tensor.to(torch.float32).numpy()) for tensor in torch.broadcast_tensors(*inputs)]
-    out = np.empty(arrays[0].shape, dtype=np.float32)
-    pointers = (ctypes.POINTER(ctypes.c_float) * len(arrays))(
-        *(array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for array in arrays))
-    _library(kernel).run(pointers, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), ctypes.c_long(out.size))
-    return torch.from_numpy(out)
+    outs = [np.empty(arrays[0].shape, dtype=np.float32) for _ in range(max(1, len(kernel.outputs)))]
+    _library(kernel).run(_pointers(arrays), _pointers(outs), ctypes.c_long(outs[0].size))
+    results = tuple(torch.from_numpy(out) for out in outs)
+    return results if kernel.outputs else results[0]

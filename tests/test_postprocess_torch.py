@@ -4,6 +4,7 @@ level on a small fraction of pixels for paste-back and the watermark."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -471,8 +472,8 @@ def test_fused_watermark_equals_the_torch_path(fused, photo, full_hd, generated,
 def test_fused_kernels_can_fail_the_comparison(fused, photo):
     """The comparisons above can fail: a mark kernel that rounds the delta towards zero (in place of to nearest) is
     caught on one photo."""
-    wrong = pt.fused_kernels.Kernel("facefuse_mark_wrong", pt.fused_kernels.mark_kernel().params,
-                                    pt.fused_kernels.mark_kernel().body.replace("rintf(", "truncf("))
+    right = pt.fused_kernels.mark_kernel()
+    wrong = dataclasses.replace(right, name="facefuse_mark_wrong", body=right.body.replace("rintf(", "truncf("))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pt.fused_kernels, "mark_kernel", lambda: wrong)
         marked = pt.embed_watermark_torch(torch.from_numpy(photo), WID)
