@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "block_means", "blur_u8_row_kernel", "column_detail_kernel",
-           "block_mean_kernels", "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel", "one"]
+           "block_mean_kernels", "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel", "one", "self_check"]
 
 ENVIRONMENT_VARIABLE = "FACEFUSE_FUSED_KERNELS"
 # Jiterator's limit on a kernel's tensor arguments.
@@ -201,30 +201,32 @@ def jiterator_launch(kernel: Kernel, inputs: Sequence[torch.Tensor]) -> torch.Te
     return results if kernel.outputs else result
 
 
-def _self_check(device: torch.device) -> None:
-    """Compiles and runs a small kernel of each kind: a host that cannot (no NVRTC) falls back as a whole."""
+def self_check(device: torch.device, launch: Launcher = jiterator_launch) -> None:
+    """Compiles and runs a small kernel of each kind and checks what needs checking beyond compiling (the order of
+    the mark's outputs): a host where this fails (no NVRTC, an old driver) keeps the torch path as a whole."""
     values = torch.arange(24, dtype=torch.float32, device=device).reshape(2, 12)
     pixel = values.to(torch.uint8)
-    jiterator_launch(luma_kernel((9798, 19235, 3735), 15), [pixel, pixel, pixel, one(device)])
-    jiterator_launch(blur_u8_row_kernel((1, 2, 1)), [values, values, values])
-    jiterator_launch(column_detail_kernel((1, 2, 1), 8), [values, values, values, values])
+    launch(luma_kernel((9798, 19235, 3735), 15), [pixel, pixel, pixel, one(device)])
+    launch(blur_u8_row_kernel((1, 2, 1)), [values, values, values])
+    launch(column_detail_kernel((1, 2, 1), 8), [values, values, values, values])
     for kernel, _ in float_pass_kernels((0.25, 0.5, 0.25), True):
-        jiterator_launch(kernel, [values] * len(kernel.params))
+        launch(kernel, [values] * len(kernel.params))
     # The mark's outputs in order, each its own channel (a swapped or merged output would colour the marks).
-    red, green, blue = jiterator_launch(mark_kernel(), [pixel, pixel + 1, pixel + 2] + [values * 0] * 5)
+    red, green, blue = launch(mark_kernel(), [pixel, pixel + 1, pixel + 2] + [values * 0] * 5)
     if not (torch.equal(red, values) and torch.equal(green, values + 1) and torch.equal(blue, values + 2)):
         raise RuntimeError("the mark kernel's outputs came back out of order")
-    block_means(pixel[:, :9], 3, jiterator_launch)
-    torch.cuda.synchronize(device)
+    block_means(torch.arange(54, device=device).reshape(6, 9).to(torch.uint8), 3, launch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @functools.lru_cache(maxsize=8)
 def _cuda_launcher(device: torch.device) -> Launcher | None:
     try:
-        _self_check(device)
+        self_check(device)
     except Exception as error:  # noqa: BLE001 - any failure (no NVRTC, an old driver) means: the torch path
         print(f"[facefuse] fused CUDA kernels unavailable on {device} ({type(error).__name__}: {error}); "
-              "the watermark uses the torch path", file=sys.stderr, flush=True)
+              "the watermark and the working-image shrink use the torch path", file=sys.stderr, flush=True)
         return None
     return jiterator_launch
 

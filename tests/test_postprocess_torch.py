@@ -512,3 +512,19 @@ def test_fused_kernels_on_cuda_equal_the_torch_path(photo, generated):
     expected = _torch_path(pt.embed_watermarks_torch, images, [1, 2])
     for got, want in zip(fused_marks, expected):
         assert torch.equal(got, want)
+
+
+@needs_compiler
+def test_fused_kernels_self_check_passes_and_catches_swapped_outputs(monkeypatch, capsys):
+    """The self-check a GPU host runs before using the kernels (here with the host-compiled source): it passes, it
+    fails on a mark kernel whose outputs come back swapped, and a failing check leaves the torch path, said once."""
+    fk = pt.fused_kernels
+    fk.self_check(torch.device("cpu"), kernel_emulator.launch)
+    right = fk.mark_kernel()
+    swapped = dataclasses.replace(right, name="facefuse_mark_swapped", outputs=("green_out", "red_out", "blue_out"))
+    monkeypatch.setattr(fk, "mark_kernel", lambda: swapped)
+    with pytest.raises(RuntimeError, match="out of order"):
+        fk.self_check(torch.device("cpu"), kernel_emulator.launch)
+    monkeypatch.setattr(fk, "self_check", lambda device: fk.jiterator_launch(right, []))
+    assert fk._cuda_launcher.__wrapped__(torch.device("cuda", 0)) is None
+    assert "fused CUDA kernels unavailable" in capsys.readouterr().err
