@@ -2,7 +2,7 @@
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
     python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-operator]
-                                    [--python-profile]
+                                    [--by-kernel] [--python-profile]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -109,6 +109,20 @@ def by_operator(profiler: torch.profiler.profile, device: torch.device,
     return sorted(rows, key=lambda row: -row[2])[:top]
 
 
+def by_kernel(profiler: torch.profiler.profile, device: torch.device, top: int = 15) -> list[tuple[str, float, int]]:
+    """(kernel or copy, ms, count), largest first: everything the GPU ran by name, also what no operator launched and
+    ``by_operator`` therefore misses (the fused jiterator kernels, nvJPEG's, a replayed CUDA graph's). On a CPU
+    device: the CPU events by own time."""
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+
+    def own_ms(event: object) -> float:
+        return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1000.0
+
+    rows = [(event.key, own_ms(event), event.count) for event in profiler.key_averages()
+            if event.device_type == kind and own_ms(event)]
+    return sorted(rows, key=lambda row: -row[1])[:top]
+
+
 def python_profile(call: Callable[[], object], device: torch.device, repeats: int, top: int = 25) -> str:
     """cProfile's table of ``call`` over ``repeats`` calls, by own time: where the host's time goes (Python, the
     torch operators' dispatch, waits) when the GPU's own time is a fraction of the wall time."""
@@ -160,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", action="store_true", help="also print torch.profiler's tables")
     parser.add_argument("--by-operator", action="store_true",
                         help="each operator's own time by input shape (GPU time on a GPU)")
+    parser.add_argument("--by-kernel", action="store_true",
+                        help="everything the GPU ran by kernel name, also kernels no operator launched (fused, "
+                             "nvJPEG, CUDA graphs)")
     parser.add_argument("--python-profile", action="store_true",
                         help="also print cProfile's functions by own time (the host side of each call)")
     args = parser.parse_args(argv)
@@ -206,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.by_operator:
                 for name, shapes, ms, calls in by_operator(profiler, device):
                     print(f"[request]     {device.type.upper()} {ms:6.3f} ms {calls:4d} calls  {name} {shapes[:110]}")
+            if args.by_kernel:
+                for name, ms, count in by_kernel(profiler, device):
+                    print(f"[request]     kernel {ms:6.3f} ms {count:4d}x  {name[:120]}")
             if args.python_profile:
                 table = python_profile(call, device, args.repeats)
                 print("\n".join(f"[request]   py {line}" for line in table.splitlines() if line.strip()))

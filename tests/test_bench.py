@@ -208,7 +208,8 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     as served and report their time."""
     from bench.profile_request import main
 
-    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2", "--by-operator", "--python-profile"]) == 0
+    assert main(["--device", "cpu", "--repeats", "1", "--rows", "1,2", "--by-operator", "--by-kernel",
+                 "--python-profile"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[request]")]
     walls = [line for line in lines if "wall" in line]
     assert [line.split(":")[0] for line in walls] == [
@@ -221,6 +222,11 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
     # --by-operator: operators with their input shapes and own time (CPU time on a CPU device).
     operators = [line for line in lines if line.startswith("[request]     CPU")]
     assert operators and all("aten::" in line and "[[" in line for line in operators)
+    # --by-kernel: every event the device ran by name (the CPU's events on a CPU device), largest first.
+    kernels = [line for line in lines if line.startswith("[request]     kernel")]
+    assert 4 <= len(kernels) <= 4 * 15
+    first = [float(line.split()[2]) for line in kernels[:2]]
+    assert first[0] >= first[1] > 0
     # --python-profile: cProfile's table per call, our functions among its rows.
     python_rows = [line for line in lines if line.startswith("[request]   py ")]
     assert sum("function calls" in line for line in python_rows) == 4
