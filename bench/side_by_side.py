@@ -5,14 +5,17 @@ A change's effect is measured side by side because two machines of one kind diff
 
     python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
     python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
+    python -m bench.side_by_side --env FACEFUSE_FUSED_KERNELS=off -- ...  # this checkout with that setting
 
 ``--rounds N`` runs both N times, this checkout first in odd rounds and the revision first in even ones, and
 prints each round's ratios and their median (session 13: two single rounds on two H100s disagreed with in-process
 timings at concurrency 1). Everything after ``--`` goes to ``bench.run`` for both; each writes its files under
-``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>" or "tree-<folder>", with "-r<round>"
-for several rounds). The revision is ``git archive``d into .cache/bench/; where this checkout serves the fusion model
-from ONNX (CPU hosts) the revision gets the same file when its network code is unchanged, else its own export (a
-``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints and writes
+``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>", "tree-<folder>" or
+"env-<NAME>-<value>", with "-r<round>" for several rounds). ``--env NAME=VALUE`` compares this checkout with itself
+served under that environment variable (the model processes inherit it): a switch such as
+``FACEFUSE_FUSED_KERNELS=off``, with no second tree. The revision is ``git archive``d into .cache/bench/; where
+this checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
+unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints and writes
 ``<date>_<machine>_side_by_side.csv``: per round, throughput, p50 and p99 of each (model, concurrency) and the
 new/revision ratios.
 """
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "`git archive REV facefuse model_repository bench client "
                                                  "build ':!bench/results' | tar -x -C .device/base` here, carry "
                                                  ".device)")
+    which.add_argument("--env", help="NAME=VALUE: this checkout served with that environment variable (e.g. "
+                                     "FACEFUSE_FUSED_KERNELS=off) as the other side")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -136,8 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or machine_tag()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench") if args.rev else args.tree.resolve()
-    label = tree.name if args.rev else f"tree-{tree.name}"
+    setting: dict[str, str] = {}
+    if args.env:
+        name, equals, value = args.env.partition("=")
+        if not equals or not name:
+            parser.error(f"--env takes NAME=VALUE, got {args.env!r}")
+        tree, label, setting = REPO_ROOT, f"env-{name}-{value}", {name: value}
+    elif args.rev:
+        tree = revision_tree(args.rev, REPO_ROOT / ".cache" / "bench")
+        label = tree.name
+    else:
+        tree = args.tree.resolve()
+        label = f"tree-{tree.name}"
     date = datetime.date.today().isoformat()
     tables = []
     for number in range(1, args.rounds + 1):
@@ -149,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"{machine}-{side}" + (f"-r{number}" if args.rounds > 1 else "")
             print(f"[side-by-side] {side}{f' (round {number})' if args.rounds > 1 else ''}: python -m bench.run "
                   f"{' '.join(passed)}", flush=True)
+            env = _environment(folder) | (setting if side == label else {})
             subprocess.run([sys.executable, "-m", "bench.run", *passed, "--out", str(args.out), "--machine", tag],
-                           cwd=folder, env=_environment(folder), check=True)
+                           cwd=folder, env=env, check=True)
             summaries[side] = json.loads((args.out / f"{date}_{tag}_summary.json").read_text())["rows"]
         table = ratios(summaries["new"], summaries[label])
         tables.append(table)

@@ -277,6 +277,35 @@ def test_side_by_side_rounds_alternate_who_goes_first_and_report_the_median(tmp_
         assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2", "3"]
 
 
+def test_side_by_side_env_serves_this_checkout_with_and_without_a_setting(tmp_path, monkeypatch, capsys):
+    # bench.run stood in for by a function recording each run's environment and writing its summary.
+    import datetime
+    import json
+
+    from bench import side_by_side
+
+    seen = []
+
+    def fake_run(command, cwd, env, check):
+        tag = command[command.index("--machine") + 1]
+        seen.append((tag, Path(cwd), env.get("FACEFUSE_FUSED_KERNELS")))
+        rows = [{"model": "face_fusion", "concurrency": 128, "p50_ms": 30.0, "p99_ms": 40.0,
+                 "throughput_per_s": 600.0 if env.get("FACEFUSE_FUSED_KERNELS") == "off" else 660.0}]
+        (tmp_path / f"{datetime.date.today().isoformat()}_{tag}_summary.json").write_text(json.dumps({"rows": rows}))
+
+    monkeypatch.delenv("FACEFUSE_FUSED_KERNELS", raising=False)
+    monkeypatch.setattr(side_by_side.subprocess, "run", fake_run)
+    assert side_by_side.main(["--env", "FACEFUSE_FUSED_KERNELS=off", "--out", str(tmp_path), "--machine", "m",
+                              "--rounds", "2", "--", "--concurrency", "128"]) == 0
+    assert [(tag, value) for tag, _, value in seen] == [
+        ("m-new-r1", None), ("m-env-FACEFUSE_FUSED_KERNELS-off-r1", "off"),
+        ("m-env-FACEFUSE_FUSED_KERNELS-off-r2", "off"), ("m-new-r2", None)]
+    assert {cwd for _, cwd, _ in seen} == {side_by_side.REPO_ROOT}
+    assert "median over 2 rounds 1.100x" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--env", "FACEFUSE_FUSED_KERNELS", "--", "--concurrency", "1"])
+
+
 @pytest.mark.live
 def test_side_by_side_serves_this_checkout_and_a_revision_and_writes_their_ratios(tmp_path):
     """The real thing, small: the fusion model of this checkout and of HEAD (git archive), each served by the real
