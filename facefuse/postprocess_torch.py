@@ -479,12 +479,14 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
         else:
             by_size.setdefault((height, width, rgb.device), []).append(position)
     groups, small = [], []  # groups: (positions, period, whether an earlier-mark fold follows the detail maps)
+    batches: dict[tuple[int, ...], torch.Tensor] = {}  # each pass's stacked images, for the marks' pass to reuse
     chunks = [(height, width, positions[start:start + _IMAGES_PER_PASS])
               for (height, width, _), positions in by_size.items()
               for start in range(0, len(positions), _IMAGES_PER_PASS)]
     for height, width, positions in chunks:
         period = _period(height, width)
         stacked = images[positions[0]][None] if len(positions) == 1 else torch.stack([images[p] for p in positions])
+        batches[tuple(positions)] = stacked
         luma = _luma(stacked)
         small.append(_amplitude_detail(luma))
         folded = _earlier_mark_fold(luma, period)
@@ -530,7 +532,8 @@ def embed_watermarks_torch(images: list[torch.Tensor], watermark_ids: list[int],
                 part = slice(start, start + _IMAGES_PER_PASS)
                 outs = _add_marks([images[p] for p in positions[part]],
                                   [uploaded[2 * index] for index in indices[part]],
-                                  [uploaded[2 * index + 1] for index in indices[part]], period)
+                                  [uploaded[2 * index + 1] for index in indices[part]], period,
+                                  batches.get(tuple(positions[part])))
                 for position, out in zip(positions[part], outs):
                     marked[position] = out
     return marked  # type: ignore[return-value]
@@ -543,14 +546,17 @@ def _add_mark(rgb: torch.Tensor, amplitude: torch.Tensor, tile: torch.Tensor, pe
 
 
 def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles: list[torch.Tensor],
-               period: int) -> list[torch.Tensor]:
+               period: int, stacked: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``_add_mark`` for same-size images (and amplitude maps, tiles of one period) in one pass: each step is one
-    launch for all of them; the arithmetic per pixel is the same."""
+    launch for all of them; the arithmetic per pixel is the same. ``stacked``: the images already stacked (the
+    analysis pass's batch), else they are stacked here."""
     device = images[0].device
     height, width = images[0].shape[:2]
     amplitude = torch.stack(amplitudes) if len(amplitudes) > 1 else amplitudes[0][None]  # (B, small h, small w)
     tile = torch.stack(tiles) if len(tiles) > 1 else tiles[0][None]
-    rgb = torch.stack(images) if len(images) > 1 else images[0][None]
+    if stacked is None:
+        stacked = torch.stack(images) if len(images) > 1 else images[0][None]
+    rgb = stacked
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
     x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[2], width, device)
