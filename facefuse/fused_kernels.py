@@ -1,16 +1,17 @@
-"""Fused elementwise CUDA kernels for the watermark's full-resolution passes.
+"""Fused elementwise CUDA kernels for the watermark's full-resolution passes and the working-image shrink.
 
-torch makes one memory pass per elementwise operation: the watermark's arithmetic (luma, the 5x5 fixed-point blur,
-the texture measure, the re-marking check's Gaussian, the mark's interpolation, rounding and saturating add) took a
-few dozen full-resolution passes per image, more than half of postprocess's GPU time at 8 rows
-(bench/results/2026-12-06_H100_session14a_profile.txt). Each kernel here does one such step's whole arithmetic per
-element. They are compiled at run time by ``torch.cuda.jiterator`` (NVRTC, which the CUDA build of torch ships: no
-compiler on the host; compiled kernels are cached in ~/.cache/torch/kernels).
+torch makes one memory pass per elementwise operation: the watermark's arithmetic (luma, the 5x5 fixed-point blur, the
+texture measure, the re-marking check's Gaussian, the mark's interpolation, rounding and saturating add) took a few
+dozen full-resolution passes per image, more than half of postprocess's GPU time at 8 rows
+(bench/results/2026-12-06_H100_session14a_profile.txt); preprocess's shrink made a float copy of every photo before
+pooling it. Each kernel here does one such step's whole arithmetic per element. They are compiled at run time by
+``torch.cuda.jiterator`` (NVRTC, which the CUDA build of torch ships: no compiler on the host; compiled kernels are
+cached in ~/.cache/torch/kernels).
 
 The results are bit-identical to the torch path they replace (postprocess_torch, which matches OpenCV):
 
-* integer steps (luma, the fixed-point blur): every partial sum is an integer below 2**24, exact in float32 in any
-  order;
+* integer steps (luma, the fixed-point blur, block sums): every partial sum is an integer below 2**24, exact in
+  float32 in any order;
 * float steps (the Gaussian, the interpolation, the rounding): the torch path's operations in its order, each rounded
   on its own (``__fmul_rn``/``__fadd_rn``: no FMA contraction).
 

@@ -18,6 +18,10 @@ tests/test_postprocess_torch.py, which allows 1 grey level on 0.1% of values):
   full-resolution amplitude follows cv2.resize INTER_LINEAR's tables but OpenCV's float weights differ in their
   last bits (<= 1.2e-5 grey levels apart), so a rounding flips by 1 grey level on about one pixel in a million.
 
+On CUDA the watermark's full-resolution steps (luma, the texture measure's blur, the re-marking check's high-pass,
+the mark's interpolation, rounding and add) run as fused elementwise kernels (``facefuse.fused_kernels``), with the
+same roundings in the same order as the torch code here: bit-identical to it, so the parity above holds for both.
+
 ``finish_torch`` encodes JPEG with nvJPEG (``torchvision.io.encode_jpeg``) when the image is on a CUDA device and
 torchvision is importable; PNG and WebP, and JPEG everywhere else, go through ``imaging.encode_image`` on the host.
 
