@@ -24,6 +24,7 @@ side measurements); a GPU host where the kernels fail to compile says so once on
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -38,6 +39,12 @@ __all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "block_means", "blur_u8
 ENVIRONMENT_VARIABLE = "FACEFUSE_FUSED_KERNELS"
 # Jiterator's limit on a kernel's tensor arguments.
 MAX_INPUTS = 8
+
+
+def _unique(prefix: str, body: str) -> str:
+    """A kernel name that differs whenever the code does (taps, weights): jiterator caches compiled kernels by name
+    too, so two kernels of one name and different code must not meet."""
+    return f"{prefix}_{hashlib.sha1(body.encode()).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,9 @@ def luma_kernel(weights: tuple[int, int, int], shift: int) -> Kernel:
     """cv2.cvtColor(RGB2GRAY) in fixed point: (r*wr + g*wg + b*wb + half) >> shift, as float. ``one`` is a float
     0-dim tensor that makes the launch's dtype float32 (the channels are uint8)."""
     red, green, blue = (_float(weight) for weight in weights)
-    return Kernel("facefuse_luma", ("red", "green", "blue", "one"),
-                  f"return floorf((red * {red} + green * {green} + blue * {blue} + {_float(1 << (shift - 1))})"
-                  f" * {_float(2.0 ** -shift)}) * one;")
+    body = (f"return floorf((red * {red} + green * {green} + blue * {blue} + {_float(1 << (shift - 1))})"
+            f" * {_float(2.0 ** -shift)}) * one;")
+    return Kernel(_unique("facefuse_luma", body), ("red", "green", "blue", "one"), body)
 
 
 def _symmetric_sum(taps: Sequence[int], params: Sequence[str]) -> str:
@@ -84,7 +91,8 @@ def _symmetric_sum(taps: Sequence[int], params: Sequence[str]) -> str:
 def blur_u8_row_kernel(taps: tuple[int, ...]) -> Kernel:
     """The horizontal pass of OpenCV's 8-bit Gaussian (integer taps; no rounding before the vertical pass)."""
     params = tuple(f"p{index}" for index in range(len(taps)))
-    return Kernel(f"facefuse_blur_row_{len(taps)}", params, f"return {_symmetric_sum(taps, params)};")
+    body = f"return {_symmetric_sum(taps, params)};"
+    return Kernel(_unique("facefuse_blur_row", body), params, body)
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,9 +101,9 @@ def column_detail_kernel(taps: tuple[int, ...], fraction_bits: int) -> Kernel:
     texture measure |luma - blurred luma|."""
     params = tuple(f"p{index}" for index in range(len(taps)))
     bits = 2 * fraction_bits
-    return Kernel(f"facefuse_blur_column_detail_{len(taps)}", (*params, "centre"),
-                  f"T blurred = floorf(({_symmetric_sum(taps, params)} + {_float(1 << (bits - 1))})"
-                  f" * {_float(2.0 ** -bits)}); return fabsf(centre - blurred);")
+    body = (f"T blurred = floorf(({_symmetric_sum(taps, params)} + {_float(1 << (bits - 1))})"
+            f" * {_float(2.0 ** -bits)}); return fabsf(centre - blurred);")
+    return Kernel(_unique("facefuse_blur_column_detail", body), (*params, "centre"), body)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,9 +128,8 @@ def float_pass_kernels(taps: tuple[float, ...], subtract_from: bool) -> tuple[tu
             lines.append("return __fsub_rn(values, total);")
         else:
             lines.append("return total;")
-        suffix = "_high" if last and subtract_from else ""
-        kernels.append((Kernel(f"facefuse_float_pass_{len(taps)}_{number}{suffix}", tuple(params), " ".join(lines)),
-                        tuple(pairs)))
+        body = " ".join(lines)
+        kernels.append((Kernel(_unique("facefuse_float_pass", body), tuple(params), body), tuple(pairs)))
     return tuple(kernels)
 
 
