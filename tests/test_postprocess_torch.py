@@ -528,3 +528,16 @@ def test_fused_kernels_self_check_passes_and_catches_swapped_outputs(monkeypatch
     monkeypatch.setattr(fk, "self_check", lambda device: fk.jiterator_launch(right, []))
     assert fk._cuda_launcher.__wrapped__(torch.device("cuda", 0)) is None
     assert "fused CUDA kernels unavailable" in capsys.readouterr().err
+
+
+@needs_compiler
+def test_fused_finish_of_a_batch_gives_the_torch_paths_bytes(fused):
+    """The whole postprocess of a batch (paste, visible label, watermark, encode) with the fused kernels on gives
+    byte for byte the files the torch path gives: PNG, JPEG, a random and a chosen watermark id."""
+    rows = pt.benchmark_rows(3, torch.device("cpu"), 640, 360)
+    rows[0].options = FusionOptions(format="png", visible_label=True, watermark_id=WID_HEX)
+    rows[1].options = FusionOptions(format="jpeg", quality=90, watermark_id="00000000000000ff")
+    rows[2].options = FusionOptions(format="png", watermark_id="0000000000000007")
+    fused_files = [result[0] for result in pt.finish_torch_batch(rows)]
+    torch_files = [result[0] for result in _torch_path(pt.finish_torch_batch, rows)]
+    assert fused_files == torch_files and len(set(fused_files)) == 3
