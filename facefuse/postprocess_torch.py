@@ -569,8 +569,10 @@ def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles
     count = len(images)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width * count)))  # whole tile rows
     pattern = tile.repeat(1, band // period, -(-width // period))[:, :, :width]
-    out = torch.empty_like(rgb)
     launch = fused_kernels.launcher(device)
+    # The fused kernel's three planes land in (B, 3, H, W) memory, each row contiguous, and the images come back as
+    # HxWx3 views of it: nvJPEG takes its planes as they are (no channels-first copy per image before encoding).
+    out = torch.empty_like(rgb) if launch is None else rgb.new_empty((count, 3, height, width)).permute(0, 2, 3, 1)
     for top in range(0, height, band):
         bottom = min(height, top + band)
         upper, lower = rows.index_select(1, y0[top:bottom]), rows.index_select(1, y1[top:bottom])
