@@ -57,10 +57,7 @@ def check_fused_kernels(images: list[torch.Tensor], device: torch.device) -> Non
     fused_marks = pt.embed_watermarks_torch(again, ids)
     torch_marks = _torch_path(pt.embed_watermarks_torch, again, ids)
     print(f"[check] fused == torch path on cuda: watermarks {all(map(torch.equal, fused_marks, torch_marks))}")
-    pixels = torch.randint(0, 256, (4, 3, 1080, 1920), dtype=torch.uint8, device=device)
-    same = [torch.equal(fused_kernels.block_means(pixels, factor, launch),
-                        torch.nn.functional.avg_pool2d(pixels.float(), factor)) for factor in (2, 3, 4)]
-    print(f"[check] fused block means == avg_pool2d on cuda (factors 2, 3, 4): {same}")
+
 
 
 def main() -> int:

@@ -95,17 +95,20 @@ def gpu_work(call: Callable[[], object], device: torch.device,
     return gpu_ms, launches, profiler
 
 
+def _own_ms(event: object, device: torch.device) -> float:
+    """An event's own time in ms: on the GPU for a CUDA device, else on the CPU."""
+    return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1000.0
+
+
 def by_operator(profiler: torch.profiler.profile, device: torch.device,
                 top: int = 15) -> list[tuple[str, str, float, int]]:
     """(operator, input shapes, ms, calls), largest first: the operators' own time on the GPU (on a CPU device, on
     the CPU), grouped by input shape, which tells which tensors cost it (e.g. a full-resolution batch made
     contiguous). The shapes, not source lines: torch 2.11 on the H100 did not link operators to Python frames."""
-    def own_ms(event: object) -> float:
-        return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1000.0
-
-    rows = [(event.key, str(event.input_shapes), own_ms(event), event.count)
+    rows = [(event.key, str(event.input_shapes), _own_ms(event, device), event.count)
             for event in profiler.key_averages(group_by_input_shape=True)
-            if event.device_type == torch.autograd.DeviceType.CPU and event.key.startswith("aten::") and own_ms(event)]
+            if event.device_type == torch.autograd.DeviceType.CPU and event.key.startswith("aten::")
+            and _own_ms(event, device)]
     return sorted(rows, key=lambda row: -row[2])[:top]
 
 
@@ -115,11 +118,8 @@ def by_kernel(profiler: torch.profiler.profile, device: torch.device, top: int =
     device: the CPU events by own time."""
     kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
 
-    def own_ms(event: object) -> float:
-        return (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1000.0
-
-    rows = [(event.key, own_ms(event), event.count) for event in profiler.key_averages()
-            if event.device_type == kind and own_ms(event)]
+    rows = [(event.key, _own_ms(event, device), event.count) for event in profiler.key_averages()
+            if event.device_type == kind and _own_ms(event, device)]
     return sorted(rows, key=lambda row: -row[1])[:top]
 
 

@@ -7,14 +7,14 @@ A change's effect is measured side by side because two machines of one kind diff
     python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
     python -m bench.side_by_side --env FACEFUSE_FUSED_KERNELS=off -- ...  # this checkout with that setting
 
-``--rounds N`` runs both N times, this checkout first in odd rounds and the revision first in even ones, and
-prints each round's ratios and their median (session 13: two single rounds on two H100s disagreed with in-process
-timings at concurrency 1). Everything after ``--`` goes to ``bench.run`` for both; each writes its files under
-``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>", "tree-<folder>" or
-"env-<NAME>-<value>", with "-r<round>" for several rounds). ``--env NAME=VALUE`` compares this checkout with itself
-served under that environment variable (the model processes inherit it): a switch such as
-``FACEFUSE_FUSED_KERNELS=off``, with no second tree. The revision is ``git archive``d into .cache/bench/; where
-this checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
+``--rounds N`` runs both N times, this checkout first in odd rounds and the revision first in even ones, and prints each
+round's ratios and their median (session 14: within one call on one H100 every run was faster than the one before, 28.9
+-> 40.6 images/s at concurrency 1, so single rounds do not compare). Everything after ``--`` goes to ``bench.run`` for
+both; each writes its files under ``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>",
+"tree-<folder>" or "env-<NAME>-<value>", with "-r<round>" for several rounds). ``--env NAME=VALUE`` compares this
+checkout with itself served under that environment variable (the model processes inherit it): a switch such as
+``FACEFUSE_FUSED_KERNELS=off``, with no second tree. The revision is ``git archive``d into .cache/bench/; where this
+checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
 unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints and writes
 ``<date>_<machine>_side_by_side.csv``: per round, throughput, p50 and p99 of each (model, concurrency) and the
 new/revision ratios.

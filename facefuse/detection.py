@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facefuse import fused_kernels
 from facefuse.batch_buckets import BucketedNet, bucket_sizes, forward_in_bucket
 from facefuse.device_imaging import to_device, to_host
 
@@ -436,11 +435,8 @@ def shrink_by_whole_factor(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     """(B,3,H,W) uint8 -> (B,3,H/factor,W/factor) float: the mean of each factor x factor block, which is OpenCV's
     INTER_AREA at a whole-number factor (``_shrink`` on the host path) before its rounding to uint8. A block-mean
     pool instead of the antialiased bilinear pass: closer to the host path's working image and cheaper
-    (bench.profile_shrink, 16 1080p photos on an H100: 0.47 vs 0.72 ms; a uint8 block-sum reduction took 1.10).
-    With the fused kernels (facefuse.fused_kernels) the same values straight from the uint8 pixels."""
-    launch = fused_kernels.launcher(pixels.device)
-    if launch is not None:
-        return fused_kernels.block_means(pixels, factor, launch)
+    (bench.profile_shrink, 16 1080p photos on an H100: 0.47 vs 0.72 ms; a uint8 block-sum reduction took 1.10;
+    a fused kernel reading the uint8 pixels saved no GPU time at 8 rows, session 14)."""
     return F.avg_pool2d(pixels.float(), factor)
 
 

@@ -1,17 +1,16 @@
-"""Fused elementwise CUDA kernels for the watermark's full-resolution passes and the working-image shrink.
+"""Fused elementwise CUDA kernels for the watermark's full-resolution passes.
 
 torch makes one memory pass per elementwise operation: the watermark's arithmetic (luma, the 5x5 fixed-point blur, the
 texture measure, the re-marking check's Gaussian, the mark's interpolation, rounding and saturating add) took a few
 dozen full-resolution passes per image, more than half of postprocess's GPU time at 8 rows
-(bench/results/2026-12-06_H100_session14a_profile.txt); preprocess's shrink made a float copy of every photo before
-pooling it. Each kernel here does one such step's whole arithmetic per element. They are compiled at run time by
-``torch.cuda.jiterator`` (NVRTC, which the CUDA build of torch ships: no compiler on the host; compiled kernels are
-cached in ~/.cache/torch/kernels).
+(bench/results/2026-12-06_H100_session14a_profile.txt). Each kernel here does one such step's whole arithmetic per
+element. They are compiled at run time by ``torch.cuda.jiterator`` (NVRTC, which the CUDA build of torch ships: no
+compiler on the host; compiled kernels are cached in ~/.cache/torch/kernels).
 
 The results are bit-identical to the torch path they replace (postprocess_torch, which matches OpenCV):
 
-* integer steps (luma, the fixed-point blur, block sums): every partial sum is an integer below 2**24, exact in
-  float32 in any order;
+* integer steps (luma, the fixed-point blur): every partial sum is an integer below 2**24, exact in float32 in any
+  order;
 * float steps (the Gaussian, the interpolation, the rounding): the torch path's operations in its order, each rounded
   on its own (``__fmul_rn``/``__fadd_rn``: no FMA contraction).
 
@@ -33,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "block_means", "blur_u8_row_kernel", "column_detail_kernel",
-           "block_mean_kernels", "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel", "one", "self_check"]
+__all__ = ["ENVIRONMENT_VARIABLE", "Kernel", "Launcher", "blur_u8_row_kernel", "column_detail_kernel",
+           "float_pass_kernels", "launcher", "luma_kernel", "mark_kernel", "one", "self_check"]
 
 ENVIRONMENT_VARIABLE = "FACEFUSE_FUSED_KERNELS"
 # Jiterator's limit on a kernel's tensor arguments.
@@ -133,24 +132,6 @@ def float_pass_kernels(taps: tuple[float, ...], subtract_from: bool) -> tuple[tu
     return tuple(kernels)
 
 
-@functools.lru_cache(maxsize=8)
-def block_mean_kernels(factor: int) -> tuple[Kernel, ...]:
-    """The mean of each factor x factor block of uint8 pixels, as avg_pool2d computes it in float32 (the sum, exact,
-    divided by factor**2), from the block's factor**2 strided views: the first kernel takes a float 0-dim ``one``
-    (the launch's dtype) and up to MAX_INPUTS - 1 views, each further one the partial sum and up to MAX_INPUTS - 1
-    views; the last divides."""
-    count, per_kernel = factor * factor, MAX_INPUTS - 1
-    kernels = []
-    for number, start in enumerate(range(0, count, per_kernel)):
-        views = [f"v{index}" for index in range(start, min(count, start + per_kernel))]
-        params = ("one" if number == 0 else "partial", *views)
-        total = " + ".join(views)
-        total = f"({total}) * one" if number == 0 else f"partial + {total}"
-        result = f"__fdiv_rn({total}, {_float(count)})" if start + per_kernel >= count else total
-        kernels.append(Kernel(f"facefuse_block_mean_{factor}_{number}", params, f"return {result};"))
-    return tuple(kernels)
-
-
 def mark_kernel() -> Kernel:
     """The watermark add of one pixel (its three channels in, three out: one element per pixel, so that no input is
     broadcast over channels, which cost jiterator's indexing 4x the time): the amplitude's vertical interpolation
@@ -176,18 +157,6 @@ Launcher = Callable[[Kernel, Sequence[torch.Tensor]], torch.Tensor | tuple[torch
 def one(device: torch.device) -> torch.Tensor:
     """A float32 1 on ``device``: the input that makes a kernel over uint8 pixels run in float32."""
     return torch.ones((), device=device)
-
-
-def block_means(pixels: torch.Tensor, factor: int, launch: Launcher) -> torch.Tensor:
-    """(..., H, W) uint8 -> (..., H/factor, W/factor) float32 block means (H, W multiples of factor): avg_pool2d's
-    values without a float copy of the pixels."""
-    views = [pixels[..., row::factor, column::factor] for row in range(factor) for column in range(factor)]
-    partial, taken = None, 0
-    for kernel in block_mean_kernels(factor):
-        count = len(kernel.params) - 1
-        partial = launch(kernel, [one(pixels.device) if partial is None else partial, *views[taken:taken + count]])
-        taken += count
-    return partial
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,7 +192,6 @@ def self_check(device: torch.device, launch: Launcher = jiterator_launch) -> Non
     red, green, blue = launch(mark_kernel(), [pixel, pixel + 1, pixel + 2] + [values * 0] * 5)
     if not (torch.equal(red, values) and torch.equal(green, values + 1) and torch.equal(blue, values + 2)):
         raise RuntimeError("the mark kernel's outputs came back out of order")
-    block_means(torch.arange(54, device=device).reshape(6, 9).to(torch.uint8), 3, launch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -234,7 +202,7 @@ def _cuda_launcher(device: torch.device) -> Launcher | None:
         self_check(device)
     except Exception as error:  # noqa: BLE001 - any failure (no NVRTC, an old driver) means: the torch path
         print(f"[facefuse] fused CUDA kernels unavailable on {device} ({type(error).__name__}: {error}); "
-              "the watermark and the working-image shrink use the torch path", file=sys.stderr, flush=True)
+              "the watermark uses the torch path", file=sys.stderr, flush=True)
         return None
     return jiterator_launch
 

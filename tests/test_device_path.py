@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from bench.inputs import benchmark_pair
@@ -33,7 +32,6 @@ from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import _ORIENTATION_TRANSPOSE, ImageLimits, decode_image, encode_image
 from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
 from facefuse.samples import sample_image_path
-from tests import kernel_emulator
 
 
 @pytest.fixture(scope="module")
@@ -367,17 +365,3 @@ def test_whole_factor_shrink_is_opencvs_area_resize(group):
     block = photo[3:6, 6:9].astype(np.float64).mean(axis=(0, 1))
     np.testing.assert_allclose(shrunk[0, :, 1, 2].numpy(), block, atol=1e-4)
 
-
-@pytest.mark.skipif(kernel_emulator.compiler() is None,
-                    reason="no C++ compiler on this host to run the fused kernels' source")
-@pytest.mark.parametrize("factor", [2, 3, 4])
-def test_fused_block_means_equal_avg_pool(factor, monkeypatch):
-    """The fused shrink (facefuse.fused_kernels.block_means; its C++ source compiled here by the host's compiler in
-    place of jiterator) gives avg_pool2d's float32 values bit for bit, from the uint8 pixels: 2 (one kernel), 3 and 4
-    (9 and 16 views: two and three kernels)."""
-    rng = np.random.default_rng(factor)
-    pixels = torch.from_numpy(rng.integers(0, 256, (2, 3, 36 * factor, 20 * factor), dtype=np.uint8))
-    monkeypatch.setattr(detection.fused_kernels, "launcher", lambda device: kernel_emulator.launch)
-    fused = detection.shrink_by_whole_factor(pixels, factor)
-    assert fused.dtype == torch.float32 and torch.equal(fused, F.avg_pool2d(pixels.float(), factor))
-    assert len(detection.fused_kernels.block_mean_kernels(factor)) == -(-factor * factor // 7)

@@ -494,7 +494,6 @@ def test_fused_kernel_sources_fit_jiterator():
     kernels = [fk.luma_kernel(pt._GRAY_WEIGHTS, pt._GRAY_SHIFT), fk.mark_kernel(),
                fk.blur_u8_row_kernel(pt._fixed_point_gaussian(5, 1.2)),
                fk.column_detail_kernel(pt._fixed_point_gaussian(5, 1.2), pt._BLUR_FRACTION_BITS)]
-    kernels += [kernel for factor in (2, 3, 4, 5) for kernel in fk.block_mean_kernels(factor)]
     for sigma in (2.0, 0.6, 5.0):
         kernels += [kernel for subtract in (False, True)
                     for kernel, _ in fk.float_pass_kernels(pt._float_gaussian(sigma), subtract)]
