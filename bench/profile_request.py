@@ -2,7 +2,7 @@
 with its source line (CUDA's sync debug mode), and torch.profiler's GPU time and kernel launches.
 
     python -m bench.profile_request [--device cuda] [--repeats 10] [--rows 1,8] [--tables] [--by-operator]
-                                    [--by-kernel] [--python-profile]
+                                    [--by-kernel] [--python-profile] [--compile-nets]
 
 On an H100 (2026-12-06, bench/results/2026-12-06_H100_request_profile.txt) one request's preprocess took 12 to 21 ms
 for 4.4 ms of GPU work in 366 launches with 33 host waits, a postprocess row 14 ms for 1.7 ms in 171 launches with
@@ -179,15 +179,22 @@ def main(argv: list[str] | None = None) -> int:
                              "nvJPEG, CUDA graphs)")
     parser.add_argument("--python-profile", action="store_true",
                         help="also print cProfile's functions by own time (the host side of each call)")
+    parser.add_argument("--compile-nets", action="store_true",
+                        help="BlazeFace and the mesh through torch.compile in their CUDA graphs (preprocess "
+                             "parameter compile_nets = yes); prints the warm-up's time")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_sizes = [int(value) for value in args.rows.split(",")]
     pairs = benchmark_pairs(max(4, 2 * max(batch_sizes)))
     # As served: BlazeFace proposals, the detector's working size, the mesh on the same device.
     # outputs_on_device: targets and crops stay in GPU memory for fusion and postprocess (`outputs_on_gpu` "auto").
-    preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto"),
-                                FaceMesh(device=device), outputs_on_device=True)
+    preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto",
+                                             compile_nets=args.compile_nets),
+                                FaceMesh(device=device, compile_net=args.compile_nets), outputs_on_device=True)
+    started = time.perf_counter()
     preprocessor.warm_up()
+    print(f"[request] preprocess warm-up {time.perf_counter() - started:.1f} s"
+          f"{' (nets compiled)' if args.compile_nets else ''}", flush=True)
     requests = [FusionRequest(*pair, 100.0, 100.0, b"{}") for pair in pairs]
     for request in requests:  # every pair seen once: decode and detector sizes warmed up
         preprocessor.prepare_batch([request])

@@ -86,7 +86,7 @@ class BlazeFace:
     "auto"; else PyTorch; facefuse.onnx_cpu): 4x faster than PyTorch on 2 cores, outputs within 1e-4."""
 
     def __init__(self, device: str | torch.device = "cpu", min_score: float = 0.5, runtime: str = "auto",
-                 pad_batches: bool = False, cuda_graphs: bool = False) -> None:
+                 pad_batches: bool = False, cuda_graphs: bool = False, compile_net: bool = False) -> None:
         self.device = torch.device(device)
         self.net = None  # the PyTorch graph, where ONNX Runtime does not run it
         self.runner: BucketedNet | None = None  # detect_tensors' batches: padded to buckets, CUDA graphs (on CUDA)
@@ -95,7 +95,8 @@ class BlazeFace:
             self.session = cpu_session(_onnx_model())
         else:
             self.net = TFLiteGraph(model_path()).to(self.device).eval()
-            self.runner = BucketedNet(self.net, pad_batches, cuda_graphs, max_graph_rows=64)
+            self.runner = BucketedNet(self.net, pad_batches, cuda_graphs, max_graph_rows=64,
+                                      compile_net=compile_net, name="BlazeFace graph")
         self.anchors = _anchor_centres()
         self.min_score = float(min_score)
         # The threshold on the graph's logits (the sigmoid is monotonic): only anchors above it are decoded.

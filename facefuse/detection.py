@@ -519,12 +519,13 @@ class FaceDetector:
 
     Images whose longest side exceeds ``max_side`` are first shrunk to it, and ``min_face_size`` (the smallest face
     searched for) counts pixels of that shrunk working image; results are always in input-image pixels.
+    ``compile_nets``: BlazeFace's CUDA graphs capture its graph through torch.compile (batch_buckets.BucketedNet).
     """
 
     def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
                  thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), max_side: int = 1280,
                  min_face_fraction: float = 0.0, images_on_device: bool | None = None,
-                 proposals: str = "mtcnn", cuda_graphs: bool = True) -> None:
+                 proposals: str = "mtcnn", cuda_graphs: bool = True, compile_nets: bool = False) -> None:
         if proposals not in PROPOSAL_CHOICES:
             raise ValueError(f"proposals must be one of {PROPOSAL_CHOICES}, got {proposals!r}")
         if min_face_size < _PNET_CELL:
@@ -567,7 +568,8 @@ class FaceDetector:
 
             self.blazeface = BlazeFace(self.device, min_score=_BLAZEFACE_MIN_SCORE,
                                        runtime="torch" if self.images_on_device else "auto",
-                                       pad_batches=self.pad_batches, cuda_graphs=cuda_graphs)
+                                       pad_batches=self.pad_batches, cuda_graphs=cuda_graphs,
+                                       compile_net=compile_nets)
 
     # -- public API -------------------------------------------------------------------------------------------
 

@@ -300,13 +300,15 @@ class FaceMesh:
     On the CPU the net runs in ONNX Runtime where it is installed (``runtime`` "auto"; facefuse.onnx_cpu): a 1080p
     pair's two crops in ~9.5 ms instead of 14-17 ms with PyTorch on 2 cores, landmarks within 1e-3 px."""
 
-    def __init__(self, device: str = "cpu", cuda_graphs: bool = True, runtime: str = "auto") -> None:
+    def __init__(self, device: str = "cpu", cuda_graphs: bool = True, runtime: str = "auto",
+                 compile_net: bool = False) -> None:
         self.device = torch.device(device)
         self.net = FaceMeshNet.pretrained().to(self.device)
         # Batches padded to power-of-two buckets, all run once by warm_up (facefuse.batch_buckets), and replayed
         # from a CUDA graph per bucket (``cuda_graphs``).
         self.pad_batches = self.device.type == "cuda"
-        self.runner = BucketedNet(self.net, self.pad_batches, cuda_graphs)
+        self.runner = BucketedNet(self.net, self.pad_batches, cuda_graphs, compile_net=compile_net,
+                                  name="face mesh")
         self.session = cpu_session(_onnx_model()) if uses_onnxruntime(runtime, self.device) else None
 
     def prepare(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

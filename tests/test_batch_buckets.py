@@ -140,3 +140,34 @@ def test_bucketed_net_off_cuda_is_the_padded_forward():
     assert recorder.shapes == [(4, 2)] and out.shape == (3, 2) and not runner.graphs
     assert BucketedNet(recorder, pad=False)(torch.zeros((3, 2))).shape == (3, 2)
     assert recorder.shapes[-1] == (3, 2)
+
+
+def test_bucketed_net_compile_failure_falls_back_to_the_eager_net(capsys):
+    """Where torch.compile's net fails at its first pass (no compiler, an untraceable operator) the graphs take the
+    eager net and stderr says so once; an eager net's own failure is not hidden."""
+    eager = _Recorder(torch.nn.Identity())
+    runner = BucketedNet(eager, pad=True, cuda_graphs=True, name="test net")
+
+    def failing(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no working C compiler\nmore detail")
+
+    runner.graph_net = failing  # what torch.compile returns, failing as it would on its first call
+    out = runner.warm(torch.ones((2, 3)))
+    assert torch.equal(out, torch.ones((2, 3))) and runner.graph_net is eager and eager.shapes == [(2, 3)]
+    message = capsys.readouterr().err
+    assert "torch.compile of the test net failed (RuntimeError: no working C compiler)" in message
+    assert "more detail" not in message
+    runner.warm(torch.ones((2, 3)))
+    assert capsys.readouterr().err == ""  # once
+    broken = BucketedNet(failing, pad=True, cuda_graphs=True)
+    with pytest.raises(RuntimeError, match="no working C compiler"):
+        broken.warm(torch.ones((1, 3)))
+
+
+def test_bucketed_net_compiles_only_for_cuda_graphs():
+    """compile_net takes effect where graphs are captured (padded CUDA batches): elsewhere the net runs as given."""
+    net = torch.nn.Identity()
+    assert BucketedNet(net, pad=False, cuda_graphs=True, compile_net=True).graph_net is net
+    assert BucketedNet(net, pad=True, cuda_graphs=False, compile_net=True).graph_net is net
+    assert BucketedNet(net, pad=True, cuda_graphs=True).graph_net is net
+    assert BucketedNet(net, pad=True, cuda_graphs=True, compile_net=True).graph_net is not net

@@ -71,16 +71,19 @@ class TritonPythonModel:
             identity_guard = IdentityGuard.from_file(parameters["blocklist_path"].strip())
         detector_max_side = int(parameters.get("detector_max_side", SERVICE_DETECTOR_MAX_SIDE))
         cuda_graphs = choice_parameter(parameters, "cuda_graphs", ("yes", "no"))
+        # BlazeFace and the face mesh through torch.compile inside their CUDA graphs (GPU only; compiles at load).
+        compile_nets = choice_parameter(parameters, "compile_nets", ("no", "yes")) == "yes" and cuda_graphs == "yes"
         detector_images = choice_parameter(parameters, "detector_images", ("auto", "device"))
         detector = FaceDetector(device=device, max_side=detector_max_side,
                                 proposals=parameters.get("detector_proposals", "auto"),
-                                cuda_graphs=cuda_graphs == "yes",
+                                cuda_graphs=cuda_graphs == "yes", compile_nets=compile_nets,
                                 images_on_device=True if detector_images == "device" else None)
         # TARGET_RGB and the network's crops in GPU memory (DLPack) when preprocess works on the GPU: postprocess and
         # fusion (FORCE_CPU_ONLY_INPUT_TENSORS "no") take them there, with no trip through the host and Triton's
         # shared memory (6 MB + 1.5 MB per request).
         outputs_on_gpu = choice_parameter(parameters, "outputs_on_gpu", ("auto", "no"))
-        self.preprocessor = Preprocessor(detector, FaceMesh(device=device, cuda_graphs=cuda_graphs == "yes"), limits,
+        mesh = FaceMesh(device=device, cuda_graphs=cuda_graphs == "yes", compile_net=compile_nets)
+        self.preprocessor = Preprocessor(detector, mesh, limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
         warmed = self.preprocessor.warm_up()
@@ -88,6 +91,8 @@ class TritonPythonModel:
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         graphs = "CUDA graphs" if detector.pad_batches and cuda_graphs == "yes" else "no CUDA graphs"
+        if detector.pad_batches and compile_nets:
+            graphs += " of torch.compile'd BlazeFace and mesh"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
                                  f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
                                  f"TARGET_RGB and crops as {target_place}, limits {limits}, "
