@@ -100,24 +100,45 @@ class BucketedNet:
                 for _ in range(2):  # compiling, cuDNN's algorithm choice and lazy set-up happen outside the capture
                     self.warm(static_input)
             torch.cuda.current_stream(batch.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_outputs = self.graph_net(static_input)
+            graph, static_outputs = self.capture_or_eager(static_input)
             self._pool = graph.pool()
             self.graphs[key] = (graph, static_input, static_outputs)
         return self.graphs[key]
 
+    def capture(self, static_input: torch.Tensor) -> tuple[Any, Any]:
+        """A CUDA graph of one pass of ``graph_net`` over ``static_input`` (this net's memory pool) and its
+        outputs."""
+        import torch
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_outputs = self.graph_net(static_input)
+        return graph, static_outputs
+
+    def capture_or_eager(self, static_input: torch.Tensor) -> tuple[Any, Any]:
+        """``capture``; where the compiled net's capture fails, the eager net's (``warm`` says why)."""
+        try:
+            return self.capture(static_input)
+        except Exception as error:  # noqa: BLE001 - compiled code a capture refuses: the eager net instead
+            if self.graph_net is self.net:
+                raise
+            self._without_compile(error, "capture")
+            return self.capture(static_input)
+
     def warm(self, batch: torch.Tensor) -> Any:
-        """One pass of what the graphs capture, outside a capture. Where torch.compile fails (no working compiler
-        for its kernels, an operator it cannot trace) the graphs take the eager net instead, and stderr says so
-        once: a slower net, never a failed model load."""
+        """One pass of what the graphs capture, outside a capture. Where torch.compile fails here or in the
+        capture (no working compiler for its kernels, an operator it cannot trace, code a capture refuses) the
+        graphs take the eager net instead, and stderr says so once: a slower net, never a failed model load."""
         try:
             return self.graph_net(batch)
         except Exception as error:  # noqa: BLE001 - Inductor/Triton raise many kinds; the eager net is the answer
             if self.graph_net is self.net:
                 raise
-            print(f"[facefuse] torch.compile of the {self.name} failed ({type(error).__name__}: "
-                  f"{str(error).splitlines()[0][:200] if str(error) else ''}); its CUDA graphs run the eager net",
-                  file=sys.stderr, flush=True)
-            self.graph_net = self.net
+            self._without_compile(error, "first pass")
             return self.net(batch)
+
+    def _without_compile(self, error: Exception, step: str) -> None:
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        print(f"[facefuse] torch.compile of the {self.name} failed in its {step} ({type(error).__name__}: {detail}); "
+              "its CUDA graphs run the eager net", file=sys.stderr, flush=True)
+        self.graph_net = self.net

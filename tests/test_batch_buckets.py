@@ -134,6 +134,25 @@ def test_cuda_graph_replays_give_the_eager_outputs_and_outputs_outlive_the_next_
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none here")
+def test_cuda_graphs_of_the_compiled_nets_give_the_eager_outputs(capsys):
+    """compile_nets on a GPU: BlazeFace's and the mesh's graphs capture torch.compile's kernels, with the eager
+    nets' outputs within float rounding, and no fallback to the eager net was needed."""
+    from facefuse.blazeface import BlazeFace
+
+    blazeface = BlazeFace("cuda", runtime="torch", pad_batches=True, cuda_graphs=True, compile_net=True)
+    mesh = FaceMesh(device="cuda", compile_net=True)
+    rng = np.random.default_rng(0)
+    for runner, net in ((blazeface.runner, blazeface.net), (mesh.runner, mesh.net)):
+        for count in (1, 3, 16):
+            batch = torch.from_numpy(rng.uniform(-1, 1, (count, 3, 192, 192)).astype(np.float32)).cuda()
+            with torch.inference_mode():
+                for got, want in zip(runner(batch), forward_in_bucket(net, batch, pad=True), strict=True):
+                    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        assert runner.graph_net is not net
+    assert "torch.compile" not in capsys.readouterr().err
+
+
 def test_bucketed_net_off_cuda_is_the_padded_forward():
     """On the CPU (tests here) nothing is captured: the padded eager pass, as forward_in_bucket."""
     recorder = _Recorder(torch.nn.Identity())
@@ -157,13 +176,44 @@ def test_bucketed_net_compile_failure_falls_back_to_the_eager_net(capsys):
     out = runner.warm(torch.ones((2, 3)))
     assert torch.equal(out, torch.ones((2, 3))) and runner.graph_net is eager and eager.shapes == [(2, 3)]
     message = capsys.readouterr().err
-    assert "torch.compile of the test net failed (RuntimeError: no working C compiler)" in message
+    assert "torch.compile of the test net failed in its first pass (RuntimeError: no working C compiler)" in message
     assert "more detail" not in message
     runner.warm(torch.ones((2, 3)))
     assert capsys.readouterr().err == ""  # once
     broken = BucketedNet(failing, pad=True, cuda_graphs=True)
     with pytest.raises(RuntimeError, match="no working C compiler"):
         broken.warm(torch.ones((1, 3)))
+
+
+def test_bucketed_net_capture_failure_of_the_compiled_net_captures_the_eager_net(capsys):
+    """A compiled net that a CUDA graph capture refuses: that bucket (and every later one) captures the eager net
+    instead, saying so once; a failing capture of the eager net itself is not hidden. (``capture`` is CUDA-only:
+    here it is replaced by a function that fails for the compiled net, the failure being injected.)"""
+    eager = torch.nn.Identity()
+    runner = BucketedNet(eager, pad=True, cuda_graphs=True, compile_net=True, name="test net")
+    compiled = runner.graph_net
+    captured = []
+
+    def capture(static_input: torch.Tensor) -> tuple[str, torch.Tensor]:
+        captured.append(runner.graph_net)
+        if runner.graph_net is not eager:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return "graph", runner.graph_net(static_input)
+
+    runner.capture = capture
+    graph, outputs = runner.capture_or_eager(torch.ones((2, 3)))
+    assert graph == "graph" and torch.equal(outputs, torch.ones((2, 3)))
+    assert captured == [compiled, eager] and runner.graph_net is eager
+    assert "torch.compile of the test net failed in its capture (RuntimeError: operation not permitted" in \
+        capsys.readouterr().err
+    broken = BucketedNet(eager, pad=True, cuda_graphs=True)
+
+    def failing_capture(static_input: torch.Tensor) -> None:
+        raise RuntimeError("capture failed")
+
+    broken.capture = failing_capture
+    with pytest.raises(RuntimeError, match="capture failed"):
+        broken.capture_or_eager(torch.ones((1, 3)))
 
 
 def test_bucketed_net_compiles_only_for_cuda_graphs():
