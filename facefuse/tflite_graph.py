@@ -38,10 +38,27 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], value: float = 0.0) -> torch.Tensor:
+def _same_pads(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int, int, int]:
+    """SAME padding of an NCHW input as F.pad's (left, right, top, bottom)."""
     top, bottom = _same_padding(x.shape[2], kernel[0], stride[0])
     left, right = _same_padding(x.shape[3], kernel[1], stride[1])
-    return F.pad(x, (left, right, top, bottom), value=value) if top or bottom or left or right else x
+    return left, right, top, bottom
+
+
+def _pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], value: float = 0.0) -> torch.Tensor:
+    pads = _same_pads(x, kernel, stride)
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+def _conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+               groups: int) -> torch.Tensor:
+    """A convolution with SAME padding. Symmetric padding (every stride-1 conv) is the convolution's own zero
+    padding: the same sums without a padded copy of the input (F.pad costs a fill and a copy kernel; BlazeFace has
+    36 such convs per pass); only the asymmetric case (stride 2, even size) pads first."""
+    left, right, top, bottom = _same_pads(x, tuple(weight.shape[2:]), stride)
+    if left == right and top == bottom:
+        return F.conv2d(x, weight, bias, stride=stride, padding=(top, left), groups=groups)
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=stride, groups=groups)
 
 
 class TFLiteGraph(nn.Module):
@@ -154,10 +171,11 @@ class TFLiteGraph(nn.Module):
             x = values[ins[0]]
             if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
                 weight, bias = self.weights[str(ins[1])], self.weights[str(ins[2])] if len(ins) > 2 else None
-                if options["same"]:
-                    x = _pad_same(x, tuple(weight.shape[2:]), options["stride"])
                 groups = x.shape[1] if name == "DEPTHWISE_CONV_2D" else 1
-                y = F.conv2d(x, weight, bias, stride=options["stride"], groups=groups)
+                if options["same"]:
+                    y = _conv_same(x, weight, bias, options["stride"], groups)
+                else:
+                    y = F.conv2d(x, weight, bias, stride=options["stride"], groups=groups)
             elif name == "MAX_POOL_2D":
                 if options["same"]:
                     x = _pad_same(x, options["kernel"], options["stride"], value=float("-inf"))

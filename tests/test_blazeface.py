@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from facefuse.blazeface import BlazeFace, weighted_nms, weighted_nms_grouped
+from facefuse.blazeface import BlazeFace, model_path, weighted_nms, weighted_nms_grouped
 from facefuse.detection import FaceDetector, box_overlap
 from facefuse.samples import sample_image_path
-from facefuse.tflite_graph import _same_padding
+from facefuse.tflite_graph import TFLiteGraph, _conv_same, _same_padding
 
 
 def _photo(name: str) -> np.ndarray:
@@ -183,3 +184,36 @@ def test_onnx_runtime_and_pytorch_give_the_same_faces():
     np.testing.assert_allclose(rows_fast, rows_plain, atol=0.05)  # pixels; scores within 1e-4
     with pytest.raises(ValueError, match="runtime must be"):
         BlazeFace(runtime="tflite")
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(24, 3, 1), (24, 5, 1), (24, 3, 2), (23, 3, 2), (12, 1, 1)])
+def test_same_convolution_without_a_padded_copy_gives_the_padded_sums(size, kernel, stride):
+    """SAME padding as the convolution's own zero padding where it is symmetric (no padded copy of the input), an
+    explicit pad where it is not: the same values as padding first, bit for bit (CPU)."""
+    rng = np.random.default_rng(size + kernel + stride)
+    x = torch.from_numpy(rng.normal(size=(2, 4, size, size + 1)).astype(np.float32))
+    weight = torch.from_numpy(rng.normal(size=(4, 1, kernel, kernel)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(size=4).astype(np.float32))
+    top, bottom = _same_padding(size, kernel, stride)
+    left, right = _same_padding(size + 1, kernel, stride)
+    want = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=stride, groups=4)
+    assert torch.equal(_conv_same(x, weight, bias, (stride, stride), groups=4), want)
+
+
+def test_blazeface_graph_pads_only_where_padding_is_asymmetric_or_adds_channels(monkeypatch):
+    """On the GPU every F.pad is a fill and a copy kernel: of BlazeFace's 43 SAME-padded convolutions only the 5
+    stride-2 ones pad a copy of their input (36 pad inside the convolution, 2 need no padding), plus the graph's 8
+    channel PADs: 13 pads per pass instead of 49."""
+    calls = []
+    pad = F.pad
+
+    def counting_pad(x, pads, *args, **kwargs):
+        calls.append(tuple(pads))
+        return pad(x, pads, *args, **kwargs)
+
+    graph = TFLiteGraph(model_path()).eval()
+    monkeypatch.setattr(F, "pad", counting_pad)
+    with torch.inference_mode():
+        graph(torch.zeros((1, 3, 192, 192)))
+    assert sorted(set(calls)) == [(0, 0, 0, 0, 0, extra) for extra in (16, 32, 48, 64, 128)] + [(0, 1, 0, 1)]
+    assert len(calls) == 13
