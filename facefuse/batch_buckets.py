@@ -61,7 +61,7 @@ class BucketedNet:
         self.max_graph_rows = int(max_graph_rows)
         self.name = name
         # What the graphs capture: with ``compile_net`` (CUDA graphs only) the net through torch.compile, whose
-        # Inductor kernels fuse the element-wise steps between convolutions (BlazeFace's residual adds, PReLUs and
+        # Inductor kernels fuse the element-wise steps between convolutions (BlazeFace's residual adds, ReLUs and
         # channel pads: H100, 16 photos, 1.60 -> 0.84 ms per pass). torch.compile's automatic dynamic shapes: the
         # first bucket compiles for its size, the second recompiles with the batch dimension symbolic, and that
         # serves every later bucket (the other dimensions never change).
