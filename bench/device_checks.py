@@ -59,7 +59,6 @@ def check_fused_kernels(images: list[torch.Tensor], device: torch.device) -> Non
     print(f"[check] fused == torch path on cuda: watermarks {all(map(torch.equal, fused_marks, torch_marks))}")
 
 
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("[check] needs a CUDA device")

@@ -558,9 +558,7 @@ def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles
     height, width = images[0].shape[:2]
     amplitude = torch.stack(amplitudes) if len(amplitudes) > 1 else amplitudes[0][None]  # (B, small h, small w)
     tile = torch.stack(tiles) if len(tiles) > 1 else tiles[0][None]
-    if stacked is None:
-        stacked = torch.stack(images) if len(images) > 1 else images[0][None]
-    rgb = stacked
+    rgb = stacked if stacked is not None else torch.stack(images) if len(images) > 1 else images[0][None]
     # cv2.resize(amplitude, (width, height), INTER_LINEAR): horizontal pass on the small rows here, the vertical
     # one per band below.
     x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[2], width, device)

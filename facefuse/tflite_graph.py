@@ -55,10 +55,10 @@ def _conv_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """A convolution with SAME padding. Symmetric padding (every stride-1 conv) is the convolution's own zero
     padding: the same sums without a padded copy of the input (F.pad costs a fill and a copy kernel; BlazeFace has
     36 such convs per pass); only the asymmetric case (stride 2, even size) pads first."""
-    left, right, top, bottom = _same_pads(x, tuple(weight.shape[2:]), stride)
+    pads = left, right, top, bottom = _same_pads(x, tuple(weight.shape[2:]), stride)
     if left == right and top == bottom:
         return F.conv2d(x, weight, bias, stride=stride, padding=(top, left), groups=groups)
-    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=stride, groups=groups)
+    return F.conv2d(F.pad(x, pads), weight, bias, stride=stride, groups=groups)
 
 
 class TFLiteGraph(nn.Module):
