@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facefuse import fused_kernels
+from facefuse import fused_kernels, triton_kernels
 from facefuse.alignment import invert_affine
 from facefuse.device_imaging import (
     cv2_grid_of_tables,
@@ -564,6 +564,9 @@ def _add_marks(images: list[torch.Tensor], amplitudes: list[torch.Tensor], tiles
     x0, x1, ax0, ax1 = _taps_on(_linear_taps, amplitude.shape[2], width, device)
     y0, y1, by0, by1 = _taps_on(_linear_taps, amplitude.shape[1], height, device)
     rows = amplitude[:, :, x0] * ax0 + amplitude[:, :, x1] * ax1  # (B, small height, width)
+    if triton_kernels.use_triton_mark(device):
+        # One kernel for the whole batch: the vertical interpolation, the tile's repeat and the cast inside it.
+        return list(triton_kernels.mark_planes(rgb, rows, y0, y1, by0, by1, tile).permute(0, 2, 3, 1))
     count = len(images)
     band = period * max(1, min(-(-height // period), _BAND_PIXELS // (period * width * count)))  # whole tile rows
     pattern = tile.repeat(1, band // period, -(-width // period))[:, :, :width]

@@ -1,0 +1,142 @@
+"""The watermark's add as one OpenAI Triton kernel: HxWx3 uint8 pixels in, (3,H,W) uint8 planes out.
+
+The jiterator kernel (``fused_kernels.mark_kernel``) computes in float32 and returns three float32 planes, which
+are then copied into uint8 planes; its inputs are the amplitude's two full-size rows (gathered beforehand) and the
+tile repeated to full size: ~26 bytes of memory traffic per pixel besides the pixels themselves. This kernel reads
+the pixels (3 bytes), the small amplitude rows and the tile (cached), and writes the planes (3 bytes): the
+interpolation, the tile's repeat and the cast happen in registers. The arithmetic is the jiterator kernel's, in its
+order and without FMA contraction (``enable_fp_fusion=False``), so the results are bit-identical to it and to the
+torch path (postprocess_torch, which matches OpenCV).
+
+Triton ships with CUDA builds of torch and compiles with the host's C compiler on first use. Where it is missing or
+fails (no compiler, an old driver), the jiterator kernel stays in use and stderr says so once. On a CPU-only machine
+the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests compare it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any
+
+import torch
+
+from facefuse import fused_kernels
+
+__all__ = ["BLOCK", "mark_planes", "use_triton_mark"]
+
+# Pixels of one image row per program: a multiple of the warp's 32 lanes; 1080p rows take 4 programs.
+BLOCK = 512
+# rintf's round half to even, without libdevice (which Triton's interpreter lacks): adding and then taking away
+# 1.5 * 2**23 leaves the nearest integer of any |v| < 2**22, ties to even, in float32's default rounding.
+_ROUNDING_MAGIC = 12582912.0
+
+
+@functools.lru_cache(maxsize=2)
+def _mark_kernel(interpret: bool) -> Any:
+    """The jitted kernel (``interpret``: whether TRITON_INTERPRET was on when it was defined, which decides whether
+    it compiles for the GPU or runs in the interpreter)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def facefuse_mark_planes(rgb, image_stride, row_stride, pixel_stride, channel_stride, rows, upper_row,
+                             lower_row, upper_weight, lower_weight, tile, planes, height, width, small_height,
+                             period, magic, BLOCK: tl.constexpr):
+        y = tl.program_id(0)
+        image = tl.program_id(1).to(tl.int64)
+        xs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        inside = xs < width
+        row_base = image * small_height * width
+        upper = tl.load(rows + row_base + tl.load(upper_row + y) * width + xs, mask=inside, other=0.0)
+        lower = tl.load(rows + row_base + tl.load(lower_row + y) * width + xs, mask=inside, other=0.0)
+        amplitude = upper * tl.load(upper_weight + y) + lower * tl.load(lower_weight + y)
+        pattern = tl.load(tile + (image * period + y % period) * period + xs % period, mask=inside, other=0.0)
+        # Clamped before rounding so that the rounding trick holds; the +-256 clamp after it gives what rounding
+        # first and clamping after would.
+        product = tl.minimum(tl.maximum(amplitude * pattern, -512.0), 512.0)
+        delta = tl.minimum(tl.maximum((product + magic) - magic, -256.0), 256.0)
+        pixel = image * image_stride + y.to(tl.int64) * row_stride + xs.to(tl.int64) * pixel_stride
+        plane = height.to(tl.int64) * width
+        for channel in tl.static_range(3):
+            value = tl.load(rgb + pixel + channel * channel_stride, mask=inside, other=0).to(tl.float32)
+            value = tl.minimum(tl.maximum(value + delta, 0.0), 255.0)
+            tl.store(planes + (image * 3 + channel) * plane + y * width + xs, value.to(tl.uint8), mask=inside)
+
+    return facefuse_mark_planes
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, lower_row: torch.Tensor,
+                upper_weight: torch.Tensor, lower_weight: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
+    """The marked images as (B,3,H,W) uint8 planes.
+
+    rgb: (B,H,W,3) uint8, any strides (nvJPEG's images are HxWx3 views of channel planes). rows: (B,h,W) float32,
+    the amplitude maps after their horizontal interpolation to full width. upper_row/lower_row: (H,) int64, the row
+    of ``rows`` above and below each image row; upper_weight/lower_weight: (H,) float32, their weights
+    (cv2.resize's vertical INTER_LINEAR taps). tile: (B,P,P) float32, each image's mark tile, repeated over the
+    image from its top left corner."""
+    count, height, width, channels = rgb.shape
+    if channels != 3 or rgb.dtype != torch.uint8 or rows.shape[0] != count or rows.shape[2] != width:
+        raise ValueError(f"mark_planes: rgb {tuple(rgb.shape)} {rgb.dtype}, rows {tuple(rows.shape)}")
+    if tile.shape[0] != count or tile.shape[1] != tile.shape[2]:
+        raise ValueError(f"mark_planes: tile {tuple(tile.shape)} for {count} images")
+    planes = rgb.new_empty((count, 3, height, width))
+    if count == 0 or height == 0 or width == 0:
+        return planes
+    interpret = _interpreting()
+    kernel = _mark_kernel(interpret)
+    # The interpreter (tests on the CPU) pays per program, not per element: one program per image row there.
+    block = 1 << max(width - 1, 1).bit_length() if interpret else BLOCK
+    grid = (height, count, -(-width // block))
+    arguments = [rgb, *rgb.stride(), rows.contiguous().float(), upper_row.contiguous().to(torch.int64),
+                 lower_row.contiguous().to(torch.int64), upper_weight.contiguous().float(),
+                 lower_weight.contiguous().float(), tile.contiguous().float(), planes,
+                 height, width, rows.shape[1], tile.shape[1], _ROUNDING_MAGIC]
+    # No FMA contraction: the interpolation's products and sum each round on their own, as in the other paths.
+    options = {} if interpret else {"enable_fp_fusion": False}
+    kernel[grid](*arguments, BLOCK=block, **options)
+    return planes
+
+
+def _self_check(device: torch.device) -> None:
+    """Compiles the kernel and checks one small case against the plain arithmetic (halves round to even)."""
+    rgb = torch.arange(2 * 3 * 5 * 3, dtype=torch.int64, device=device).reshape(2, 3, 5, 3).mul(7).remainder(256)
+    rows = torch.full((2, 2, 5), 0.5, device=device)
+    index = torch.zeros(3, dtype=torch.int64, device=device)
+    weight = torch.ones(3, device=device)
+    tile = torch.tensor([[[1.0, 3.0], [5.0, -3.0]], [[600.0, -1.0], [-600.0, 7.0]]], device=device)
+    planes = mark_planes(rgb.to(torch.uint8), rows, index, index, weight, 0 * weight, tile)
+    pattern = tile.repeat(1, 2, 3)[:, :3, :5]
+    delta = torch.round(0.5 * pattern).clamp(-256, 256)
+    expected = (rgb + delta[..., None].to(torch.int64)).clamp(0, 255).to(torch.uint8).permute(0, 3, 1, 2)
+    if not torch.equal(planes, expected):
+        raise RuntimeError("the Triton mark kernel's self-check gave other pixels than the plain arithmetic")
+
+
+@functools.lru_cache(maxsize=8)
+def _available_on(device: torch.device) -> bool:
+    try:
+        _self_check(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 - ImportError (no triton), a compiler or driver failure
+        print(f"[facefuse] the Triton mark kernel is unavailable on {device} ({type(error).__name__}: "
+              f"{str(error).strip()[:300]}); the watermark's add uses the jiterator kernel", file=sys.stderr,
+              flush=True)
+        return False
+    return True
+
+
+def use_triton_mark(device: torch.device) -> bool:
+    """Whether the watermark's add runs as ``mark_planes`` on ``device``: a CUDA device, FACEFUSE_FUSED_KERNELS at
+    "auto" (its default; "jiterator" keeps the jiterator kernels only, "off" the torch path), and Triton importable
+    with the kernel compiling and passing its self-check (checked once per device)."""
+    setting = os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower()
+    if device.type != "cuda" or setting in ("off", "0", "no", "jiterator") or fused_kernels.launcher(device) is None:
+        return False
+    return _available_on(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))

@@ -1,0 +1,119 @@
+"""facefuse.triton_kernels: the watermark's add as one Triton kernel, run here in Triton's interpreter on CPU
+tensors (TRITON_INTERPRET=1; on a GPU host the same kernel compiles), against the torch path bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from facefuse import postprocess_torch as pt
+from facefuse import triton_kernels
+from facefuse.imaging import decode_image
+from facefuse.samples import sample_image_path
+
+triton = pytest.importorskip("triton", reason="triton is pinned in requirements.txt; without it nothing here runs")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The Triton kernel in the interpreter, chosen for CPU tensors as it is for CUDA ones on a GPU host."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_kernels, "use_triton_mark", lambda device: True)
+
+
+def _torch_path(images, ids):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_kernels, "use_triton_mark", lambda device: False)
+        return pt.embed_watermarks_torch(images, ids)
+
+
+@pytest.fixture(scope="module")
+def small_photo() -> np.ndarray:
+    return np.ascontiguousarray(decode_image(sample_image_path("t1.jpg").read_bytes())[300:580, 400:761])
+
+
+def test_watermark_with_the_triton_kernel_equals_the_torch_path(interpreted, small_photo):
+    """Two same-size images in one pass (one of them an HxWx3 view of channel planes, as nvJPEG's are), an odd size
+    alone, and a size the tile does not divide: every pixel as the torch path gives it."""
+    planes = torch.from_numpy(small_photo[::-1].copy()).permute(2, 0, 1).contiguous()
+    rng = np.random.default_rng(3)
+    odd = rng.integers(0, 256, (203, 331, 3), dtype=np.uint8)
+    images = [torch.from_numpy(small_photo), planes.permute(1, 2, 0), torch.from_numpy(odd)]
+    assert not images[1].is_contiguous()
+    ids = [7, 2**63 + 1, 12345]
+    marked = pt.embed_watermarks_torch(images, ids)
+    for got, want, image in zip(marked, _torch_path(images, ids), images):
+        assert got.shape == image.shape and got.dtype == torch.uint8
+        assert torch.equal(got, want)
+        assert not torch.equal(got, image)  # a mark was added
+
+
+def test_mark_planes_rounds_halves_to_even_and_saturates(interpreted):
+    """Deltas exactly between two integers round to the even one (cv2.add's rounding), large ones clamp to +-256
+    and the sums to 0..255: the kernel's self-check, and a case built to need each rule."""
+    triton_kernels._self_check(torch.device("cpu"))
+    rgb = torch.tensor([[[[10, 250, 3], [100, 100, 100], [0, 255, 128], [7, 8, 9]]]], dtype=torch.uint8)
+    rows = torch.ones((1, 1, 4))
+    index, weight = torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    tile = torch.tensor([[[2.5, -3.5], [0.0, 0.0]]])
+    planes = triton_kernels.mark_planes(rgb, rows, index, index, weight, 0 * weight, tile)
+    expected = torch.tensor([[[12, 252, 5], [96, 96, 96], [2, 255, 130], [3, 4, 5]]], dtype=torch.uint8)
+    assert torch.equal(planes[0].permute(1, 2, 0), expected)
+    tile = torch.tensor([[[1000.0, -1000.0], [0.0, 0.0]]])
+    planes = triton_kernels.mark_planes(rgb, rows, index, index, weight, 0 * weight, tile)
+    assert planes[0].permute(1, 2, 0)[0, :2].tolist() == [[255, 255, 255], [0, 0, 0]]
+
+
+def test_the_comparison_can_fail(interpreted, small_photo):
+    """The equality above can fail: the upper and lower rows' weights swapped give other pixels."""
+    image = torch.from_numpy(small_photo)
+    right = triton_kernels.mark_planes
+
+    def swapped(rgb, rows, upper_row, lower_row, upper_weight, lower_weight, tile):
+        return right(rgb, rows, upper_row, lower_row, lower_weight, upper_weight, tile)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_kernels, "mark_planes", swapped)
+        marked = pt.embed_watermarks_torch([image], [7])[0]
+    assert not torch.equal(marked, _torch_path([image], [7])[0])
+
+
+def test_the_triton_kernel_is_chosen_only_where_it_may_run(monkeypatch, capsys):
+    """Never for CPU tensors; not on CUDA under FACEFUSE_FUSED_KERNELS=jiterator or off; a kernel that fails its
+    compile or self-check leaves the jiterator kernel in use, said once on stderr."""
+    assert not triton_kernels.use_triton_mark(torch.device("cpu"))
+    for setting in ("jiterator", "off"):
+        monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, setting)
+        assert not triton_kernels.use_triton_mark(torch.device("cuda", 0))
+
+    def failing(device):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(triton_kernels, "_self_check", failing)
+    assert triton_kernels._available_on.__wrapped__(torch.device("cuda", 0)) is False
+    message = capsys.readouterr().err
+    assert "Triton mark kernel is unavailable on cuda:0 (RuntimeError: Failed to find C compiler" in message
+    assert "uses the jiterator kernel" in message
+
+
+def test_mark_planes_rejects_mismatched_inputs():
+    rgb = torch.zeros((2, 4, 5, 3), dtype=torch.uint8)
+    index, weight = torch.zeros(4, dtype=torch.int64), torch.ones(4)
+    with pytest.raises(ValueError, match="rows"):
+        triton_kernels.mark_planes(rgb, torch.ones((1, 2, 5)), index, index, weight, weight, torch.ones((2, 4, 4)))
+    with pytest.raises(ValueError, match="tile"):
+        triton_kernels.mark_planes(rgb, torch.ones((2, 2, 5)), index, index, weight, weight, torch.ones((2, 4, 3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host (CI: CPU only)")
+def test_triton_kernel_on_cuda_equals_the_jiterator_and_torch_paths(small_photo, monkeypatch):
+    device = torch.device("cuda")
+    assert triton_kernels.use_triton_mark(device), "the Triton mark kernel did not compile on this GPU host"
+    images = [torch.from_numpy(small_photo).to(device), torch.from_numpy(small_photo[::-1].copy()).to(device)]
+    results = {}
+    for setting in ("auto", "jiterator", "off"):
+        monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, setting)
+        results[setting] = pt.embed_watermarks_torch(images, [1, 2])
+    for auto, jiterator, plain in zip(results["auto"], results["jiterator"], results["off"]):
+        assert torch.equal(auto, jiterator) and torch.equal(auto, plain)
