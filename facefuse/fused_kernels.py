@@ -18,6 +18,8 @@ A kernel is plain C++ over ``T = float`` (every launch has a float input, so jit
 tests/kernel_emulator.py compiles the same source with the host's C++ compiler so that the fused branch runs, and is
 compared, on a CPU-only machine too. ``FACEFUSE_FUSED_KERNELS=off`` keeps the torch path on a GPU host (for side by
 side measurements); a GPU host where the kernels fail to compile says so once on stderr and keeps the torch path.
+The mark's add has a faster form in ``facefuse.triton_kernels`` (used where Triton compiles; ``=jiterator`` keeps
+the one here).
 """
 
 from __future__ import annotations
