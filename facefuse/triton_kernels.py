@@ -104,18 +104,25 @@ def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, 
 
 
 def _self_check(device: torch.device) -> None:
-    """Compiles the kernel and checks one small case against the plain arithmetic (halves round to even)."""
+    """Compiles the kernel and checks it against the torch path's arithmetic (one elementwise operation at a time)
+    on cases built to catch what could go wrong: halves that round to even, both clamps, and a pixel whose
+    interpolation gives 2**-24 with FMA contraction and 0 without (times the pattern: 1.5, which rounds to 2 or 0)."""
+    tiny, big = 2.0 ** -12, 1.5 * 2.0 ** 24
     rgb = torch.arange(2 * 3 * 5 * 3, dtype=torch.int64, device=device).reshape(2, 3, 5, 3).mul(7).remainder(256)
-    rows = torch.full((2, 2, 5), 0.5, device=device)
-    index = torch.zeros(3, dtype=torch.int64, device=device)
-    weight = torch.ones(3, device=device)
-    tile = torch.tensor([[[1.0, 3.0], [5.0, -3.0]], [[600.0, -1.0], [-600.0, 7.0]]], device=device)
-    planes = mark_planes(rgb.to(torch.uint8), rows, index, index, weight, 0 * weight, tile)
-    pattern = tile.repeat(1, 2, 3)[:, :3, :5]
-    delta = torch.round(0.5 * pattern).clamp(-256, 256)
+    rows = torch.tensor([[[1 + tiny, 0.5, 0.5, 0.5, 0.5], [-(1 + 2 * tiny), 0.5, 0.5, 0.5, 0.5]],
+                         [[0.5] * 5, [1.0] * 5]], device=device)
+    upper_row, lower_row = torch.zeros(3, dtype=torch.int64, device=device), torch.ones(3, dtype=torch.int64,
+                                                                                         device=device)
+    upper_weight, lower_weight = torch.full((3,), 1 + tiny, device=device), torch.tensor([1.0, 1.0, 0.0],
+                                                                                          device=device)
+    tile = torch.tensor([[[big, 3.0], [5.0, -3.0]], [[600.0, -1.0], [-600.0, 7.0]]], device=device)
+    planes = mark_planes(rgb.to(torch.uint8), rows, upper_row, lower_row, upper_weight, lower_weight, tile)
+    upper, lower = rows[:, upper_row], rows[:, lower_row]
+    amplitude = upper * upper_weight[:, None] + lower * lower_weight[:, None]
+    delta = torch.round(amplitude * tile.repeat(1, 2, 3)[:, :3, :5]).clamp(-256, 256)
     expected = (rgb + delta[..., None].to(torch.int64)).clamp(0, 255).to(torch.uint8).permute(0, 3, 1, 2)
     if not torch.equal(planes, expected):
-        raise RuntimeError("the Triton mark kernel's self-check gave other pixels than the plain arithmetic")
+        raise RuntimeError("the Triton mark kernel's self-check gave other pixels than the torch path's arithmetic")
 
 
 @functools.lru_cache(maxsize=8)

@@ -65,6 +65,22 @@ def test_mark_planes_rounds_halves_to_even_and_saturates(interpreted):
     assert planes[0].permute(1, 2, 0)[0, :2].tolist() == [[255, 255, 255], [0, 0, 0]]
 
 
+def test_self_check_catches_fma_contraction(monkeypatch):
+    """A kernel whose interpolation rounds once (as an FMA would: float64 here) in place of after each operation
+    fails the self-check a GPU host runs before using the kernel."""
+    def contracted(rgb, rows, upper_row, lower_row, upper_weight, lower_weight, tile):
+        amplitude = (rows[:, upper_row].double() * upper_weight[:, None].double()
+                     + rows[:, lower_row].double() * lower_weight[:, None].double()).float()
+        height, width = rgb.shape[1:3]
+        pattern = tile.repeat(1, -(-height // tile.shape[1]), -(-width // tile.shape[2]))[:, :height, :width]
+        delta = torch.round(amplitude * pattern).clamp(-256, 256).to(torch.int64)
+        return (rgb.to(torch.int64) + delta[..., None]).clamp(0, 255).to(torch.uint8).permute(0, 3, 1, 2)
+
+    monkeypatch.setattr(triton_kernels, "mark_planes", contracted)
+    with pytest.raises(RuntimeError, match="self-check gave other pixels"):
+        triton_kernels._self_check(torch.device("cpu"))
+
+
 def test_the_comparison_can_fail(interpreted, small_photo):
     """The equality above can fail: the upper and lower rows' weights swapped give other pixels."""
     image = torch.from_numpy(small_photo)
