@@ -98,8 +98,11 @@ def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, 
                  lower_weight.contiguous().float(), tile.contiguous().float(), planes,
                  height, width, rows.shape[1], tile.shape[1], _ROUNDING_MAGIC]
     # No FMA contraction: the interpolation's products and sum each round on their own, as in the other paths.
-    options = {} if interpret else {"enable_fp_fusion": False}
-    kernel[grid](*arguments, BLOCK=block, **options)
+    if interpret:
+        kernel[grid](*arguments, BLOCK=block)
+    else:  # Triton launches on the current device: make it the tensors' own (multi-GPU hosts)
+        with torch.cuda.device(rgb.device):
+            kernel[grid](*arguments, BLOCK=block, enable_fp_fusion=False)
     return planes
 
 
