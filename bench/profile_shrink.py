@@ -4,7 +4,8 @@ first) to the service's 640 x 360 working size (a whole factor of 3), GPU ms per
     python -m bench.profile_shrink [--images 16] [--repeats 20]
 
 "aa" is F.interpolate's antialiased bilinear on the float batch (any size); the others are block means, OpenCV's
-INTER_AREA at a whole factor (detection.shrink_by_whole_factor picks one of them).
+INTER_AREA at a whole factor (detection.shrink_by_whole_factor picks one of them; "triton block means" with
+FACEFUSE_TRITON_SHRINK=on).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+
+from facefuse import triton_kernels
 
 
 def _variants(factor: int) -> dict:
@@ -33,6 +36,7 @@ def _variants(factor: int) -> dict:
         "avg_pool2d float": lambda p: F.avg_pool2d(p.float(), factor),
         "avg_pool2d half": lambda p: F.avg_pool2d(p.half(), factor).float(),
         "two int32 sums": two_integer_sums,
+        "triton block means": lambda p: triton_kernels.block_means(p, factor),
     }
 
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, shrink in _variants(3).items():
         result = shrink(pixels)  # warm-up
         if name != "aa":
-            error = float((result.double() / (1 if "pool" in name else 9) - reference).abs().max())
+            error = float((result.double() / (9 if "sum" in name else 1) - reference).abs().max())
         else:
             error = float("nan")
         times = []

@@ -1,4 +1,4 @@
-"""The watermark's add as one OpenAI Triton kernel: HxWx3 uint8 pixels in, (3,H,W) uint8 planes out.
+"""OpenAI Triton kernels: the watermark's add (HxWx3 uint8 pixels in, (3,H,W) uint8 planes out), block means.
 
 The jiterator kernel (``fused_kernels.mark_kernel``) computes in float32 and returns three float32 planes, which
 are then copied into uint8 planes; its inputs are the amplitude's two full-size rows (gathered beforehand) and the
@@ -11,6 +11,9 @@ torch path (postprocess_torch, which matches OpenCV).
 Triton ships with CUDA builds of torch and compiles with the host's C compiler on first use. Where it is missing or
 fails (no compiler, an old driver), the jiterator kernel stays in use and stderr says so once. On a CPU-only machine
 the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests compare it.
+
+``block_means`` is the detector's whole-factor shrink read straight from the uint8 pixels (avg_pool2d's values
+without a float copy of the batch); it is opt-in (FACEFUSE_TRITON_SHRINK=on) until a GPU run measures it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from facefuse import fused_kernels
 
-__all__ = ["BLOCK", "mark_planes", "use_triton_mark"]
+__all__ = ["BLOCK", "SHRINK_VARIABLE", "block_means", "mark_planes", "use_triton_mark", "use_triton_shrink"]
 
 # Pixels of one image row per program: a multiple of the warp's 32 lanes; 1080p rows take 4 programs.
 BLOCK = 512
@@ -67,6 +70,29 @@ def _mark_kernel(interpret: bool) -> Any:
     return facefuse_mark_planes
 
 
+@functools.lru_cache(maxsize=2)
+def _block_mean_kernel(interpret: bool) -> Any:
+    """The jitted block-means kernel (see ``_mark_kernel`` for ``interpret``)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def facefuse_block_means(pixels, means, height, width, out_height, out_width, divisor,
+                             FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+        y = tl.program_id(0)
+        plane = tl.program_id(1).to(tl.int64)
+        xs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        inside = xs < out_width
+        source = pixels + plane * height * width + (y * FACTOR).to(tl.int64) * width + xs * FACTOR
+        total = xs.to(tl.float32) * 0.0  # (tl.zeros is a jitted helper the interpreter cannot reach from here)
+        for dy in tl.static_range(FACTOR):  # integer sums below 2**24: exact in float32 in any order
+            for dx in tl.static_range(FACTOR):
+                total += tl.load(source + dy * width + dx, mask=inside, other=0).to(tl.float32)
+        tl.store(means + (plane * out_height + y) * out_width + xs, total / divisor, mask=inside)
+
+    return facefuse_block_means
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -106,6 +132,30 @@ def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, 
     return planes
 
 
+def block_means(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B,C,H,W) uint8 -> (B,C,H/factor,W/factor) float32: the mean of each factor x factor block, read straight from
+    the pixels (no float copy of the batch): ``F.avg_pool2d(pixels.float(), factor)`` bit for bit (the sums are
+    exact integers; one division each, as avg_pool2d's)."""
+    if pixels.dim() != 4 or pixels.dtype != torch.uint8 or factor < 1:
+        raise ValueError(f"block_means: pixels {tuple(pixels.shape)} {pixels.dtype}, factor {factor}")
+    count, channels, height, width = pixels.shape
+    out_height, out_width = height // factor, width // factor
+    means = torch.empty((count, channels, out_height, out_width), dtype=torch.float32, device=pixels.device)
+    if means.numel() == 0:
+        return means
+    interpret = _interpreting()
+    kernel = _block_mean_kernel(interpret)
+    block = 1 << max(out_width - 1, 1).bit_length() if interpret else 256
+    grid = (out_height, count * channels, -(-out_width // block))
+    arguments = [pixels.contiguous(), means, height, width, out_height, out_width, float(factor * factor)]
+    if interpret:
+        kernel[grid](*arguments, FACTOR=factor, BLOCK=block)
+    else:
+        with torch.cuda.device(pixels.device):
+            kernel[grid](*arguments, FACTOR=factor, BLOCK=block)
+    return means
+
+
 def _self_check(device: torch.device) -> None:
     """Compiles the kernel and checks it against the torch path's arithmetic (one elementwise operation at a time)
     on cases built to catch what could go wrong: halves that round to even, both clamps, and a pixel whose
@@ -128,18 +178,36 @@ def _self_check(device: torch.device) -> None:
         raise RuntimeError("the Triton mark kernel's self-check gave other pixels than the torch path's arithmetic")
 
 
-@functools.lru_cache(maxsize=8)
-def _available_on(device: torch.device) -> bool:
+def _block_means_self_check(device: torch.device) -> None:
+    """Compiles the block-means kernel and checks it against avg_pool2d on an odd-sized batch (the edge blocks that
+    do not fit are left out by both)."""
+    pixels = torch.arange(2 * 3 * 7 * 11, device=device).mul(37).remainder(256).to(torch.uint8).reshape(2, 3, 7, 11)
+    for factor in (2, 3):
+        if not torch.equal(block_means(pixels, factor), torch.nn.functional.avg_pool2d(pixels.float(), factor)):
+            raise RuntimeError(f"the Triton block-means kernel's self-check (factor {factor}) differs from avg_pool2d")
+
+
+# Per kernel: its self-check (looked up by name when it runs) and what is used in its place when it fails.
+_KERNELS = {"mark": ("_self_check", "the watermark's add uses the jiterator kernel"),
+            "block means": ("_block_means_self_check", "the working-image shrink uses avg_pool2d")}
+
+
+@functools.lru_cache(maxsize=16)
+def _available_on(device: torch.device, kernel: str = "mark") -> bool:
+    check, instead = _KERNELS[kernel]
     try:
-        _self_check(device)
+        globals()[check](device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as error:  # noqa: BLE001 - ImportError (no triton), a compiler or driver failure
-        print(f"[facefuse] the Triton mark kernel is unavailable on {device} ({type(error).__name__}: "
-              f"{str(error).strip()[:300]}); the watermark's add uses the jiterator kernel", file=sys.stderr,
-              flush=True)
+        print(f"[facefuse] the Triton {kernel} kernel is unavailable on {device} ({type(error).__name__}: "
+              f"{str(error).strip()[:300]}); {instead}", file=sys.stderr, flush=True)
         return False
     return True
+
+
+def _cuda(device: torch.device) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
 def use_triton_mark(device: torch.device) -> bool:
@@ -149,4 +217,19 @@ def use_triton_mark(device: torch.device) -> bool:
     setting = os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower()
     if device.type != "cuda" or setting in ("off", "0", "no", "jiterator") or fused_kernels.launcher(device) is None:
         return False
-    return _available_on(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
+    return _available_on(_cuda(device))
+
+
+# Opt-in until a GPU run measures it against avg_pool2d (bench.profile_shrink's "triton block means").
+SHRINK_VARIABLE = "FACEFUSE_TRITON_SHRINK"
+
+
+def use_triton_shrink(device: torch.device) -> bool:
+    """Whether the detector's whole-factor shrink runs as ``block_means`` on ``device``: a CUDA device,
+    FACEFUSE_TRITON_SHRINK=on (off by default: not yet measured on a GPU), the fused kernels not switched off, and the
+    kernel compiling and passing its self-check."""
+    if device.type != "cuda" or os.environ.get(SHRINK_VARIABLE, "off").lower() not in ("on", "1", "yes"):
+        return False
+    if os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower() in ("off", "0", "no"):
+        return False
+    return _available_on(_cuda(device), "block means")

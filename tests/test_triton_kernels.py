@@ -133,3 +133,41 @@ def test_triton_kernel_on_cuda_equals_the_jiterator_and_torch_paths(small_photo,
         results[setting] = pt.embed_watermarks_torch(images, [1, 2])
     for auto, jiterator, plain in zip(results["auto"], results["jiterator"], results["off"]):
         assert torch.equal(auto, jiterator) and torch.equal(auto, plain)
+
+
+def test_block_means_equal_avg_pool2d(monkeypatch):
+    """The Triton block means (interpreter) give avg_pool2d's float values bit for bit, odd sizes whose last blocks
+    do not fit included; the self-check passes; the detector's shrink takes them only when switched on."""
+    from facefuse import detection
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rng = np.random.default_rng(11)
+    for shape, factor in (((2, 3, 36, 64), 3), ((1, 3, 29, 47), 2), ((3, 1, 17, 33), 4)):
+        pixels = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        means = triton_kernels.block_means(pixels, factor)
+        assert means.dtype == torch.float32
+        assert torch.equal(means, torch.nn.functional.avg_pool2d(pixels.float(), factor))
+    triton_kernels._block_means_self_check(torch.device("cpu"))
+    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))  # off unless FACEFUSE_TRITON_SHRINK=on
+    monkeypatch.setattr(triton_kernels, "use_triton_shrink", lambda device: True)
+    calls = []
+    monkeypatch.setattr(triton_kernels, "block_means", lambda p, f: calls.append(f) or torch.zeros(1))
+    detection.shrink_by_whole_factor(pixels, 4)
+    assert calls == [4]
+
+
+def test_block_means_comparison_can_fail_and_bad_input_is_refused(monkeypatch):
+    """A kernel that leaves out each block's bottom-right pixel fails the self-check; non-uint8 input is refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    right = triton_kernels.block_means
+
+    def without_a_corner(pixels, factor):
+        rows, columns = pixels.shape[2] // factor * factor, pixels.shape[3] // factor * factor
+        last = pixels.float()[..., factor - 1:rows:factor, factor - 1:columns:factor]
+        return right(pixels, factor) - last / factor ** 2
+
+    monkeypatch.setattr(triton_kernels, "block_means", without_a_corner)
+    with pytest.raises(RuntimeError, match="block-means kernel's self-check"):
+        triton_kernels._block_means_self_check(torch.device("cpu"))
+    with pytest.raises(ValueError, match="block_means"):
+        right(torch.zeros((1, 3, 4, 4)), 2)
