@@ -1,7 +1,7 @@
 """The CUDA code paths against their references, for a GPU host without pytest (the device tool's): both spline
 solvers against numpy (and raising on a singular system), the batched paste-back on CUDA against the CPU, the marks of
 a batch against one at a time and against the CPU, the pooled shrink against block means, and the fused watermark
-kernels (facefuse.fused_kernels) against the torch path on CUDA, bit for bit.
+kernels (facefuse.fused_kernels, facefuse.triton_kernels) against the torch path on CUDA, bit for bit.
 
     python -m bench.device_checks        # on a CUDA host (H100 output: bench/results/*_session13c_checks_profile.txt)
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import facefuse.geometry as geometry
-from facefuse import fused_kernels, postprocess_torch
+from facefuse import fused_kernels, postprocess_torch, triton_kernels
 from facefuse.detection import shrink_by_whole_factor
 from facefuse.device_imaging import warp_crops_of_images
 
@@ -26,10 +26,10 @@ def _worst_levels(first: list[torch.Tensor], second: list[torch.Tensor]) -> int:
     return max(int((a.cpu().int() - b.cpu().int()).abs().max()) for a, b in zip(first, second, strict=True))
 
 
-def _torch_path(function, *args):
-    """``function(*args)`` with the fused kernels switched off (FACEFUSE_FUSED_KERNELS=off)."""
+def _torch_path(function, *args, setting: str = "off"):
+    """``function(*args)`` with the fused kernels switched off (FACEFUSE_FUSED_KERNELS=off), or another setting."""
     before = os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE)
-    os.environ[fused_kernels.ENVIRONMENT_VARIABLE] = "off"
+    os.environ[fused_kernels.ENVIRONMENT_VARIABLE] = setting
     try:
         return function(*args)
     finally:
@@ -57,6 +57,12 @@ def check_fused_kernels(images: list[torch.Tensor], device: torch.device) -> Non
     fused_marks = pt.embed_watermarks_torch(again, ids)
     torch_marks = _torch_path(pt.embed_watermarks_torch, again, ids)
     print(f"[check] fused == torch path on cuda: watermarks {all(map(torch.equal, fused_marks, torch_marks))}")
+    jiterator_marks = _torch_path(pt.embed_watermarks_torch, again, ids, setting="jiterator")
+    print(f"[check] Triton mark kernel in use {triton_kernels.use_triton_mark(device)}; watermarks == the jiterator "
+          f"kernel's {all(map(torch.equal, fused_marks, jiterator_marks))}")
+    pixels = torch.randint(0, 256, (4, 3, 1080, 1920), dtype=torch.uint8, device=device)
+    print(f"[check] Triton block means == avg_pool2d on cuda: "
+          f"{torch.equal(triton_kernels.block_means(pixels, 3), torch.nn.functional.avg_pool2d(pixels.float(), 3))}")
 
 
 def main() -> int:
