@@ -9,8 +9,8 @@ order and without FMA contraction (``enable_fp_fusion=False``), so the results a
 torch path (postprocess_torch, which matches OpenCV).
 
 Triton ships with CUDA builds of torch and compiles with the host's C compiler on first use. Where it is missing or
-fails (no compiler, an old driver), the jiterator kernel stays in use and stderr says so once. On a CPU-only machine
-the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests compare it.
+fails (no compiler, an old driver), the jiterator kernel stays in use and stderr says so once. The service uses
+these kernels on CUDA only; the tests run them on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``block_means`` is the detector's whole-factor shrink read straight from the uint8 pixels (avg_pool2d's values
 without a float copy of the batch); it is opt-in (FACEFUSE_TRITON_SHRINK=on) until a GPU run measures it.
