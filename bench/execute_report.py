@@ -5,7 +5,8 @@
 
 Per model: batches, requests per batch, ``execute``'s wall time per batch (mean, p50, p99), the share of the window
 its instances spent inside ``execute`` (busy), the time between one batch's end and the same instance's next start
-(p50: under full load, a batch's cost outside ``execute``), and its stages per batch. Set beside perf_analyzer's
+(p50: under full load, a batch's cost outside ``execute``), its stages per batch, and the same for its slowest 1 % of
+batches (where the tail's time goes, and how much of it no stage accounts for). Set beside perf_analyzer's
 "compute infer" for the same level: compute infer minus execute's wall is what a batch spends between Triton and the
 stub. bench.run reads the span of perf_analyzer's last three measurement windows (the ones it reports).
 """
@@ -48,6 +49,17 @@ def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str
         for stage in stages:
             values = [record.stages[stage] for record in mine if stage in record.stages]
             model_figures[f"stage_{stage}_ms"] = float(np.mean(values))
+        # The slowest 1 % of batches (those at or above the p99): where a tail batch's time goes, stage by stage,
+        # and how much of it no stage accounts for (waits, transfers, the stub's own work).
+        tail = [record for record in mine if record.wall_ms >= model_figures["execute_p99_ms"]]
+        model_figures["tail_batches"] = float(len(tail))
+        model_figures["tail_execute_ms"] = float(np.mean([record.wall_ms for record in tail]))
+        model_figures["tail_requests_per_batch"] = float(np.mean([record.requests for record in tail]))
+        for stage in stages:
+            model_figures[f"tail_stage_{stage}_ms"] = float(np.mean([record.stages.get(stage, 0.0) for record in tail]))
+        if stages:
+            model_figures["tail_outside_stages_ms"] = float(np.mean(
+                [record.wall_ms - sum(record.stages.values()) for record in tail]))
         figures[model] = model_figures
     return figures
 
@@ -59,12 +71,18 @@ def report(records: list[BatchRecord], window_s: float) -> str:
     lines = []
     for model, values in summarise(records, window_s).items():
         stages = ", ".join(f"{key[6:-3]} {value:.1f}" for key, value in values.items() if key.startswith("stage_"))
+        tail_stages = ", ".join(f"{key[11:-3]} {value:.1f}" for key, value in values.items()
+                                if key.startswith("tail_stage_"))
+        tail = (f"; slowest 1 % ({values['tail_batches']:.0f} batches): {values['tail_execute_ms']:.1f} ms, "
+                f"{values['tail_requests_per_batch']:.1f} requests"
+                + (f", stages (ms): {tail_stages}, outside them {values['tail_outside_stages_ms']:.1f}"
+                   if tail_stages else ""))
         lines.append(
             f"{model}: {values['batches']:.0f} batches on {values['instances']:.0f} instances over {window_s:.1f} s, "
             f"{values['requests_per_batch']:.1f} requests each; execute {values['execute_mean_ms']:.1f} ms per batch "
             f"(p50 {values['execute_p50_ms']:.1f}, p99 {values['execute_p99_ms']:.1f}); instances inside execute "
             f"{values['busy_percent']:.0f} % of the window; between an instance's batches "
-            f"{values['gap_p50_ms']:.1f} ms (p50)" + (f"; stages per batch (ms): {stages}" if stages else ""))
+            f"{values['gap_p50_ms']:.1f} ms (p50)" + (f"; stages per batch (ms): {stages}" if stages else "") + tail)
     return "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,11 @@ def test_summary_gives_each_models_batches_busy_share_and_stages(tmp_path):
     assert figures["preprocess"]["gap_p50_ms"] == pytest.approx(20.0)
     assert figures["preprocess"]["stage_detect_ms"] == pytest.approx(50.0)  # over the batches that report it
     assert figures["fusion"]["busy_percent"] == pytest.approx(1.0)
+    # The slowest 1 %: here the one 300 ms batch (60 ms of it in detect, 240 outside any stage).
+    assert figures["preprocess"]["tail_batches"] == 1 and figures["preprocess"]["tail_execute_ms"] == pytest.approx(300)
+    assert figures["preprocess"]["tail_stage_detect_ms"] == pytest.approx(60.0)
+    assert figures["preprocess"]["tail_outside_stages_ms"] == pytest.approx(240.0)
+    assert "tail_outside_stages_ms" not in figures["fusion"]  # no stages: nothing to split
 
 
 def test_report_command_reads_a_folder(tmp_path, capsys):
@@ -65,7 +70,8 @@ def test_report_command_reads_a_folder(tmp_path, capsys):
         pass
     log.close()
     assert report_main([str(tmp_path)]) == 0
-    assert "fusion: 1 batches on 1 instances" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fusion: 1 batches on 1 instances" in out and "slowest 1 % (1 batches)" in out
 
 
 @pytest.mark.live
@@ -82,3 +88,4 @@ def test_bench_run_reports_every_served_models_batches(tmp_path):
     for model in ("preprocess", "fusion", "postprocess"):
         assert f"\n{model}: " in "\n" + text
     assert "detect " in text and "watermark " in text
+    assert "slowest 1 %" in text and "outside them" in text
