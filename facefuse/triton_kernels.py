@@ -97,6 +97,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _launch(make_kernel: Any, arguments: list, rows: int, planes: int, row_length: int, block: int,
+            device: torch.device, **constants: int) -> None:
+    """Runs a kernel over a grid of (rows, planes, blocks of one row). Compiled: on the tensors' own CUDA device
+    (Triton launches on the current one) and without FMA contraction (every product and sum rounds on its own, as
+    in the other paths). Interpreted (tests on the CPU): one program per row, since the interpreter pays per
+    program, not per element."""
+    interpret = _interpreting()
+    if interpret:
+        block = 1 << max(row_length - 1, 1).bit_length()
+    grid = (rows, planes, -(-row_length // block))
+    kernel = make_kernel(interpret)
+    if interpret:
+        kernel[grid](*arguments, BLOCK=block, **constants)
+        return
+    with torch.cuda.device(device):
+        kernel[grid](*arguments, BLOCK=block, enable_fp_fusion=False, **constants)
+
+
 def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, lower_row: torch.Tensor,
                 upper_weight: torch.Tensor, lower_weight: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
     """The marked images as (B,3,H,W) uint8 planes.
@@ -114,21 +132,11 @@ def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, 
     planes = rgb.new_empty((count, 3, height, width))
     if count == 0 or height == 0 or width == 0:
         return planes
-    interpret = _interpreting()
-    kernel = _mark_kernel(interpret)
-    # The interpreter (tests on the CPU) pays per program, not per element: one program per image row there.
-    block = 1 << max(width - 1, 1).bit_length() if interpret else BLOCK
-    grid = (height, count, -(-width // block))
     arguments = [rgb, *rgb.stride(), rows.contiguous().float(), upper_row.contiguous().to(torch.int64),
                  lower_row.contiguous().to(torch.int64), upper_weight.contiguous().float(),
                  lower_weight.contiguous().float(), tile.contiguous().float(), planes,
                  height, width, rows.shape[1], tile.shape[1], _ROUNDING_MAGIC]
-    # No FMA contraction: the interpolation's products and sum each round on their own, as in the other paths.
-    if interpret:
-        kernel[grid](*arguments, BLOCK=block)
-    else:  # Triton launches on the current device: make it the tensors' own (multi-GPU hosts)
-        with torch.cuda.device(rgb.device):
-            kernel[grid](*arguments, BLOCK=block, enable_fp_fusion=False)
+    _launch(_mark_kernel, arguments, height, count, width, BLOCK, rgb.device)
     return planes
 
 
@@ -143,16 +151,9 @@ def block_means(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     means = torch.empty((count, channels, out_height, out_width), dtype=torch.float32, device=pixels.device)
     if means.numel() == 0:
         return means
-    interpret = _interpreting()
-    kernel = _block_mean_kernel(interpret)
-    block = 1 << max(out_width - 1, 1).bit_length() if interpret else 256
-    grid = (out_height, count * channels, -(-out_width // block))
     arguments = [pixels.contiguous(), means, height, width, out_height, out_width, float(factor * factor)]
-    if interpret:
-        kernel[grid](*arguments, FACTOR=factor, BLOCK=block)
-    else:
-        with torch.cuda.device(pixels.device):
-            kernel[grid](*arguments, FACTOR=factor, BLOCK=block)
+    _launch(_block_mean_kernel, arguments, out_height, count * channels, out_width, 256, pixels.device,
+            FACTOR=factor)
     return means
 
 
@@ -164,10 +165,10 @@ def _self_check(device: torch.device) -> None:
     rgb = torch.arange(2 * 3 * 5 * 3, dtype=torch.int64, device=device).reshape(2, 3, 5, 3).mul(7).remainder(256)
     rows = torch.tensor([[[1 + tiny, 0.5, 0.5, 0.5, 0.5], [-(1 + 2 * tiny), 0.5, 0.5, 0.5, 0.5]],
                          [[0.5] * 5, [1.0] * 5]], device=device)
-    upper_row, lower_row = torch.zeros(3, dtype=torch.int64, device=device), torch.ones(3, dtype=torch.int64,
-                                                                                         device=device)
-    upper_weight, lower_weight = torch.full((3,), 1 + tiny, device=device), torch.tensor([1.0, 1.0, 0.0],
-                                                                                          device=device)
+    upper_row = torch.zeros(3, dtype=torch.int64, device=device)
+    lower_row = torch.ones(3, dtype=torch.int64, device=device)
+    upper_weight = torch.full((3,), 1 + tiny, device=device)
+    lower_weight = torch.tensor([1.0, 1.0, 0.0], device=device)
     tile = torch.tensor([[[big, 3.0], [5.0, -3.0]], [[600.0, -1.0], [-600.0, 7.0]]], device=device)
     planes = mark_planes(rgb.to(torch.uint8), rows, upper_row, lower_row, upper_weight, lower_weight, tile)
     upper, lower = rows[:, upper_row], rows[:, lower_row]
