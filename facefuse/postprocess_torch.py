@@ -257,7 +257,7 @@ def _shifted(padded: torch.Tensor, dim: int, length: int, offsets: Sequence[int]
 def _fused_detail(luma: torch.Tensor, launch: fused_kernels.Launcher) -> torch.Tensor:
     """|luma - GaussianBlur(luma, 5x5, 1.2)| as float32 exact integers: _gaussian_blur_u8's arithmetic in two fused
     kernels (row pass; column pass + rounding + difference)."""
-    taps = _fixed_point_gaussian(DETAIL_KSIZE, DETAIL_SIGMA)
+    taps = detail_taps()
     height, width = luma.shape[-2:]
     padded = _padded_planes(luma, DETAIL_KSIZE // 2)
     rows = launch(fused_kernels.blur_u8_row_kernel(taps), _shifted(padded, -1, width, range(DETAIL_KSIZE)))
@@ -379,17 +379,35 @@ def _taps_on(taps: Callable[[int, int], tuple[np.ndarray, ...]], source: int, ta
     return tuple(to_device(list(taps(source, target)), device))
 
 
-def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
-    """The device half of watermark._amplitude: the 1/8-resolution texture map (uint8, bit-exact); its small blur
-    and clipping (watermark._amplitude_from_detail) run on the host."""
+def detail_taps() -> tuple[int, ...]:
+    """The texture measure's blur: cv2's 8-bit fixed-point taps of GaussianBlur(5x5, 1.2)."""
+    return _fixed_point_gaussian(DETAIL_KSIZE, DETAIL_SIGMA)
+
+
+def detail_map_reference(luma: torch.Tensor) -> torch.Tensor:
+    """The texture map by the plain torch path (integers, any device): what every faster path must equal."""
+    return _detail_map(luma, None)
+
+
+def _detail_map(luma: torch.Tensor, launch: fused_kernels.Launcher | None) -> torch.Tensor:
     height, width = luma.shape[-2:]
-    launch = fused_kernels.launcher(luma.device)
     if launch is not None and min(height, width) > DETAIL_KSIZE // 2:
         detail = _fused_detail(luma, launch)
     else:
         detail = torch.abs(luma - _gaussian_blur_u8(luma, DETAIL_KSIZE, DETAIL_SIGMA))
     return _area_resize(detail, max(1, height // AMPLITUDE_REDUCTION), max(1, width // AMPLITUDE_REDUCTION)).to(
         torch.uint8)
+
+
+def _amplitude_detail(luma: torch.Tensor) -> torch.Tensor:
+    """The device half of watermark._amplitude: the 1/8-resolution texture map (uint8, bit-exact); its small blur
+    and clipping (watermark._amplitude_from_detail) run on the host. Sides that AMPLITUDE_REDUCTION divides can take
+    the one-pass Triton kernel (blur, difference and area mean in registers)."""
+    height, width = luma.shape[-2:]
+    if (luma.dim() == 3 and height % AMPLITUDE_REDUCTION == 0 and width % AMPLITUDE_REDUCTION == 0
+            and triton_kernels.use_triton_detail(luma.device)):
+        return triton_kernels.watermark_detail(luma, detail_taps(), AMPLITUDE_REDUCTION)
+    return _detail_map(luma, fused_kernels.launcher(luma.device))
 
 
 def _earlier_mark_samples(luma: torch.Tensor, period: int) -> torch.Tensor | None:

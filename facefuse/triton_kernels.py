@@ -21,13 +21,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from facefuse import fused_kernels
 
-__all__ = ["BLOCK", "SHRINK_VARIABLE", "block_means", "mark_planes", "use_triton_mark", "use_triton_shrink"]
+__all__ = ["BLOCK", "DETAIL_VARIABLE", "SHRINK_VARIABLE", "block_means", "detail_self_check_luma", "mark_planes",
+           "use_triton_detail", "use_triton_mark", "use_triton_shrink", "watermark_detail"]
 
 # Pixels of one image row per program: a multiple of the warp's 32 lanes; 1080p rows take 4 programs.
 BLOCK = 512
@@ -37,67 +39,24 @@ _ROUNDING_MAGIC = 12582912.0
 
 
 @functools.lru_cache(maxsize=2)
-def _mark_kernel(interpret: bool) -> Any:
-    """The jitted kernel (``interpret``: whether TRITON_INTERPRET was on when it was defined, which decides whether
-    it compiles for the GPU or runs in the interpreter)."""
-    import triton
-    import triton.language as tl
+def _kernels(interpret: bool) -> ModuleType:
+    """``facefuse.triton_source`` loaded for one mode: ``triton.jit`` reads TRITON_INTERPRET when it decorates, so
+    the module is executed once per value (the tests' interpreter, the GPU's compiler), each copy with its own
+    module globals, where the kernels find their helper functions."""
+    import importlib.util
 
-    @triton.jit
-    def facefuse_mark_planes(rgb, image_stride, row_stride, pixel_stride, channel_stride, rows, upper_row,
-                             lower_row, upper_weight, lower_weight, tile, planes, height, width, small_height,
-                             period, magic, BLOCK: tl.constexpr):
-        y = tl.program_id(0)
-        image = tl.program_id(1).to(tl.int64)
-        xs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-        inside = xs < width
-        row_base = image * small_height * width
-        upper = tl.load(rows + row_base + tl.load(upper_row + y) * width + xs, mask=inside, other=0.0)
-        lower = tl.load(rows + row_base + tl.load(lower_row + y) * width + xs, mask=inside, other=0.0)
-        amplitude = upper * tl.load(upper_weight + y) + lower * tl.load(lower_weight + y)
-        pattern = tl.load(tile + (image * period + y % period) * period + xs % period, mask=inside, other=0.0)
-        # Clamped before rounding so that the rounding trick holds; the +-256 clamp after it gives what rounding
-        # first and clamping after would.
-        product = tl.minimum(tl.maximum(amplitude * pattern, -512.0), 512.0)
-        delta = tl.minimum(tl.maximum((product + magic) - magic, -256.0), 256.0)
-        pixel = image * image_stride + y.to(tl.int64) * row_stride + xs.to(tl.int64) * pixel_stride
-        plane = height.to(tl.int64) * width
-        for channel in tl.static_range(3):
-            value = tl.load(rgb + pixel + channel * channel_stride, mask=inside, other=0).to(tl.float32)
-            value = tl.minimum(tl.maximum(value + delta, 0.0), 255.0)
-            tl.store(planes + (image * 3 + channel) * plane + y * width + xs, value.to(tl.uint8), mask=inside)
-
-    return facefuse_mark_planes
-
-
-@functools.lru_cache(maxsize=2)
-def _block_mean_kernel(interpret: bool) -> Any:
-    """The jitted block-means kernel (see ``_mark_kernel`` for ``interpret``)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def facefuse_block_means(pixels, means, height, width, out_height, out_width, divisor,
-                             FACTOR: tl.constexpr, BLOCK: tl.constexpr):
-        y = tl.program_id(0)
-        plane = tl.program_id(1).to(tl.int64)
-        xs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-        inside = xs < out_width
-        source = pixels + plane * height * width + (y * FACTOR).to(tl.int64) * width + xs * FACTOR
-        total = xs.to(tl.float32) * 0.0  # (tl.zeros is a jitted helper the interpreter cannot reach from here)
-        for dy in tl.static_range(FACTOR):  # integer sums below 2**24: exact in float32 in any order
-            for dx in tl.static_range(FACTOR):
-                total += tl.load(source + dy * width + dx, mask=inside, other=0).to(tl.float32)
-        tl.store(means + (plane * out_height + y) * out_width + xs, total / divisor, mask=inside)
-
-    return facefuse_block_means
+    name = "facefuse.triton_source" + ("_interpreted" if interpret else "")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_source.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _launch(make_kernel: Any, arguments: list, rows: int, planes: int, row_length: int, block: int,
+def _launch(kernel_name: str, arguments: list, rows: int, planes: int, row_length: int, block: int,
             device: torch.device, **constants: int) -> None:
     """Runs a kernel over a grid of (rows, planes, blocks of one row). Compiled: on the tensors' own CUDA device
     (Triton launches on the current one) and without FMA contraction (every product and sum rounds on its own, as
@@ -107,7 +66,7 @@ def _launch(make_kernel: Any, arguments: list, rows: int, planes: int, row_lengt
     if interpret:
         block = 1 << max(row_length - 1, 1).bit_length()
     grid = (rows, planes, -(-row_length // block))
-    kernel = make_kernel(interpret)
+    kernel = getattr(_kernels(interpret), kernel_name)
     if interpret:
         kernel[grid](*arguments, BLOCK=block, **constants)
         return
@@ -136,7 +95,7 @@ def mark_planes(rgb: torch.Tensor, rows: torch.Tensor, upper_row: torch.Tensor, 
                  lower_row.contiguous().to(torch.int64), upper_weight.contiguous().float(),
                  lower_weight.contiguous().float(), tile.contiguous().float(), planes,
                  height, width, rows.shape[1], tile.shape[1], _ROUNDING_MAGIC]
-    _launch(_mark_kernel, arguments, height, count, width, BLOCK, rgb.device)
+    _launch("facefuse_mark_planes", arguments, height, count, width, BLOCK, rgb.device)
     return planes
 
 
@@ -152,9 +111,29 @@ def block_means(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     if means.numel() == 0:
         return means
     arguments = [pixels.contiguous(), means, height, width, out_height, out_width, float(factor * factor)]
-    _launch(_block_mean_kernel, arguments, out_height, count * channels, out_width, 256, pixels.device,
+    _launch("facefuse_block_means", arguments, out_height, count * channels, out_width, 256, pixels.device,
             FACTOR=factor)
     return means
+
+
+def watermark_detail(luma: torch.Tensor, taps: tuple[int, ...], factor: int) -> torch.Tensor:
+    """The watermark's texture map in one pass: (B,H,W) luma (integers 0..255, any dtype) -> (B,H/factor,W/factor)
+    uint8, the INTER_AREA downsampling of |luma - GaussianBlur(luma)|: cv2's 8-bit fixed-point 5-tap blur (``taps``,
+    8 fraction bits, BORDER_REFLECT_101) and its whole-factor area mean, bit for bit. ``factor``: a power of two of
+    at least 4 that divides both sides (2 rounds half up in cv2; other factors have inexact divisions)."""
+    if luma.dim() != 3 or len(taps) != 5 or taps != taps[::-1] or factor < 4 or factor & (factor - 1):
+        raise ValueError(f"watermark_detail: luma {tuple(luma.shape)}, taps {taps}, factor {factor}")
+    count, height, width = luma.shape
+    if height % factor or width % factor or min(height, width) <= 2:
+        raise ValueError(f"watermark_detail: {height}x{width} is not a multiple of {factor} above 2")
+    out_height, out_width = height // factor, width // factor
+    detail = torch.empty((count, out_height, out_width), dtype=torch.uint8, device=luma.device)
+    if detail.numel() == 0:
+        return detail
+    arguments = [luma.contiguous(), detail, height, width, out_height, out_width, *taps[:3]]
+    _launch("facefuse_watermark_detail", arguments, out_height, count, out_width, 64, luma.device, FACTOR=factor,
+            SHIFT=2 * (factor.bit_length() - 1))
+    return detail
 
 
 def _self_check(device: torch.device) -> None:
@@ -188,9 +167,31 @@ def _block_means_self_check(device: torch.device) -> None:
             raise RuntimeError(f"the Triton block-means kernel's self-check (factor {factor}) differs from avg_pool2d")
 
 
+def detail_self_check_luma() -> torch.Tensor:
+    """The detail self-check's luma (2 x 48 x 64, seeded): every cell touches a border or two; among the 96 cells'
+    sums some end exactly halfway (32 of 64) with an even and with an odd quotient (tests assert it)."""
+    generator = torch.Generator().manual_seed(11)
+    luma = torch.randint(0, 256, (2, 48, 64), generator=generator, dtype=torch.int32)
+    luma[1, 16:] //= 37  # dark, low-contrast rows: small sums
+    return luma
+
+
+def _detail_self_check(device: torch.device) -> None:
+    """Compiles the texture-map kernel and checks it against the torch path (``postprocess_torch``'s blur and area
+    arithmetic, OpenCV's bit for bit)."""
+    from facefuse import postprocess_torch  # the torch path (it imports this module: not at import time)
+
+    luma = detail_self_check_luma().to(device)
+    expected = postprocess_torch.detail_map_reference(luma)
+    got = watermark_detail(luma.float(), postprocess_torch.detail_taps(), postprocess_torch.AMPLITUDE_REDUCTION)
+    if not torch.equal(got, expected):
+        raise RuntimeError("the Triton texture-map kernel's self-check gave other values than the torch path")
+
+
 # Per kernel: its self-check (looked up by name when it runs) and what is used in its place when it fails.
 _KERNELS = {"mark": ("_self_check", "the watermark's add uses the jiterator kernel"),
-            "block means": ("_block_means_self_check", "the working-image shrink uses avg_pool2d")}
+            "block means": ("_block_means_self_check", "the working-image shrink uses avg_pool2d"),
+            "texture map": ("_detail_self_check", "the watermark's texture map uses the jiterator kernels")}
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,16 +222,29 @@ def use_triton_mark(device: torch.device) -> bool:
     return _available_on(_cuda(device))
 
 
-# Opt-in until a GPU run measures it against avg_pool2d (bench.profile_shrink's "triton block means").
+# Opt-in until a GPU run measures them: the shrink against avg_pool2d (bench.profile_shrink's "triton block
+# means"), the texture map against the jiterator kernels (bench.profile_request's postprocess).
 SHRINK_VARIABLE = "FACEFUSE_TRITON_SHRINK"
+DETAIL_VARIABLE = "FACEFUSE_TRITON_DETAIL"
+
+
+def _opted_in(variable: str, device: torch.device, kernel: str) -> bool:
+    """A CUDA device, ``variable`` on (off by default), FACEFUSE_FUSED_KERNELS at "auto" ("jiterator" means no Triton
+    kernel at all, "off" no fused kernel), and the kernel compiling and passing its self-check."""
+    if device.type != "cuda" or os.environ.get(variable, "off").lower() not in ("on", "1", "yes"):
+        return False
+    if os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower() in ("off", "0", "no", "jiterator"):
+        return False
+    return _available_on(_cuda(device), kernel)
 
 
 def use_triton_shrink(device: torch.device) -> bool:
-    """Whether the detector's whole-factor shrink runs as ``block_means`` on ``device``: a CUDA device,
-    FACEFUSE_TRITON_SHRINK=on (off by default: not yet measured on a GPU), the fused kernels not switched off, and the
-    kernel compiling and passing its self-check."""
-    if device.type != "cuda" or os.environ.get(SHRINK_VARIABLE, "off").lower() not in ("on", "1", "yes"):
-        return False
-    if os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower() in ("off", "0", "no"):
-        return False
-    return _available_on(_cuda(device), "block means")
+    """Whether the detector's whole-factor shrink runs as ``block_means`` on ``device`` (FACEFUSE_TRITON_SHRINK=on;
+    not yet measured on a GPU)."""
+    return _opted_in(SHRINK_VARIABLE, device, "block means")
+
+
+def use_triton_detail(device: torch.device) -> bool:
+    """Whether the watermark's texture map runs as ``watermark_detail`` on ``device`` (FACEFUSE_TRITON_DETAIL=on;
+    not yet measured on a GPU)."""
+    return _opted_in(DETAIL_VARIABLE, device, "texture map")

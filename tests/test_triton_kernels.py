@@ -171,3 +171,78 @@ def test_block_means_comparison_can_fail_and_bad_input_is_refused(monkeypatch):
         triton_kernels._block_means_self_check(torch.device("cpu"))
     with pytest.raises(ValueError, match="block_means"):
         right(torch.zeros((1, 3, 4, 4)), 2)
+
+
+def test_texture_map_equals_the_torch_path(monkeypatch, small_photo):
+    """The one-pass texture map (interpreter) gives the torch path's uint8 values (OpenCV's blur and area mean) for
+    the self-check's luma, whose cells include exact halves with even and odd quotients, for float and int luma;
+    through the whole watermark the marked image is the torch path's; only sides that 8 divides take it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    luma = triton_kernels.detail_self_check_luma()
+    detail = torch.abs(luma - pt._gaussian_blur_u8(luma, pt.DETAIL_KSIZE, pt.DETAIL_SIGMA)).float()
+    sums = torch.nn.functional.avg_pool2d(detail[:, None], 8, divisor_override=1).long()
+    halves = sums[sums % 64 == 32] // 64
+    assert {0, 1} <= set((halves % 2).tolist()), "the self-check's luma lost its exact halves"
+    taps = pt.detail_taps()
+    for values in (luma, luma.float(), luma[:1, :24, 8:48]):
+        got = triton_kernels.watermark_detail(values, taps, 8)
+        assert got.dtype == torch.uint8 and torch.equal(got, pt.detail_map_reference(values.to(torch.int32)))
+    triton_kernels._detail_self_check(torch.device("cpu"))
+
+    image = torch.from_numpy(np.ascontiguousarray(small_photo[:96, :136]))
+    odd = torch.from_numpy(np.ascontiguousarray(small_photo[:90, :131]))
+    calls = []
+    right = triton_kernels.watermark_detail
+    monkeypatch.setattr(triton_kernels, "use_triton_detail", lambda device: True)
+    monkeypatch.setattr(triton_kernels, "watermark_detail", lambda *args: calls.append(args[0].shape) or right(*args))
+    marked = pt.embed_watermarks_torch([image, odd], [5, 6])
+    assert calls == [(1, 96, 136)]  # 90 x 131 is not a multiple of 8: the jiterator/torch path
+    monkeypatch.setattr(triton_kernels, "use_triton_detail", lambda device: False)
+    for got, want in zip(marked, pt.embed_watermarks_torch([image, odd], [5, 6])):
+        assert torch.equal(got, want)
+
+
+def test_texture_map_self_check_catches_rounding_halves_up(monkeypatch):
+    """A kernel rounding the area mean's halves up (as cv2 does for 2x2 blocks only) fails the self-check; factors
+    and sizes the kernel does not compute exactly are refused; it is off by default and never on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def halves_up(luma, taps, factor):
+        detail = torch.abs(luma.to(torch.int32) - pt._gaussian_blur_u8(luma.to(torch.int32), 5, 1.2)).float()
+        sums = torch.nn.functional.avg_pool2d(detail[:, None], factor, divisor_override=1)[:, 0]
+        return torch.floor((sums + factor * factor // 2) / (factor * factor)).to(torch.uint8)
+
+    monkeypatch.setattr(triton_kernels, "watermark_detail", halves_up)
+    with pytest.raises(RuntimeError, match="texture-map kernel's self-check"):
+        triton_kernels._detail_self_check(torch.device("cpu"))
+    monkeypatch.undo()
+    for shape, factor in (((1, 16, 16), 2), ((1, 16, 16), 6), ((1, 20, 16), 8), ((16, 16), 8)):
+        with pytest.raises(ValueError, match="watermark_detail"):
+            triton_kernels.watermark_detail(torch.zeros(shape), pt.detail_taps(), factor)
+    assert not triton_kernels.use_triton_detail(torch.device("cpu"))
+    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))  # off unless FACEFUSE_TRITON_DETAIL=on
+    monkeypatch.setenv(triton_kernels.DETAIL_VARIABLE, "on")
+    monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
+    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("kernel, signature, constants", [
+    ("facefuse_mark_planes", "*u8 i64 i64 i64 i64 *fp32 *i64 *i64 *fp32 *fp32 *fp32 *u8 i32 i32 i32 i32 fp32",
+     {"BLOCK": 512}),
+    ("facefuse_block_means", "*u8 *fp32 i32 i32 i32 i32 fp32", {"FACTOR": 3, "BLOCK": 256}),
+    ("facefuse_watermark_detail", "*fp32 *u8 i32 i32 i32 i32 i32 i32 i32", {"FACTOR": 8, "SHIFT": 6, "BLOCK": 64}),
+])
+def test_kernels_compile_for_a_hopper_gpu(kernel, signature, constants):
+    """The kernels as the service compiles them (not the interpreter: no TRITON_INTERPRET, helper functions found in
+    their module, no FMA contraction) down to a cubin for sm_90, which this CPU-only host can do with Triton's own
+    ptxas: what the interpreter tests cannot show about the GPU build."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    function = getattr(triton_kernels._kernels(False), kernel)
+    names = [name for name in function.arg_names if name not in constants]
+    types = dict(zip(names, signature.split(), strict=True)) | {name: "constexpr" for name in constants}
+    compiled = triton.compile(ASTSource(function, types, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options={"enable_fp_fusion": False})
+    assert kernel in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 1000
+    assert "fma.rn.f32" not in compiled.asm["ptx"]  # every product and sum rounds on its own
