@@ -1,4 +1,5 @@
-"""OpenAI Triton kernels: the watermark's add (HxWx3 uint8 pixels in, (3,H,W) uint8 planes out), block means.
+"""OpenAI Triton kernels: the watermark's add (HxWx3 uint8 pixels in, (3,H,W) uint8 planes out), its texture map,
+block means.
 
 The jiterator kernel (``fused_kernels.mark_kernel``) computes in float32 and returns three float32 planes, which
 are then copied into uint8 planes; its inputs are the amplitude's two full-size rows (gathered beforehand) and the
@@ -13,7 +14,10 @@ fails (no compiler, an old driver), the jiterator kernel stays in use and stderr
 these kernels on CUDA only; the tests run them on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``block_means`` is the detector's whole-factor shrink read straight from the uint8 pixels (avg_pool2d's values
-without a float copy of the batch); it is opt-in (FACEFUSE_TRITON_SHRINK=on) until a GPU run measures it.
+without a float copy of the batch); ``watermark_detail`` is the watermark's texture map in one pass over the luma
+(in place of a padded float copy, two blur kernels, a float copy and a pooling); both are opt-in
+(FACEFUSE_TRITON_SHRINK=on, FACEFUSE_TRITON_DETAIL=on) until a GPU run measures them. The kernels' source is
+``facefuse/triton_source.py``.
 """
 
 from __future__ import annotations
