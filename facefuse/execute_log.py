@@ -6,12 +6,15 @@ per ``execute`` call to ``<folder>/<model>-<pid>.tsv`` (wall start and end in se
 requests, and the stage timings the model reports, e.g. preprocess's decode/detect/align per row). bench.run
 (``--execute-log``) turns the lines of each level into a report (bench/execute_report.py): whether a batch's time
 under load is spent inside ``execute`` (our code, stretched by sharing the GPU or the CPU) or around it.
-Off (the default), ``ExecuteLog.batch`` costs one attribute check.
+Off (the default), ``ExecuteLog.batch`` costs one attribute check. On, each batch also records ``gc``: the ms its
+process spent in Python's cyclic garbage collector during the batch (it overlaps the other stages, which it
+stretches; a full collection walks every tracked object unless the heap was frozen: hostmem.freeze_heap).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import time
@@ -20,6 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENVIRONMENT_VARIABLE = "FACEFUSE_EXECUTE_LOG"
+# The stage that records garbage-collector pauses: within the other stages' time, not beside it.
+GC_STAGE = "gc"
+
+
+class _CollectorClock:
+    """gc.callbacks entry adding up the wall time of this process's garbage collections."""
+
+    def __init__(self) -> None:
+        self.total_ms = 0.0
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total_ms += (time.perf_counter() - self._started) * 1000.0
+            self._started = None
+
+
+_COLLECTOR_CLOCK = _CollectorClock()
 
 
 @dataclass
@@ -50,6 +73,8 @@ class ExecuteLog:
             Path(folder).mkdir(parents=True, exist_ok=True)
             # Line-buffered: a line is whole on disk once written, so a reader mid-run sees whole batches only.
             self._file = open(Path(folder) / f"{model}-{os.getpid()}.tsv", "a", buffering=1)  # noqa: SIM115
+            if _COLLECTOR_CLOCK not in gc.callbacks:
+                gc.callbacks.append(_COLLECTOR_CLOCK)
 
     @property
     def enabled(self) -> bool:
@@ -62,11 +87,13 @@ class ExecuteLog:
             yield
             return
         self._stages = {}
+        collected_before = _COLLECTOR_CLOCK.total_ms
         start = time.time()
         try:
             yield
         finally:
             end = time.time()
+            self._stages[GC_STAGE] = round(_COLLECTOR_CLOCK.total_ms - collected_before, 3)
             stages = json.dumps(self._stages, separators=(",", ":"))
             self._file.write(f"{start:.6f}\t{end:.6f}\t{requests}\t{stages}\n")
 

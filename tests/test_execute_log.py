@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
 
 from bench.execute_report import main as report_main
 from bench.execute_report import summarise
-from facefuse.execute_log import ENVIRONMENT_VARIABLE, BatchRecord, ExecuteLog, batch_stages, read_records
+from facefuse.execute_log import (
+    ENVIRONMENT_VARIABLE,
+    GC_STAGE,
+    BatchRecord,
+    ExecuteLog,
+    batch_stages,
+    read_records,
+)
+from facefuse.hostmem import freeze_heap
 
 
 def test_off_by_default_writes_nothing(tmp_path, monkeypatch):
@@ -30,10 +39,37 @@ def test_each_batch_is_one_line_with_its_wall_time_requests_and_stages(tmp_path,
         raise ValueError("bad batch")
     log.close()
     first, second = read_records(tmp_path / "log")
+    first_gc, second_gc = first.stages.pop(GC_STAGE), second.stages.pop(GC_STAGE)
     assert (first.model, first.requests, first.stages) == ("postprocess", 4, {"paste": 2.5, "watermark": 7.0})
     assert before <= first.start and 20.0 <= first.wall_ms < 1000.0
     assert (second.requests, second.stages) == (1, {})
-    assert read_records(tmp_path / "log", since=second.start) == [second]
+    assert 0.0 <= first_gc < first.wall_ms and 0.0 <= second_gc <= second.wall_ms
+    assert read_records(tmp_path / "log", since=second.start)[0].start == second.start
+
+
+def test_garbage_collections_during_a_batch_are_recorded(tmp_path):
+    """A full collection inside a batch shows as its ``gc`` stage; the report leaves it out of the sum of stages
+    (it happens within them) when it splits the slowest batches."""
+    log = ExecuteLog("preprocess", folder=tmp_path)
+    garbage = [[index] for index in range(200_000)]  # tracked objects for the collection to walk
+    with log.batch(2):
+        gc.collect()
+        log.note({"detect": 1.0})
+    log.close()
+    del garbage
+    (record,) = read_records(tmp_path)
+    assert 0.0 < record.stages[GC_STAGE] <= record.wall_ms
+    figures = summarise([record], window_s=1.0)["preprocess"]
+    assert figures["tail_outside_stages_ms"] == pytest.approx(record.wall_ms - 1.0)
+    assert figures["tail_stage_gc_ms"] == pytest.approx(record.stages[GC_STAGE])
+
+
+def test_freeze_heap_takes_what_lives_now_out_of_full_collections():
+    try:
+        frozen = freeze_heap()
+        assert frozen > 1000 and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_batch_stages_sum_the_rows_share_of_each_stage():

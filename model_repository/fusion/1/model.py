@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from facefuse.device_imaging import concat_rows  # noqa: E402
 from facefuse.execute_log import ExecuteLog  # noqa: E402
 from facefuse.fusion_runtime import load_runtime  # noqa: E402
-from facefuse.hostmem import keep_freed_memory  # noqa: E402
+from facefuse.hostmem import freeze_heap, keep_freed_memory  # noqa: E402
 from facefuse.network import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
 from facefuse.triton_glue import (  # noqa: E402
     choice_parameter,
@@ -46,6 +46,7 @@ class TritonPythonModel:
         self.gpu_tensors = tensors_on_gpu == "auto" and self.runtime.gpu_tensors
         pb_utils.Logger.log_info(f"fusion: tensors in {'GPU' if self.gpu_tensors else 'host'} memory")
         self.execute_log = ExecuteLog("fusion")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
+        freeze_heap()  # start-up's objects out of the collector's full passes (they ran inside requests)
 
     def execute(self, requests):
         with self.execute_log.batch(len(requests)):

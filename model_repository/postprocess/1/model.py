@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from facefuse.device_imaging import host_array, image_to_device  # noqa: E402
 from facefuse.errors import INTERNAL_ERROR, FusionError  # noqa: E402
 from facefuse.execute_log import ExecuteLog, batch_stages  # noqa: E402
-from facefuse.hostmem import keep_freed_memory  # noqa: E402
+from facefuse.hostmem import freeze_heap, keep_freed_memory  # noqa: E402
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, validate_label  # noqa: E402
 from facefuse.options import parse_options  # noqa: E402
 from facefuse.pipeline import POSTPROCESS_STAGES, finish, unpad_image  # noqa: E402
@@ -64,6 +64,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"postprocess: warm-up on {device} took {warm_up(self.device):.0f} ms")
         pb_utils.Logger.log_info(f"postprocess: paste, watermark and encode on {device}")
         self.execute_log = ExecuteLog("postprocess")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
+        freeze_heap()  # start-up's objects out of the collector's full passes (they ran inside requests)
 
     def execute(self, requests):
         with self.execute_log.batch(len(requests)):

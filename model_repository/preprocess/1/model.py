@@ -24,7 +24,7 @@ from facefuse.device_imaging import stack_rows  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.execute_log import ExecuteLog, batch_stages  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
-from facefuse.hostmem import keep_freed_memory  # noqa: E402
+from facefuse.hostmem import freeze_heap, keep_freed_memory  # noqa: E402
 from facefuse.imaging import ImageLimits  # noqa: E402
 from facefuse.network import INPUT_NAMES  # noqa: E402
 from facefuse.pipeline import (  # noqa: E402
@@ -99,6 +99,7 @@ class TritonPythonModel:
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
         self.execute_log = ExecuteLog("preprocess")  # FACEFUSE_EXECUTE_LOG: each batch's wall time (bench.run)
+        freeze_heap()  # start-up's objects out of the collector's full passes (they ran inside requests)
 
     def execute(self, requests):
         with self.execute_log.batch(len(requests)):
