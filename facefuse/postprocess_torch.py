@@ -21,8 +21,9 @@ tests/test_postprocess_torch.py, which allows 1 grey level on 0.1% of values):
 On CUDA the watermark's full-resolution steps (luma, the texture measure's blur, the re-marking check's high-pass,
 the mark's interpolation, rounding and add) run as fused elementwise kernels (``facefuse.fused_kernels``), with the
 same roundings in the same order as the torch code here: bit-identical to it, so the parity above holds for both.
-The mark's add itself runs as one OpenAI Triton kernel where Triton compiles (``facefuse.triton_kernels``: pixels
-in, uint8 planes out, also bit-identical); ``FACEFUSE_FUSED_KERNELS=jiterator`` keeps it on the jiterator kernel.
+The mark's add and the texture map (blur, difference, area mean) each run as one OpenAI Triton kernel where Triton
+compiles (``facefuse.triton_kernels``: also bit-identical); ``FACEFUSE_FUSED_KERNELS=jiterator`` keeps them on the
+jiterator kernels.
 
 ``finish_torch`` encodes JPEG with nvJPEG (``torchvision.io.encode_jpeg``) when the image is on a CUDA device and
 torchvision is importable; PNG and WebP, and JPEG everywhere else, go through ``imaging.encode_image`` on the host.

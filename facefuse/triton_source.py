@@ -56,7 +56,7 @@ def facefuse_block_means(pixels, means, height, width, out_height, out_width, di
     for dy in tl.static_range(FACTOR):  # integer sums below 2**24: exact in float32 in any order
         for dx in tl.static_range(FACTOR):
             total += tl.load(source + dy * width + dx, mask=inside, other=0).to(tl.float32)
-    # div_rn: IEEE division, as avg_pool2d's (a plain / compiles to the approximate div.full.f32: it differed on the GPU)
+    # div_rn: IEEE division, as avg_pool2d's (a plain / compiles to the approximate div.full.f32: differed on a GPU)
     tl.store(means + (plane * out_height + y) * out_width + xs, tl.math.div_rn(total, divisor), mask=inside)
 
 

@@ -204,7 +204,8 @@ def test_texture_map_equals_the_torch_path(monkeypatch, small_photo):
 
 def test_texture_map_self_check_catches_rounding_halves_up(monkeypatch):
     """A kernel rounding the area mean's halves up (as cv2 does for 2x2 blocks only) fails the self-check; factors
-    and sizes the kernel does not compute exactly are refused; it is off by default and never on the CPU."""
+    and sizes the kernel does not compute exactly are refused; on by default, never on the CPU, off by its variable
+    or under FACEFUSE_FUSED_KERNELS=jiterator."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def halves_up(luma, taps, factor):
@@ -220,8 +221,11 @@ def test_texture_map_self_check_catches_rounding_halves_up(monkeypatch):
         with pytest.raises(ValueError, match="watermark_detail"):
             triton_kernels.watermark_detail(torch.zeros(shape), pt.detail_taps(), factor)
     assert not triton_kernels.use_triton_detail(torch.device("cpu"))
-    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))  # off unless FACEFUSE_TRITON_DETAIL=on
-    monkeypatch.setenv(triton_kernels.DETAIL_VARIABLE, "on")
+    monkeypatch.setenv(triton_kernels.DETAIL_VARIABLE, "off")
+    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))
+    monkeypatch.delenv(triton_kernels.DETAIL_VARIABLE)  # on by default: then the device's kernels decide
+    monkeypatch.setattr(triton_kernels, "_available_on", lambda device, kernel: kernel == "texture map")
+    assert triton_kernels.use_triton_detail(torch.device("cuda", 0))
     monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
     assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))
 
