@@ -1,5 +1,6 @@
-"""A copy of the model repository with other instance counts and batching delays, for measuring them
-(`python -m bench.run --instances preprocess=4,postprocess=4 --queue-delay-us preprocess=4000`).
+"""A copy of the model repository with other instance counts, batching delays and batch sizes, for measuring them
+(`python -m bench.run --instances preprocess=4,postprocess=4 --queue-delay-us preprocess=4000 --max-batch
+preprocess=16`).
 
 Weights and ONNX/plan files are linked, not copied.
 """
@@ -68,12 +69,15 @@ def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:
 
 def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_us: dict[str, int],
                      source: Path = MODEL_REPOSITORY, cpu_threads: dict[str, int] | None = None,
-                     parameters: dict[str, dict[str, str]] | None = None) -> Path:
+                     parameters: dict[str, dict[str, str]] | None = None,
+                     max_batch_sizes: dict[str, int] | None = None) -> Path:
     """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay / `cpu_threads`
-    parameter / existing string parameters replaced."""
-    cpu_threads, parameters = cpu_threads or {}, parameters or {}
-    unknown = (set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters)) - {
-        path.name for path in source.iterdir() if path.is_dir()}
+    parameter / existing string parameters / max_batch_size replaced. A smaller max_batch_size also drops the
+    preferred batch sizes above it and lowers every ensemble's to it (Triton refuses an ensemble that allows larger
+    batches than a model it runs)."""
+    cpu_threads, parameters, max_batch_sizes = cpu_threads or {}, parameters or {}, max_batch_sizes or {}
+    named = set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters) | set(max_batch_sizes)
+    unknown = named - {path.name for path in source.iterdir() if path.is_dir()}
     if unknown:
         raise ValueError(f"no such model(s) in {source}: {', '.join(sorted(unknown))}")
     if destination.exists():
@@ -87,10 +91,17 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             target.symlink_to(path.resolve())
         else:
             shutil.copy2(path, target)
-    for name in set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters):
+    if max_batch_sizes:
+        if min(max_batch_sizes.values()) < 1:
+            raise ValueError(f"max_batch_size must be >= 1: {max_batch_sizes}")
+        named |= {path.parent.name for path in destination.glob("*/config.pbtxt")
+                  if 'platform: "ensemble"' in path.read_text()}
+    for name in named:
         # config.pbtxt and the per-deployment copies (configs/gpu.pbtxt): whichever the server reads.
         for config_path in [destination / name / "config.pbtxt", *sorted((destination / name).glob("configs/*.pbtxt"))]:
             text = config_path.read_text()
+            if name in max_batch_sizes or 'platform: "ensemble"' in text:
+                text = _set_max_batch_size(text, max_batch_sizes.get(name, min(max_batch_sizes.values())), name)
             if name in cpu_threads and 'backend: "python"' in text:  # a TensorRT plan's config has no threads
                 text = _set_cpu_threads(text, cpu_threads[name], name)
             if name in instances:
@@ -118,6 +129,17 @@ def _replace_one(text: str, pattern: str, value: int | str, model: str) -> str:
     if count != 1:
         raise ValueError(f"{model}/config.pbtxt: expected one match of {pattern!r}, found {count}")
     return edited
+
+
+def _set_max_batch_size(text: str, size: int, model: str) -> str:
+    current = int(re.search(r"max_batch_size:\s*(\d+)", text).group(1))
+    text = _replace_one(text, r"(max_batch_size:\s*)\d+", min(size, current), model)
+
+    def kept(match: re.Match) -> str:
+        sizes = [value.strip() for value in match.group(2).split(",") if int(value) <= size]
+        return f"{match.group(1)}{', '.join(sizes) or str(size)} ]"
+
+    return re.sub(r"(preferred_batch_size:\s*\[\s*)([^\]]*)\]", kept, text)
 
 
 def _set_cpu_threads(text: str, threads: int, model: str) -> str:

@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                              "`gpu`: the counts of the GPU configs (configs/gpu.pbtxt)")
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
+    parser.add_argument("--max-batch", default="", help="max_batch_size per model, e.g. preprocess=16 (the ensemble's "
+                                                        "is lowered to match)")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     parser.add_argument("--parameter", action="append", default=[], metavar="MODEL.KEY=VALUE",
                         help="set an existing string parameter of a model's config, e.g. "
@@ -330,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = {**(gpu_config_cpu_threads(args.model_repository) if args.instances == "gpu" else {}),
                **parse_assignments(args.cpu_threads)}
     parameters = parse_parameters(args.parameter)
-    if instances or delays or threads or parameters:
+    max_batch = parse_assignments(args.max_batch)
+    if instances or delays or threads or parameters or max_batch:
         args.model_repository = tuned_repository(REPO_ROOT / ".cache" / "bench" / "repository", instances, delays,
-                                                 args.model_repository, threads, parameters)
+                                                 args.model_repository, threads, parameters, max_batch)
         print(f"[bench] serving a copy with instances {instances or 'as configured'}, queue delays (us) "
               f"{delays or 'as configured'}, cpu_threads {threads or 'as configured'}, parameters "
-              f"{parameters or 'as configured'}", flush=True)
+              f"{parameters or 'as configured'}, max batch {max_batch or 'as configured'}", flush=True)
     levels = [int(level) for level in args.concurrency.split(",")]
     tag = f"{datetime.date.today().isoformat()}_{args.machine or machine_tag()}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     ensemble = [row for row in rows if row["model"] == "face_fusion"]
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
     summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,
-               "queue_delays_us": delays, "cpu_threads": threads, "parameters": parameters, "rows": rows, **baseline}
+               "queue_delays_us": delays, "cpu_threads": threads, "parameters": parameters, "max_batch": max_batch,
+               "rows": rows, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])
         summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]
