@@ -254,3 +254,20 @@ def test_kernels_compile_for_a_hopper_gpu(kernel, signature, constants):
     # Divisions correctly rounded, as torch's: Triton's plain "/" compiles to div.full.f32 (2 ulp), which made the
     # block means differ from avg_pool2d on an H100 (session 17; its self-check caught it)
     assert "div.full" not in ptx and "div.approx" not in ptx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host (CI: CPU only)")
+def test_texture_map_and_block_means_compile_and_match_on_cuda():
+    """On a GPU host: both kernels pass their self-checks there, and on 1080p-sized inputs the texture map equals the
+    torch path and the block means equal avg_pool2d, bit for bit (session 17: an approximate division did not)."""
+    device = torch.device("cuda")
+    assert triton_kernels._available_on.__wrapped__(device, "texture map")
+    assert triton_kernels._available_on.__wrapped__(device, "block means")
+    generator = torch.Generator(device=device).manual_seed(17)
+    luma = torch.randint(0, 256, (2, 1080, 1920), generator=generator, device=device, dtype=torch.int32)
+    detail = triton_kernels.watermark_detail(luma.float(), pt.detail_taps(), pt.AMPLITUDE_REDUCTION)
+    assert torch.equal(detail, pt.detail_map_reference(luma))
+    pixels = torch.randint(0, 256, (2, 3, 1080, 1920), generator=generator, device=device, dtype=torch.uint8)
+    for factor in (2, 3, 4):
+        assert torch.equal(triton_kernels.block_means(pixels, factor),
+                           torch.nn.functional.avg_pool2d(pixels.float(), factor))
