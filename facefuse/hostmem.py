@@ -1,7 +1,5 @@
-"""Host memory habits of a model process: keep freed memory for reuse (``keep_freed_memory``) and keep the garbage
-collector's full passes short (``freeze_heap``).
-
-Freed memory: instead of handing it back to the kernel after every request.
+"""Host memory habits of a model process: keep freed memory for reuse instead of handing it back to the kernel after
+every request (``keep_freed_memory``), and keep the garbage collector's full passes short (``freeze_heap``).
 
 glibc serves large blocks with fresh mappings and unmaps them on free (above its mmap threshold: 128 KiB, adapting
 up to 32 MiB), so image copies (a BYTES tensor's bytes, a device-to-host copy, tobytes; a batch of 32 targets is
@@ -42,9 +40,10 @@ def keep_freed_memory() -> bool:
 def freeze_heap() -> int:
     """Collects what start-up left, then moves every object alive now (modules, nets, tables: all that lives as
     long as the process) out of the garbage collector's reach; returns how many. Python's full collection walks
-    every tracked object, ~180,000 after importing the models' modules (92 ms each on the 2-core CI host,
-    bench.gc_pause), and runs at an allocation count, i.e. inside some request's execute; afterwards it walks
-    only what requests allocated since. Call at the end of a model's initialize, after its warm-up."""
+    every tracked object, ~190,000 in a process holding the detector and the mesh (bench.gc_pause: 38 ms on an H100
+    host, 90 ms on the 2-core CI host), and runs at an allocation count, i.e. inside some request's execute (8-17 ms
+    of the slowest 1 % of batches at c=128, session 17); afterwards it walks only what requests allocated since.
+    Call at the end of a model's initialize, after its warm-up."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
