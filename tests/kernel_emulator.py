@@ -9,6 +9,7 @@ does for the kernels' common dtype float32.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -38,6 +39,7 @@ def compiler() -> str | None:
 
 
 _BUILD = Path(tempfile.mkdtemp(prefix="facefuse-kernels-"))
+atexit.register(shutil.rmtree, _BUILD, ignore_errors=True)  # the compiled kernels live as long as the test run
 
 
 @functools.lru_cache(maxsize=64)
