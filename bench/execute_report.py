@@ -7,9 +7,10 @@ Per model: batches, requests per batch, ``execute``'s wall time per batch (mean,
 its instances spent inside ``execute`` (busy), the time between one batch's end and the same instance's next start
 (p50: under full load, a batch's cost outside ``execute``), its stages per batch, and the same for its slowest 1 % of
 batches (where the tail's time goes, and how much of it no stage accounts for; ``gc``, the garbage collector's
-pauses, happen within the other stages). Set beside perf_analyzer's
-"compute infer" for the same level: compute infer minus execute's wall is what a batch spends between Triton and the
-stub. bench.run reads the span of perf_analyzer's last three measurement windows (the ones it reports).
+pauses, and ``cpu``, the process's CPU time, happen within the other stages: wall minus cpu is waiting). Set beside
+perf_analyzer's "compute infer" for the same level: compute infer minus execute's wall is what a batch spends
+between Triton and the stub. bench.run reads the span of perf_analyzer's last three measurement windows (the ones
+it reports).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facefuse.execute_log import GC_STAGE, BatchRecord, read_records
+from facefuse.execute_log import OVERLAPPING_STAGES, BatchRecord, read_records
 
 
 def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str, float]]:
@@ -58,10 +59,10 @@ def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str
         model_figures["tail_requests_per_batch"] = float(np.mean([record.requests for record in tail]))
         for stage in stages:
             model_figures[f"tail_stage_{stage}_ms"] = float(np.mean([record.stages.get(stage, 0.0) for record in tail]))
-        if stages:  # (the collector's pauses happen within the other stages: not added to them)
+        if stages:  # (the collector's pauses and the CPU time happen within the other stages: not added to them)
             model_figures["tail_outside_stages_ms"] = float(np.mean(
-                [record.wall_ms - sum(value for stage, value in record.stages.items() if stage != GC_STAGE)
-                 for record in tail]))
+                [record.wall_ms - sum(value for stage, value in record.stages.items()
+                                      if stage not in OVERLAPPING_STAGES) for record in tail]))
         figures[model] = model_figures
     return figures
 

@@ -8,7 +8,9 @@ requests, and the stage timings the model reports, e.g. preprocess's decode/dete
 under load is spent inside ``execute`` (our code, stretched by sharing the GPU or the CPU) or around it.
 Off (the default), ``ExecuteLog.batch`` costs one attribute check. On, each batch also records ``gc``: the ms its
 process spent in Python's cyclic garbage collector during the batch (it overlaps the other stages, which it
-stretches; a full collection walks every tracked object unless the heap was frozen: hostmem.freeze_heap).
+stretches; a full collection walks every tracked object unless the heap was frozen: hostmem.freeze_heap), and
+``cpu``: the CPU time its process used during the batch, all threads (so it can exceed the wall time; for a
+single-threaded batch wall minus ``cpu`` is time spent waiting: for the GPU, a lock, the scheduler).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENVIRONMENT_VARIABLE = "FACEFUSE_EXECUTE_LOG"
-# The stage that records garbage-collector pauses: within the other stages' time, not beside it.
+# The stages that record garbage-collector pauses and the process's CPU time: within the other stages' time, not
+# beside it.
 GC_STAGE = "gc"
+CPU_STAGE = "cpu"
+OVERLAPPING_STAGES = (GC_STAGE, CPU_STAGE)
 
 
 class _CollectorClock:
@@ -88,11 +93,13 @@ class ExecuteLog:
             return
         self._stages = {}
         collected_before = _COLLECTOR_CLOCK.total_ms
+        cpu_before = time.process_time()
         start = time.time()
         try:
             yield
         finally:
             end = time.time()
+            self._stages[CPU_STAGE] = round((time.process_time() - cpu_before) * 1000.0, 3)
             self._stages[GC_STAGE] = round(_COLLECTOR_CLOCK.total_ms - collected_before, 3)
             stages = json.dumps(self._stages, separators=(",", ":"))
             self._file.write(f"{start:.6f}\t{end:.6f}\t{requests}\t{stages}\n")

@@ -10,6 +10,7 @@ import pytest
 from bench.execute_report import main as report_main
 from bench.execute_report import summarise
 from facefuse.execute_log import (
+    CPU_STAGE,
     ENVIRONMENT_VARIABLE,
     GC_STAGE,
     BatchRecord,
@@ -40,10 +41,12 @@ def test_each_batch_is_one_line_with_its_wall_time_requests_and_stages(tmp_path,
     log.close()
     first, second = read_records(tmp_path / "log")
     first_gc, second_gc = first.stages.pop(GC_STAGE), second.stages.pop(GC_STAGE)
+    first_cpu, second_cpu = first.stages.pop(CPU_STAGE), second.stages.pop(CPU_STAGE)
     assert (first.model, first.requests, first.stages) == ("postprocess", 4, {"paste": 2.5, "watermark": 7.0})
     assert before <= first.start and 20.0 <= first.wall_ms < 1000.0
     assert (second.requests, second.stages) == (1, {})
     assert 0.0 <= first_gc < first.wall_ms and 0.0 <= second_gc <= second.wall_ms
+    assert 0.0 <= first_cpu < 15.0 and second_cpu >= 0.0  # the 20 ms sleep waits: it uses no CPU
     assert read_records(tmp_path / "log", since=second.start)[0].start == second.start
 
 
@@ -59,6 +62,7 @@ def test_garbage_collections_during_a_batch_are_recorded(tmp_path):
     del garbage
     (record,) = read_records(tmp_path)
     assert 0.0 < record.stages[GC_STAGE] <= record.wall_ms
+    assert record.stages[GC_STAGE] <= record.stages[CPU_STAGE] + 5.0  # a collection is CPU work (clock granularity)
     figures = summarise([record], window_s=1.0)["preprocess"]
     assert figures["tail_outside_stages_ms"] == pytest.approx(record.wall_ms - 1.0)
     assert figures["tail_stage_gc_ms"] == pytest.approx(record.stages[GC_STAGE])
