@@ -128,8 +128,8 @@ def watermark_detail(luma: torch.Tensor, taps: tuple[int, ...], factor: int) -> 
     if luma.dim() != 3 or len(taps) != 5 or taps != taps[::-1] or factor < 4 or factor & (factor - 1):
         raise ValueError(f"watermark_detail: luma {tuple(luma.shape)}, taps {taps}, factor {factor}")
     count, height, width = luma.shape
-    if height % factor or width % factor or min(height, width) <= 2:
-        raise ValueError(f"watermark_detail: {height}x{width} is not a multiple of {factor} above 2")
+    if height % factor or width % factor:  # (so each side is 0 or at least 4: the reflected borders fit)
+        raise ValueError(f"watermark_detail: {height}x{width} is not a multiple of {factor}")
     out_height, out_width = height // factor, width // factor
     detail = torch.empty((count, out_height, out_width), dtype=torch.uint8, device=luma.device)
     if detail.numel() == 0:
@@ -216,12 +216,18 @@ def _cuda(device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
-def use_triton_mark(device: torch.device) -> bool:
-    """Whether the watermark's add runs as ``mark_planes`` on ``device``: a CUDA device, FACEFUSE_FUSED_KERNELS at
-    "auto" (its default; "jiterator" keeps the jiterator kernels only, "off" the torch path), and Triton importable
-    with the kernel compiling and passing its self-check (checked once per device)."""
+def _triton_allowed(device: torch.device) -> bool:
+    """A CUDA device and FACEFUSE_FUSED_KERNELS at "auto" (its default; "jiterator" means no Triton kernel at all,
+    "off" no fused kernel)."""
     setting = os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower()
-    if device.type != "cuda" or setting in ("off", "0", "no", "jiterator") or fused_kernels.launcher(device) is None:
+    return device.type == "cuda" and setting not in ("off", "0", "no", "jiterator")
+
+
+def use_triton_mark(device: torch.device) -> bool:
+    """Whether the watermark's add runs as ``mark_planes`` on ``device``: Triton allowed there (``_triton_allowed``),
+    the jiterator kernels available (its fallback), and Triton importable with the kernel compiling and passing its
+    self-check (checked once per device)."""
+    if not _triton_allowed(device) or fused_kernels.launcher(device) is None:
         return False
     return _available_on(_cuda(device))
 
@@ -233,11 +239,9 @@ DETAIL_VARIABLE = "FACEFUSE_TRITON_DETAIL"
 
 
 def _opted_in(variable: str, device: torch.device, kernel: str, default: str = "off") -> bool:
-    """A CUDA device, ``variable`` on (``default`` when unset), FACEFUSE_FUSED_KERNELS at "auto" ("jiterator" means
-    no Triton kernel at all, "off" no fused kernel), and the kernel compiling and passing its self-check."""
-    if device.type != "cuda" or os.environ.get(variable, default).lower() not in ("on", "1", "yes"):
-        return False
-    if os.environ.get(fused_kernels.ENVIRONMENT_VARIABLE, "auto").lower() in ("off", "0", "no", "jiterator"):
+    """Triton allowed on ``device`` (``_triton_allowed``), ``variable`` on (``default`` when unset), and the kernel
+    compiling and passing its self-check."""
+    if not _triton_allowed(device) or os.environ.get(variable, default).lower() not in ("on", "1", "yes"):
         return False
     return _available_on(_cuda(device), kernel)
 
