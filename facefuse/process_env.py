@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 
 def cap_math_threads() -> None:
@@ -28,8 +30,48 @@ def cap_math_threads() -> None:
 CUDA_ALLOCATOR = "expandable_segments:True"
 
 
+# How a host thread waits for the GPU (cudaDeviceSynchronize, a copy from pageable memory, an event): CUDA's context
+# scheduling flags (CU_CTX_SCHED_*). "auto" leaves CUDA's own choice, which spins while the process has fewer contexts
+# than the host has cores: every wait keeps a core busy. With 12 model processes on a 16-core host, each waiting on
+# the GPU five times per batch, spinning takes cores from the others' host work; "blocking" sleeps on the wait
+# (the waking costs microseconds per wait).
+CUDA_SYNC_VARIABLE = "FACEFUSE_CUDA_SYNC"
+CUDA_SYNC_FLAGS = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}
+
+
+def set_cuda_sync(policy: str | None = None, library: str = "libcuda.so.1") -> str:
+    """Sets every visible GPU's primary-context scheduling to ``policy`` (default: $FACEFUSE_CUDA_SYNC, else
+    "auto", which changes nothing) through the CUDA driver, before torch makes the context; returns what it did.
+    A host without the driver or a GPU is left alone (said in the return value); an unknown policy is a
+    ValueError naming the choices."""
+    policy = (policy if policy is not None else os.environ.get(CUDA_SYNC_VARIABLE, "auto")).strip().lower()
+    if policy not in CUDA_SYNC_FLAGS:
+        raise ValueError(f"{CUDA_SYNC_VARIABLE}={policy!r}: expected one of {', '.join(CUDA_SYNC_FLAGS)}")
+    if policy == "auto":
+        return "auto: CUDA's default"
+    try:
+        driver = ctypes.CDLL(library)
+    except OSError:
+        return f"{policy}: not set, no CUDA driver ({library})"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return f"{policy}: not set, no GPU"
+    for ordinal in range(count.value):
+        device = ctypes.c_int(0)
+        status = driver.cuDeviceGet(ctypes.byref(device), ordinal)
+        if status == 0:
+            status = driver.cuDevicePrimaryCtxSetFlags(device, CUDA_SYNC_FLAGS[policy])
+        if status != 0:
+            raise RuntimeError(f"{CUDA_SYNC_VARIABLE}={policy}: the CUDA driver refused GPU {ordinal} (error {status})")
+    return f"{policy}: set on {count.value} GPU(s)"
+
+
 def set_process_defaults() -> None:
     """Everything a model instance's process sets before the numeric libraries load (each only where the environment
-    does not already set it): the math thread pools (``cap_math_threads``) and torch's CUDA allocator."""
+    does not already set it): the math thread pools (``cap_math_threads``), torch's CUDA allocator and, where
+    $FACEFUSE_CUDA_SYNC asks for it, how the process waits for the GPU (``set_cuda_sync``)."""
     cap_math_threads()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
+    sync = set_cuda_sync()
+    if not sync.startswith("auto"):
+        print(f"[facefuse] pid {os.getpid()}: GPU waits {sync}", file=sys.stderr, flush=True)

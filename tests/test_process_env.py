@@ -88,3 +88,59 @@ def test_process_defaults_choose_the_cuda_allocator_unless_the_environment_does(
 
     assert run({}) == ["expandable_segments:True", "1"]
     assert run({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})[0] == "max_split_size_mb:128"
+
+
+# A stand-in for the CUDA driver's four calls that set_cuda_sync makes (this host has no GPU): two devices, and the
+# flags each primary context was given, read back through `flags_of`.
+_DRIVER_STAND_IN = r"""
+static unsigned int flags[2] = {99, 99};
+static int initialised = 0;
+int cuInit(unsigned int f) { initialised = 1; return 0; }
+int cuDeviceGetCount(int *count) { *count = initialised ? 2 : 0; return initialised ? 0 : 3; }
+int cuDeviceGet(int *device, int ordinal) { *device = ordinal; return 0; }
+int cuDevicePrimaryCtxSetFlags(int device, unsigned int f) { flags[device] = f; return 0; }
+unsigned int flags_of(int device) { return flags[device]; }
+"""
+
+
+@pytest.fixture(scope="module")
+def driver_stand_in(tmp_path_factory) -> Path:
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the CUDA driver stand-in")
+    folder = tmp_path_factory.mktemp("driver")
+    (folder / "driver.c").write_text(_DRIVER_STAND_IN)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(folder / "libcuda_stand_in.so"), str(folder / "driver.c")],
+                   check=True)
+    return folder / "libcuda_stand_in.so"
+
+
+def test_cuda_sync_blocking_sets_every_gpus_primary_context(driver_stand_in):
+    import ctypes
+
+    from facefuse.process_env import CUDA_SYNC_FLAGS, set_cuda_sync
+
+    assert set_cuda_sync("blocking", library=str(driver_stand_in)) == "blocking: set on 2 GPU(s)"
+    driver = ctypes.CDLL(str(driver_stand_in))
+    assert [driver.flags_of(0), driver.flags_of(1)] == [CUDA_SYNC_FLAGS["blocking"]] * 2 == [4, 4]
+    assert set_cuda_sync(" Spin ", library=str(driver_stand_in)) == "spin: set on 2 GPU(s)"
+    assert [driver.flags_of(0), driver.flags_of(1)] == [1, 1]
+
+
+def test_cuda_sync_auto_touches_nothing_and_bad_values_are_refused(driver_stand_in, monkeypatch):
+    import ctypes
+
+    from facefuse.process_env import CUDA_SYNC_VARIABLE, set_cuda_sync
+
+    driver = ctypes.CDLL(str(driver_stand_in))
+    before = [driver.flags_of(0), driver.flags_of(1)]
+    monkeypatch.delenv(CUDA_SYNC_VARIABLE, raising=False)
+    assert set_cuda_sync(library=str(driver_stand_in)).startswith("auto")
+    assert [driver.flags_of(0), driver.flags_of(1)] == before
+    monkeypatch.setenv(CUDA_SYNC_VARIABLE, "sleepy")
+    with pytest.raises(ValueError, match="FACEFUSE_CUDA_SYNC='sleepy': expected one of auto, spin, yield, blocking"):
+        set_cuda_sync(library=str(driver_stand_in))
+    assert set_cuda_sync("blocking", library="libcuda-that-is-not-here.so") == (
+        "blocking: not set, no CUDA driver (libcuda-that-is-not-here.so)")
