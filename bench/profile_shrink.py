@@ -4,8 +4,8 @@ first) to the service's 640 x 360 working size (a whole factor of 3), GPU ms per
     python -m bench.profile_shrink [--images 16] [--repeats 20]
 
 "aa" is F.interpolate's antialiased bilinear on the float batch (any size); the others are block means, OpenCV's
-INTER_AREA at a whole factor (detection.shrink_by_whole_factor picks one of them; "triton block means" with
-FACEFUSE_TRITON_SHRINK=on).
+INTER_AREA at a whole factor (detection.shrink_by_whole_factor picks one of them: "triton block means" on CUDA,
+"avg_pool2d float" with FACEFUSE_TRITON_SHRINK=off or where the Triton kernel is unavailable).
 """
 
 from __future__ import annotations

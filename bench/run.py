@@ -44,6 +44,7 @@ from facefuse.local_server import (
     Ports,
     free_ports,
     pytriton_root,
+    sigterm_as_interrupt,
     start,
     stop_process,
 )
@@ -450,4 +451,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with sigterm_as_interrupt():  # a time limit's SIGTERM still stops the server and the MPS daemon (main's finally)
+        sys.exit(main())

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,20 @@ def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = M
     return process
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a time limit's `timeout`, `docker stop`, a service manager) is handled as Ctrl-C,
+    so that the `finally` blocks that stop the server and the MPS daemon run: the server leads its own session, out
+    of reach of a signal sent to this process. Seen on the device tool's H100: a benchmark ended by `timeout` left
+    its server and MPS daemon behind, and the next benchmark's daemon was refused ("already running"). The earlier
+    handler comes back after the block. Main thread only."""
+    earlier = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, earlier)
+
+
 def stop_process(process: subprocess.Popen, timeout_s: float = 45.0, leftovers_wait_s: float = 10.0) -> int:
     """SIGINT (Triton finishes in-flight requests), then SIGKILL the group if it lingers; then whatever is left of
     its process group once it has exited (the model stubs) is killed too and waited for.
@@ -253,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[serve] killed server pid {pid} after 45 s")
         end_leftovers(pid)
         return 0
+    with sigterm_as_interrupt():
+        return _start_or_serve(args, ports)
+
+
+def _start_or_serve(args: argparse.Namespace, ports: Ports) -> int:
     from facefuse.watchdog import SELF_HEAL_ARGS, StubWatchdog
 
     admin_secret = os.environ.get("TRITON_ADMIN_KEY")

@@ -3,11 +3,19 @@ in the other tests)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
 
 from facefuse.local_server import stop_process
 from facefuse.procfs import group_members, is_alive
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stop_process_kills_what_an_exited_server_left_in_its_group(tmp_path):
@@ -66,3 +74,44 @@ def test_stop_command_ends_the_recorded_server_and_what_it_left(tmp_path, monkey
     server.wait(5)
     assert not is_alive(child) and group_members(server.pid) == []
     assert not local_server.PID_FILE.exists()
+
+
+# A benchmark's life in small: a server in its own session (as start() makes it), stopped in a finally block; the
+# process then gets the SIGTERM that `timeout` sends.
+_SIGTERMED_RUN = """
+import os, signal, subprocess, sys, time
+from facefuse.local_server import sigterm_as_interrupt, stop_process
+with sigterm_as_interrupt():
+    server = subprocess.Popen(["bash", "-c", "sleep 300 & wait"], start_new_session=True, stdout=subprocess.DEVNULL)
+    print(server.pid, flush=True)
+    try:
+        time.sleep(60)
+    finally:
+        stop_process(server, timeout_s=5)
+        print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_sigterm_still_stops_the_server_a_run_started(handled):
+    """With sigterm_as_interrupt, a SIGTERM runs the finally that stops the server; without it (the check that
+    the test can fail) the server's session outlives the run."""
+    import sys
+
+    code = _SIGTERMED_RUN if handled else _SIGTERMED_RUN.replace("with sigterm_as_interrupt():", "if True:")
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    server_pid = int(run.stdout.readline())
+    deadline = time.monotonic() + 10
+    while len(group_members(server_pid)) < 2 and time.monotonic() < deadline:  # bash and its sleep
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=30)[0]
+    try:
+        if handled:
+            assert "stopped" in output and group_members(server_pid) == []
+        else:
+            assert "stopped" not in output and group_members(server_pid) != []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server_pid, signal.SIGKILL)

@@ -137,7 +137,8 @@ def test_triton_kernel_on_cuda_equals_the_jiterator_and_torch_paths(small_photo,
 
 def test_block_means_equal_avg_pool2d(monkeypatch):
     """The Triton block means (interpreter) give avg_pool2d's float values bit for bit, odd sizes whose last blocks
-    do not fit included; the self-check passes; the detector's shrink takes them only when switched on."""
+    do not fit included; the self-check passes; on CUDA by default, off by its variable or under
+    FACEFUSE_FUSED_KERNELS=jiterator, never on the CPU; the detector's shrink takes them when selected."""
     from facefuse import detection
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -148,7 +149,15 @@ def test_block_means_equal_avg_pool2d(monkeypatch):
         assert means.dtype == torch.float32
         assert torch.equal(means, torch.nn.functional.avg_pool2d(pixels.float(), factor))
     triton_kernels._block_means_self_check(torch.device("cpu"))
-    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))  # off unless FACEFUSE_TRITON_SHRINK=on
+    assert not triton_kernels.use_triton_shrink(torch.device("cpu"))  # CUDA only
+    monkeypatch.setenv(triton_kernels.SHRINK_VARIABLE, "off")
+    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))
+    monkeypatch.delenv(triton_kernels.SHRINK_VARIABLE)  # on by default: then the device's kernels decide
+    monkeypatch.setattr(triton_kernels, "_available_on", lambda device, kernel: kernel == "block means")
+    assert triton_kernels.use_triton_shrink(torch.device("cuda", 0))
+    monkeypatch.setenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
+    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))
+    monkeypatch.delenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE)
     monkeypatch.setattr(triton_kernels, "use_triton_shrink", lambda device: True)
     calls = []
     monkeypatch.setattr(triton_kernels, "block_means", lambda p, f: calls.append(f) or torch.zeros(1))
