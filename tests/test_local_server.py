@@ -83,8 +83,8 @@ import os, signal, subprocess, sys, time
 from facefuse.local_server import sigterm_as_interrupt, stop_process
 with sigterm_as_interrupt():
     server = subprocess.Popen(["bash", "-c", "sleep 300 & wait"], start_new_session=True, stdout=subprocess.DEVNULL)
-    print(server.pid, flush=True)
     try:
+        print(server.pid, flush=True)  # inside the try: the test signals only after reading it
         time.sleep(60)
     finally:
         stop_process(server, timeout_s=5)
