@@ -135,6 +135,20 @@ def test_triton_kernel_on_cuda_equals_the_jiterator_and_torch_paths(small_photo,
         assert torch.equal(auto, jiterator) and torch.equal(auto, plain)
 
 
+def _check_on_by_default(monkeypatch, use, variable: str, kernel: str) -> None:
+    """A default-on Triton kernel's selection: never on the CPU, off by its variable, on by default where the device's
+    kernel compiles and passes its self-check, off under FACEFUSE_FUSED_KERNELS=jiterator."""
+    assert not use(torch.device("cpu"))
+    monkeypatch.setenv(variable, "off")
+    assert not use(torch.device("cuda", 0))
+    monkeypatch.delenv(variable)
+    monkeypatch.setattr(triton_kernels, "_available_on", lambda device, name: name == kernel)
+    assert use(torch.device("cuda", 0))
+    monkeypatch.setenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
+    assert not use(torch.device("cuda", 0))
+    monkeypatch.delenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE)
+
+
 def test_block_means_equal_avg_pool2d(monkeypatch):
     """The Triton block means (interpreter) give avg_pool2d's float values bit for bit, odd sizes whose last blocks
     do not fit included; the self-check passes; on CUDA by default, off by its variable or under
@@ -149,15 +163,7 @@ def test_block_means_equal_avg_pool2d(monkeypatch):
         assert means.dtype == torch.float32
         assert torch.equal(means, torch.nn.functional.avg_pool2d(pixels.float(), factor))
     triton_kernels._block_means_self_check(torch.device("cpu"))
-    assert not triton_kernels.use_triton_shrink(torch.device("cpu"))  # CUDA only
-    monkeypatch.setenv(triton_kernels.SHRINK_VARIABLE, "off")
-    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))
-    monkeypatch.delenv(triton_kernels.SHRINK_VARIABLE)  # on by default: then the device's kernels decide
-    monkeypatch.setattr(triton_kernels, "_available_on", lambda device, kernel: kernel == "block means")
-    assert triton_kernels.use_triton_shrink(torch.device("cuda", 0))
-    monkeypatch.setenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
-    assert not triton_kernels.use_triton_shrink(torch.device("cuda", 0))
-    monkeypatch.delenv(triton_kernels.fused_kernels.ENVIRONMENT_VARIABLE)
+    _check_on_by_default(monkeypatch, triton_kernels.use_triton_shrink, triton_kernels.SHRINK_VARIABLE, "block means")
     monkeypatch.setattr(triton_kernels, "use_triton_shrink", lambda device: True)
     calls = []
     monkeypatch.setattr(triton_kernels, "block_means", lambda p, f: calls.append(f) or torch.zeros(1))
@@ -229,14 +235,7 @@ def test_texture_map_self_check_catches_rounding_halves_up(monkeypatch):
     for shape, factor in (((1, 16, 16), 2), ((1, 16, 16), 6), ((1, 20, 16), 8), ((16, 16), 8)):
         with pytest.raises(ValueError, match="watermark_detail"):
             triton_kernels.watermark_detail(torch.zeros(shape), pt.detail_taps(), factor)
-    assert not triton_kernels.use_triton_detail(torch.device("cpu"))
-    monkeypatch.setenv(triton_kernels.DETAIL_VARIABLE, "off")
-    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))
-    monkeypatch.delenv(triton_kernels.DETAIL_VARIABLE)  # on by default: then the device's kernels decide
-    monkeypatch.setattr(triton_kernels, "_available_on", lambda device, kernel: kernel == "texture map")
-    assert triton_kernels.use_triton_detail(torch.device("cuda", 0))
-    monkeypatch.setenv(pt.fused_kernels.ENVIRONMENT_VARIABLE, "jiterator")
-    assert not triton_kernels.use_triton_detail(torch.device("cuda", 0))
+    _check_on_by_default(monkeypatch, triton_kernels.use_triton_detail, triton_kernels.DETAIL_VARIABLE, "texture map")
 
 
 @pytest.mark.parametrize("kernel, signature, constants", [
