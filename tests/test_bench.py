@@ -364,3 +364,11 @@ def test_gpu_sampler_reads_peak_memory_and_mean_busy_share(tmp_path):
     busy = [b for _, b in sampler.samples]
     assert figures["gpu_busy_percent"] == round(sum(busy) / len(busy), 1)
     assert GpuSampler(command=[str(tmp_path / "missing")]).start().stop() == {}
+
+
+def test_cpu_scaling_reports_each_process_count_against_the_first():
+    from bench.cpu_scaling import scaling
+
+    speeds = scaling([1, 2], 0.3)
+    assert [count for count, _ in speeds] == [1, 2]
+    assert speeds[0][1] == 1.0 and 0.2 < speeds[1][1] < 2.0  # two processes on a host of >= 1 core
