@@ -161,6 +161,15 @@ def median_stage_ms(call: Callable[[], list], calls: int = 3) -> dict[str, float
     return {stage: round(statistics.median(run[stage] for run in runs if stage in run), 2) for stage in runs[0]}
 
 
+def served_preprocessor(device: torch.device, compile_nets: bool = False) -> Preprocessor:
+    """The Preprocessor as the preprocess model builds it by default: BlazeFace proposals, the detector's working
+    size, the mesh on the same device, and targets and crops kept in GPU memory for fusion and postprocess
+    (``outputs_on_gpu`` "auto")."""
+    return Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto",
+                                     compile_nets=compile_nets),
+                        FaceMesh(device=device, compile_net=compile_nets), outputs_on_device=True)
+
+
 def _next_batch(prepare: Callable[[list], list], batches: Iterator[list]) -> list:
     return prepare(next(batches))
 
@@ -186,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     batch_sizes = [int(value) for value in args.rows.split(",")]
     pairs = benchmark_pairs(max(4, 2 * max(batch_sizes)))
-    # As served: BlazeFace proposals, the detector's working size, the mesh on the same device.
-    # outputs_on_device: targets and crops stay in GPU memory for fusion and postprocess (`outputs_on_gpu` "auto").
-    preprocessor = Preprocessor(FaceDetector(device=device, max_side=SERVICE_DETECTOR_MAX_SIDE, proposals="auto",
-                                             compile_nets=args.compile_nets),
-                                FaceMesh(device=device, compile_net=args.compile_nets), outputs_on_device=True)
+    preprocessor = served_preprocessor(device, args.compile_nets)
     started = time.perf_counter()
     preprocessor.warm_up()
     print(f"[request] preprocess warm-up {time.perf_counter() - started:.1f} s"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import time
 from pathlib import Path
@@ -372,3 +374,27 @@ def test_cpu_scaling_reports_each_process_count_against_the_first():
     speeds = scaling([1, 2], 0.3)
     assert [count for count, _ in speeds] == [1, 2]
     assert speeds[0][1] == 1.0 and 0.2 < speeds[1][1] < 2.0  # two processes on a host of >= 1 core
+
+
+def test_host_contention_runs_workers_together_and_appends_a_csv_row_per_count(tmp_path, capsys):
+    from bench.host_contention import main
+
+    table = tmp_path / "contention.csv"
+    assert main(["--processes", "1,2", "--rows", "1", "--seconds", "0.5", "--device", "cpu", "--label", "t",
+                 "--csv", str(table)]) == 0
+    printed = capsys.readouterr().out
+    assert "[contention] 1 process (served env, cpu, t)" in printed and "[contention] 2 processes" in printed
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["processes"] for row in rows] == ["1", "2"]
+    for row in rows:
+        assert int(row["batches"]) >= int(row["processes"]) and float(row["wall_ms_per_row"]) > 0
+        assert {"decode", "detect", "align"} <= set(json.loads(row["stages_ms_per_row"]))
+
+
+def test_host_contention_names_a_worker_that_never_got_ready(monkeypatch):
+    from bench import host_contention
+
+    monkeypatch.setattr(host_contention.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match="worker 1 of 1 did not get ready"):
+        host_contention.run_together(1, 1, 0.1, "plain", "cpu")
