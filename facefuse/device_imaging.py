@@ -142,7 +142,10 @@ def host_array(value: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def stack_rows(rows: list[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
-    """Equal-shape rows (host arrays, or tensors of one device) stacked into one batch of their kind."""
+    """Equal-shape rows (host arrays, or tensors of one device) stacked into one batch of their kind; one row is
+    returned as a view of it (no copy, and on a GPU no kernel: most responses carry one row)."""
+    if len(rows) == 1:
+        return rows[0][None]
     return np.stack(rows) if isinstance(rows[0], np.ndarray) else torch.stack(rows)
 
 

@@ -339,6 +339,10 @@ def test_rows_are_stacked_and_batches_concatenated_in_their_kind():
     assert isinstance(stack_rows(rows), np.ndarray) and stack_rows(rows).shape == (2, 2, 3)
     stacked = stack_rows([torch.from_numpy(row) for row in rows])
     assert isinstance(stacked, torch.Tensor) and stacked.shape == (2, 2, 3)
+    # One row (most responses): a view of it, no copy.
+    row = torch.from_numpy(rows[0])
+    assert stack_rows([row]).shape == (1, 2, 3) and stack_rows([row]).data_ptr() == row.data_ptr()
+    assert np.shares_memory(stack_rows(rows[:1]), rows[0]) and stack_rows(rows[:1]).shape == (1, 2, 3)
     mixed = [rows[0][None], torch.from_numpy(rows[1])[None]]  # a host batch and a tensor batch
     on_host = concat_rows(mixed, None)
     assert isinstance(on_host, np.ndarray) and on_host[:, 0, 0].tolist() == [1, 2]

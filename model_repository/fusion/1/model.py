@@ -1,5 +1,6 @@
 """Triton model `fusion` (local server): the fusion network on the best runtime present."""
 
+import itertools
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from facefuse.triton_glue import (  # noqa: E402
     input_value,
     limit_threads,
     model_parameters,
-    output_tensor,
+    output_tensors,
 )
 
 
@@ -65,12 +66,10 @@ class TritonPythonModel:
                                                   for name, parts in columns.items()})
         else:
             outputs = self.runtime.run({name: concat_rows(parts, None) for name, parts in columns.items()})
-        responses, start = [], 0
-        for count in counts:
-            tensors = [output_tensor(pb_utils, name, outputs[name][start:start + count]) for name in OUTPUT_NAMES]
-            responses.append(pb_utils.InferenceResponse(tensors))
-            start += count
-        return responses
+        bounds = list(itertools.accumulate(counts, initial=0))
+        return [pb_utils.InferenceResponse(tensors) for tensors in output_tensors(
+            pb_utils, [{name: outputs[name][start:end] for name in OUTPUT_NAMES}
+                       for start, end in zip(bounds, bounds[1:])])]
 
     def finalize(self):
         self.runtime = None

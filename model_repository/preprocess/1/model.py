@@ -46,7 +46,7 @@ from facefuse.triton_glue import (  # noqa: E402,E501
     json_bytes,
     limit_threads,
     model_parameters,
-    output_tensor,
+    output_tensors,
 )
 
 # The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
@@ -121,23 +121,26 @@ class TritonPythonModel:
         if self.execute_log.enabled:
             self.execute_log.note(batch_stages([result.metadata["timings_ms"] for result in prepared
                                                 if isinstance(result, PreparedFusion)], PREPROCESS_STAGES))
-        responses, start = [], 0
+        # Each request's outputs first, then their tensors with one wait for the GPU for the whole batch.
+        outcomes, start = [], 0
         for count in row_counts:
             results = prepared[start:start + count]
             start += count
             failure = next((result for result in results if isinstance(result, FusionError)), None)
-            responses.append(error_response(pb_utils, failure) if failure else self._response(results))
-        return responses
+            outcomes.append(failure or self._outputs(results))
+        tensors = iter(output_tensors(pb_utils, [outcome for outcome in outcomes if isinstance(outcome, dict)]))
+        return [error_response(pb_utils, outcome) if isinstance(outcome, FusionError)
+                else pb_utils.InferenceResponse(next(tensors)) for outcome in outcomes]
 
     @staticmethod
-    def _response(results):
+    def _outputs(results):
         tensors = {name: stack_rows([result.network_inputs[name] for result in results]) for name in NETWORK_OUTPUTS}
         tensors["CHECKED_FACE_DEGREE"] = np.stack([result.network_inputs["FACE_DEGREE"] for result in results])
         tensors["CHECKED_PROFILE_DEGREE"] = np.stack([result.network_inputs["PROFILE_DEGREE"] for result in results])
         tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
         tensors["TARGET_RGB"] = stack_images([result.target_rgb for result in results])
         tensors["PRE_METADATA"] = bytes_tensor([json_bytes(result.metadata) for result in results])
-        return pb_utils.InferenceResponse([output_tensor(pb_utils, name, value) for name, value in tensors.items()])
+        return tensors
 
     def finalize(self):
         self.preprocessor = None
