@@ -192,8 +192,10 @@ def _unstable(result: subprocess.CompletedProcess) -> bool:
 
 
 def composing_breakdown(console: str) -> dict[str, float]:
-    """Per composing model, from perf_analyzer's ensemble report: average compute and queue time per request (ms)
-    and the average batch the model executed."""
+    """Per composing model, from perf_analyzer's ensemble report: average compute and queue time per request (ms),
+    Triton's compute input and output (ms: moving a batch's tensors into and out of the model, for a Python model
+    through its stub; at c=128 on an H100 they took preprocess 2.7 + 4.1 ms, session 19) and the average batch the
+    model executed."""
     blocks: dict[str, str] = {}
     name = None
     for line in console.splitlines():
@@ -212,9 +214,23 @@ def composing_breakdown(console: str) -> dict[str, float]:
         if compute:
             breakdown[f"{name}_infer_ms"] = int(compute.group(1)) / 1000.0
             breakdown[f"{name}_queue_ms"] = int(queue.group(1)) / 1000.0 if queue else float("nan")
+            for part in ("input", "output"):
+                moved = re.search(rf"compute {part} (\d+) usec", block, re.IGNORECASE)
+                if moved:
+                    breakdown[f"{name}_{part}_ms"] = int(moved.group(1)) / 1000.0
         if executions and requests and int(executions.group(1)):
             breakdown[f"{name}_batch"] = round(int(requests.group(1)) / int(executions.group(1)), 2)
     return breakdown
+
+
+def breakdown_line(figures: dict) -> str:
+    """``composing_breakdown``'s figures as one line, per model: queue, Triton's input, compute, output (ms per
+    request) and the average batch; empty where there are none."""
+    models = [key.removesuffix("_infer_ms") for key in figures if key.endswith("_infer_ms")]
+    return "; ".join(
+        f"{model} queue {figures[f'{model}_queue_ms']:.1f}, in {figures.get(f'{model}_input_ms', float('nan')):.1f}, "
+        f"compute {figures[f'{model}_infer_ms']:.1f}, out {figures.get(f'{model}_output_ms', float('nan')):.1f}"
+        f" (batch {figures.get(f'{model}_batch', float('nan')):.1f})" for model in models)
 
 
 def composing_inputs(source: bytes, target: bytes, folder: Path) -> dict[str, Path]:
@@ -418,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_rows(rows, args.out / f"{tag}_perf.csv")
                 print(f"[bench]   {figures['throughput_per_s']:.2f}/s  p50 {figures['p50_ms']:.1f} ms  "
                       f"p99 {figures['p99_ms']:.1f} ms", flush=True)
+                if model == "face_fusion" and breakdown_line(figures):
+                    print(f"[bench]   per request (ms): {breakdown_line(figures)}", flush=True)
                 parts = ", ".join(f"{key[4:-6]} {value:.1f}" for key, value in figures.items()
                                   if key.startswith("cpu_") and key.endswith("_cores") and "machine" not in key)
                 print(f"[bench]   cpu cores busy: {parts}; machine {figures['cpu_machine_busy_cores']:.1f} of "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import composing_breakdown
+from bench.run import breakdown_line, composing_breakdown
 
 REPORT = Path(__file__).resolve().parent.parent / "bench" / "results" / \
     "2026-11-29_H200_gpu-path_face_fusion_c64_perf_analyzer.txt"
@@ -21,8 +21,13 @@ def test_composing_breakdown_reads_each_model_of_the_ensemble_report():
     assert figures["preprocess_infer_ms"] == 1376.753 and figures["preprocess_queue_ms"] == 1005.062
     assert figures["fusion_infer_ms"] == 8.367 and figures["fusion_batch"] == round(320 / 72, 2)
     assert figures["postprocess_infer_ms"] == 333.149 and figures["postprocess_batch"] == round(322 / 30, 2)
+    assert figures["preprocess_input_ms"] == 6.934 and figures["preprocess_output_ms"] == 55.853
+    assert figures["fusion_input_ms"] == 1.749 and figures["postprocess_output_ms"] == 8.999
     assert "face_fusion_infer_ms" not in figures  # the ensemble's own totals are not a composing model
     assert composing_breakdown("no report here") == {}
+    line = breakdown_line(figures)
+    assert "preprocess queue 1005.1, in 6.9, compute 1376.8, out 55.9 (batch " in line and line.count(";") == 2
+    assert breakdown_line({"throughput_per_s": 1.0}) == ""
 
 
 def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
