@@ -115,8 +115,9 @@ def output_tensors(pb_utils: Any, responses: list[dict[str, Any]]) -> list[list[
     host).
 
     Triton copies a CUDA output as soon as its response is sent, on its own stream, so the kernels that produced it
-    must have finished: one wait per device for the whole batch. A wait per tensor (7 outputs x 8 responses of a
-    preprocess batch) made each one wait for the GPU, which under MPS is shared with a dozen other processes."""
+    must have finished: one wait per device for the whole batch, not one per tensor (7 outputs x 8 responses of a
+    preprocess batch). Served, that measured no faster (H100, c=128: 780.25 vs 779.44 images/s, session 19): it is
+    kept as the fewer calls for the same result."""
     import torch.utils.dlpack
 
     for device in {value.device for outputs in responses for value in outputs.values()

@@ -127,7 +127,7 @@ class TritonPythonModel:
             results = prepared[start:start + count]
             start += count
             failure = next((result for result in results if isinstance(result, FusionError)), None)
-            outcomes.append(failure or self._outputs(results))
+            outcomes.append(failure if failure is not None else self._outputs(results))
         tensors = iter(output_tensors(pb_utils, [outcome for outcome in outcomes if isinstance(outcome, dict)]))
         return [error_response(pb_utils, outcome) if isinstance(outcome, FusionError)
                 else pb_utils.InferenceResponse(next(tensors)) for outcome in outcomes]
