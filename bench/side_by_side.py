@@ -6,18 +6,20 @@ A change's effect is measured side by side because two machines of one kind diff
     python -m bench.side_by_side --rev 0a35f16 [--out bench/results] -- --models face_fusion --concurrency 1,128 ...
     python -m bench.side_by_side --tree .device/base -- ...      # an extracted revision (no git history needed)
     python -m bench.side_by_side --env FACEFUSE_FUSED_KERNELS=off -- ...  # this checkout with that setting
+    python -m bench.side_by_side --args '--max-batch preprocess=16' -- ...  # this checkout with those bench.run args
 
 ``--rounds N`` runs both N times, this checkout first in odd rounds and the revision first in even ones, and prints each
 round's ratios and their median (session 14: within one call on one H100 every run was faster than the one before, 28.9
 -> 40.6 images/s at concurrency 1, so single rounds do not compare). Everything after ``--`` goes to ``bench.run`` for
 both; each writes its files under ``--out`` with the machine tag ``<machine>-<label>`` ("new" and "rev-<commit>",
-"tree-<folder>" or "env-<NAME>-<value>", with "-r<round>" for several rounds). ``--env NAME=VALUE`` compares this
-checkout with itself served under that environment variable (the model processes inherit it): a switch such as
-``FACEFUSE_FUSED_KERNELS=off``, with no second tree. The revision is ``git archive``d into .cache/bench/; where this
-checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network code is
-unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints and writes
-``<date>_<machine>_side_by_side.csv``: per round, throughput, p50 and p99 of each (model, concurrency) and the
-new/revision ratios.
+"tree-<folder>", "env-<NAME>-<value>" or "args-<arguments>", with "-r<round>" for several rounds). ``--env
+NAME=VALUE`` compares this checkout with itself served under that environment variable (the model processes inherit
+it): a switch such as ``FACEFUSE_FUSED_KERNELS=off``, with no second tree; ``--args`` with itself run with more
+bench.run arguments (a served setting such as ``--max-batch``). The revision is ``git archive``d into .cache/bench/;
+where this checkout serves the fusion model from ONNX (CPU hosts) the revision gets the same file when its network
+code is unchanged, else its own export (a ``--tree`` must bring its own, or serve from PyTorch on a GPU). Prints
+and writes ``<date>_<machine>_side_by_side.csv``: per round, throughput, p50 and p99 of each (model, concurrency) and
+the new/revision ratios.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import csv
 import datetime
 import json
 import os
+import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  ".device)")
     which.add_argument("--env", help="NAME=VALUE: this checkout served with that environment variable (e.g. "
                                      "FACEFUSE_FUSED_KERNELS=off) as the other side")
+    which.add_argument("--args", dest="other_args",
+                       help="bench.run arguments for the other side only: this checkout with and without them (e.g. "
+                            "'--max-batch preprocess=16,postprocess=16')")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -142,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     setting: dict[str, str] = {}
-    if args.env:
+    extra: list[str] = []
+    if args.other_args:
+        extra = shlex.split(args.other_args)
+        label = "args-" + re.sub(r"[^A-Za-z0-9]+", "-", " ".join(extra)).strip("-")
+        tree = REPO_ROOT
+    elif args.env:
         name, equals, value = args.env.partition("=")
         if not equals or not name:
             parser.error(f"--env takes NAME=VALUE, got {args.env!r}")
@@ -162,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         summaries = {}
         for side, folder in sides:
             tag = f"{machine}-{side}" + (f"-r{number}" if args.rounds > 1 else "")
+            own_args = extra if side == label else []
             print(f"[side-by-side] {side}{f' (round {number})' if args.rounds > 1 else ''}: python -m bench.run "
-                  f"{' '.join(passed)}", flush=True)
+                  f"{' '.join(passed + own_args)}", flush=True)
             env = _environment(folder) | (setting if side == label else {})
-            subprocess.run([sys.executable, "-m", "bench.run", *passed, "--out", str(args.out), "--machine", tag],
-                           cwd=folder, env=env, check=True)
+            subprocess.run([sys.executable, "-m", "bench.run", *passed, *own_args, "--out", str(args.out),
+                            "--machine", tag], cwd=folder, env=env, check=True)
             summaries[side] = json.loads((args.out / f"{date}_{tag}_summary.json").read_text())["rows"]
         table = ratios(summaries["new"], summaries[label])
         tables.append(table)

@@ -324,6 +324,29 @@ def test_side_by_side_env_serves_this_checkout_with_and_without_a_setting(tmp_pa
         side_by_side.main(["--env", "FACEFUSE_FUSED_KERNELS", "--", "--concurrency", "1"])
 
 
+def test_side_by_side_args_give_only_the_other_side_more_bench_run_arguments(tmp_path, monkeypatch, capsys):
+    import datetime
+    import json
+
+    from bench import side_by_side
+
+    seen = []
+
+    def fake_run(command, cwd, env, check):
+        tag = command[command.index("--machine") + 1]
+        bounded = "--max-batch" in command
+        seen.append((tag, bounded))
+        rows = [{"model": "face_fusion", "concurrency": 64, "p50_ms": 30.0, "p99_ms": 80.0 if bounded else 100.0,
+                 "throughput_per_s": 500.0}]
+        (tmp_path / f"{datetime.date.today().isoformat()}_{tag}_summary.json").write_text(json.dumps({"rows": rows}))
+
+    monkeypatch.setattr(side_by_side.subprocess, "run", fake_run)
+    assert side_by_side.main(["--args", "--max-batch preprocess=16,postprocess=16", "--out", str(tmp_path),
+                              "--machine", "m", "--", "--concurrency", "64"]) == 0
+    assert seen == [("m-new", False), ("m-args-max-batch-preprocess-16-postprocess-16", True)]
+    assert "p99 100.0 vs 80.0 ms" in capsys.readouterr().out
+
+
 @pytest.mark.live
 def test_side_by_side_serves_this_checkout_and_a_revision_and_writes_their_ratios(tmp_path):
     """The real thing, small: the fusion model of this checkout and of HEAD (git archive), each served by the real
