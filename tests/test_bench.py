@@ -426,3 +426,25 @@ def test_host_contention_names_a_worker_that_never_got_ready(monkeypatch):
     monkeypatch.setattr(host_contention.sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match="worker 1 of 1 did not get ready"):
         host_contention.run_together(1, 1, 0.1, "plain", "cpu")
+
+
+def test_profile_decode_times_a_batch_per_photo_and_names_a_photo_that_fails():
+    from bench.inputs import benchmark_pair
+    from bench.profile_decode import decode_times
+
+    photos = list(benchmark_pair())
+    wall_ms, cpu_ms = decode_times(photos, "cpu", 2)
+    assert wall_ms > 0 and cpu_ms > 0
+    with pytest.raises(RuntimeError, match="1 of 2 photos did not decode"):
+        decode_times([photos[0], b"not a jpeg"], "cpu", 1)
+
+
+def test_profile_decode_prints_its_figure(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--device", "cpu", "--photos", "2",
+                             "--repeats", "2"], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert "[decode] 2 1080p photos per call on cpu:" in result.stdout and "ms CPU per photo" in result.stdout
