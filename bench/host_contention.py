@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import select
 import statistics
 import subprocess
 import sys
@@ -73,15 +74,19 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
                                   for stage in stages[0]}}
 
 
-def run_together(count: int, rows: int, seconds: float, env: str, device: str) -> list[dict]:
-    """``count`` workers, started together once every one is warm; each worker's result."""
+def run_together(count: int, rows: int, seconds: float, env: str, device: str,
+                 startup_s: float = 300.0) -> list[dict]:
+    """``count`` workers, started together once every one is warm (each gets ``startup_s`` to get there); each
+    worker's result."""
     command = [sys.executable, "-m", "bench.host_contention", "--worker", "--rows", str(rows), "--seconds",
                str(seconds), "--env", env, "--device", device]
     workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 cwd=Path(__file__).resolve().parents[1]) for _ in range(count)]
     try:
         for index, worker in enumerate(workers):
-            line = worker.stdout.readline().strip()
+            # A worker that hangs while loading (a GPU that never answers) must not hang the probe.
+            waited = select.select([worker.stdout], [], [], startup_s)[0]
+            line = worker.stdout.readline().strip() if waited else "(nothing within the start-up limit)"
             if line != READY:
                 raise RuntimeError(f"worker {index + 1} of {count} did not get ready (exit code {worker.poll()}, "
                                    f"said {line!r}); its errors are above")

@@ -420,12 +420,21 @@ def test_host_contention_runs_workers_together_and_appends_a_csv_row_per_count(t
         assert {"decode", "detect", "align"} <= set(json.loads(row["stages_ms_per_row"]))
 
 
-def test_host_contention_names_a_worker_that_never_got_ready(monkeypatch):
+def test_host_contention_names_a_worker_that_never_got_ready(monkeypatch, tmp_path):
     from bench import host_contention
 
     monkeypatch.setattr(host_contention.sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match="worker 1 of 1 did not get ready"):
         host_contention.run_together(1, 1, 0.1, "plain", "cpu")
+    # One that hangs while loading: given up after the start-up limit, and killed.
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nsleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(host_contention.sys, "executable", str(hang))
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="nothing within the start-up limit"):
+        host_contention.run_together(1, 1, 0.1, "plain", "cpu", startup_s=0.5)
+    assert time.perf_counter() - started < 10
 
 
 def test_profile_decode_times_a_batch_per_photo_and_names_a_photo_that_fails():
