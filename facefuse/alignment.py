@@ -67,7 +67,14 @@ def estimate_similarities(source_points: np.ndarray, target_points: np.ndarray) 
 
 def alignment_matrix(landmarks: np.ndarray, crop_size: int = CROP_SIZE) -> np.ndarray:
     """2x3 matrix taking image pixels to the canonical crop for a face with these 5 landmarks."""
-    return estimate_similarity(landmarks, _canonical_template(crop_size))
+    return alignment_matrices(np.asarray(landmarks)[None], crop_size)[0]
+
+
+def alignment_matrices(landmarks: np.ndarray, crop_size: int = CROP_SIZE) -> np.ndarray:
+    """``alignment_matrix`` for a batch: (B, 5, 2) landmarks -> (B, 2, 3) matrices in one pass (a batch's 2B faces
+    cost one call: each call is ~20 small numpy operations, ~90 us on the 2-core CPU, whatever the batch)."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    return estimate_similarities(landmarks, np.broadcast_to(_canonical_template(crop_size), landmarks.shape))
 
 
 def invert_affine(matrix: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import facefuse
 from facefuse import errors
 from facefuse.alignment import (
     CROP_SIZE,
-    alignment_matrix,
+    alignment_matrices,
     crop_to_tensor,
     invert_affine,
     tensor_to_crop,
@@ -285,8 +285,8 @@ class Preprocessor:
         profile_degree: float, timings: dict[str, float], source_faces: list[DetectedFace],
         target_faces: list[DetectedFace], detect_ms: float,
     ) -> _AlignmentPlan:
-        """One row's chosen faces and alignment matrices (FusionError when a face is missing, too small or
-        blocked); the crops themselves are cut for the whole batch by ``_align``."""
+        """One row's chosen faces (FusionError when a face is missing, too small or blocked); their alignment
+        matrices and crops are made for the whole batch by ``_align``."""
         started = time.perf_counter()
         source_face = _choose_face(source_faces, options.source_face, "source", errors.NO_FACE_IN_SOURCE,
                                    self.min_eye_distance)
@@ -307,8 +307,8 @@ class Preprocessor:
             "timings_ms": {**timings, "detect": detect_ms},
             "versions": VERSIONS,
         }
-        return _AlignmentPlan(source_rgb, target_rgb, alignment_matrix(source_face.landmarks, self.crop_size),
-                              alignment_matrix(target_face.landmarks, self.crop_size), face_degree, profile_degree,
+        return _AlignmentPlan(source_rgb, target_rgb, source_face.landmarks, target_face.landmarks, face_degree,
+                              profile_degree,
                               metadata, _elapsed_ms(started))
 
     def _align(self, plans: dict[int, _AlignmentPlan]) -> dict[int, PreparedFusion]:
@@ -318,9 +318,14 @@ class Preprocessor:
             return {}
         started = time.perf_counter()
         rows = sorted(plans)
+        # Every row's source and target matrices in one call: (source, target) of the first row, then the next...
+        matrices = alignment_matrices(np.stack([landmarks for row in rows for landmarks in
+                                                (plans[row].source_landmarks, plans[row].target_landmarks)]),
+                                      self.crop_size)
+        source_matrices, target_matrices = dict(zip(rows, matrices[0::2])), dict(zip(rows, matrices[1::2]))
         if all(isinstance(plans[row].source_rgb, np.ndarray) for row in rows):
-            crops = [(warp_to_crop(plans[row].source_rgb, plans[row].source_matrix, self.crop_size),
-                      warp_to_crop(plans[row].target_rgb, plans[row].target_matrix, self.crop_size)) for row in rows]
+            crops = [(warp_to_crop(plans[row].source_rgb, source_matrices[row], self.crop_size),
+                      warp_to_crop(plans[row].target_rgb, target_matrices[row], self.crop_size)) for row in rows]
             targets = [plans[row].target_rgb for row in rows]
             network_crops = [{"SOURCE_CROP": crop_to_tensor(source), "TARGET_CROP": crop_to_tensor(target)}
                              for source, target in crops]
@@ -328,8 +333,8 @@ class Preprocessor:
             images: dict[int, int] = {}  # id(tensor) -> position: an image shared by rows is passed once
             tensors, image_index, matrices = [], [], []
             for row in rows:
-                for image, matrix in ((plans[row].source_rgb, plans[row].source_matrix),
-                                      (plans[row].target_rgb, plans[row].target_matrix)):
+                for image, matrix in ((plans[row].source_rgb, source_matrices[row]),
+                                      (plans[row].target_rgb, target_matrices[row])):
                     if id(image) not in images:
                         images[id(image)] = len(tensors)
                         tensors.append(image)
@@ -359,7 +364,7 @@ class Preprocessor:
                 target_crop=target_crop,
                 face_degree=plan.face_degree,
                 profile_degree=plan.profile_degree,
-                target_matrix=plan.target_matrix.astype(np.float32),
+                target_matrix=target_matrices[row].astype(np.float32),
                 target_rgb=target_rgb,
                 metadata=plan.metadata,
                 network_inputs=network_inputs,
@@ -373,8 +378,8 @@ class _AlignmentPlan:
 
     source_rgb: Any
     target_rgb: Any
-    source_matrix: np.ndarray
-    target_matrix: np.ndarray
+    source_landmarks: np.ndarray  # (5, 2): the chosen faces; their crop matrices are made for the batch at once
+    target_landmarks: np.ndarray
     face_degree: float
     profile_degree: float
     metadata: dict[str, Any]

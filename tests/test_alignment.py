@@ -6,6 +6,7 @@ import pytest
 from facefuse.alignment import (
     CROP_SIZE,
     TEMPLATE,
+    alignment_matrices,
     alignment_matrix,
     estimate_similarity,
     invert_affine,
@@ -46,6 +47,18 @@ def test_alignment_matrix_maps_landmarks_onto_the_template():
     landmarks = transform_points(invert_affine(truth), TEMPLATE)
     matrix = alignment_matrix(landmarks)
     np.testing.assert_allclose(transform_points(matrix, landmarks), TEMPLATE, atol=1e-6)
+
+
+def test_alignment_matrices_of_a_batch_are_each_faces_own():
+    truths = [_similarity(angle, scale, dx, dy) for angle, scale, dx, dy in
+              ((0.25, 12.0, -30.0, -80.0), (-0.4, 3.0, 10.0, 5.0), (1.2, 0.5, 200.0, -40.0))]
+    landmarks = np.stack([transform_points(invert_affine(truth), TEMPLATE) for truth in truths])
+    matrices = alignment_matrices(landmarks)
+    assert matrices.shape == (3, 2, 3)
+    for face, matrix in zip(landmarks, matrices):
+        np.testing.assert_allclose(matrix, alignment_matrix(face), atol=1e-9)
+        np.testing.assert_allclose(transform_points(matrix, face), TEMPLATE, atol=1e-6)
+    assert not np.allclose(matrices[0], matrices[1])  # each its own, not the first repeated
 
 
 def test_template_is_a_plausible_face_inside_the_crop():
