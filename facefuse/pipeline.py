@@ -308,8 +308,7 @@ class Preprocessor:
             "versions": VERSIONS,
         }
         return _AlignmentPlan(source_rgb, target_rgb, source_face.landmarks, target_face.landmarks, face_degree,
-                              profile_degree,
-                              metadata, _elapsed_ms(started))
+                              profile_degree, metadata, _elapsed_ms(started))
 
     def _align(self, plans: dict[int, _AlignmentPlan]) -> dict[int, PreparedFusion]:
         """Cut every planned row's source and target crops; on the device all of them in one gather, and the crops
@@ -319,10 +318,11 @@ class Preprocessor:
         started = time.perf_counter()
         rows = sorted(plans)
         # Every row's source and target matrices in one call: (source, target) of the first row, then the next...
-        matrices = alignment_matrices(np.stack([landmarks for row in rows for landmarks in
-                                                (plans[row].source_landmarks, plans[row].target_landmarks)]),
-                                      self.crop_size)
-        source_matrices, target_matrices = dict(zip(rows, matrices[0::2])), dict(zip(rows, matrices[1::2]))
+        crop_matrices = alignment_matrices(np.stack([landmarks for row in rows for landmarks in
+                                                     (plans[row].source_landmarks, plans[row].target_landmarks)]),
+                                           self.crop_size)
+        source_matrices = dict(zip(rows, crop_matrices[0::2]))
+        target_matrices = dict(zip(rows, crop_matrices[1::2]))
         if all(isinstance(plans[row].source_rgb, np.ndarray) for row in rows):
             crops = [(warp_to_crop(plans[row].source_rgb, source_matrices[row], self.crop_size),
                       warp_to_crop(plans[row].target_rgb, target_matrices[row], self.crop_size)) for row in rows]
