@@ -13,7 +13,7 @@ from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import decode_image
 from facefuse.network import INPUT_SHAPES
-from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor, stack_images, unpad_image
+from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor, UniqueImages, stack_images, unpad_image
 from facefuse.watermark import extract_watermark
 from tests.conftest import encode
 
@@ -46,6 +46,29 @@ def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_
         assert first.network_inputs[name].shape == shape, name
     assert first.target_rgb.shape == (886, 1280, 3)
     assert first.metadata["source"]["mesh_presence"] > 0.5 and first.metadata["target"]["mesh_presence"] > 0.5
+
+
+def test_a_batchs_images_are_kept_once_by_content_with_their_first_role():
+    unique = UniqueImages()
+    photo = b"\xff\xd8" + bytes(range(256)) * 40
+    assert unique.add(photo, "source") == 0
+    assert unique.add(bytes(bytearray(photo)), "target") == 0  # equal bytes, another object
+    # Same length and same last 4 KiB, different content: the key collides, the comparison tells them apart.
+    twin = b"\x00" + photo[1:]
+    assert unique.add(twin, "target") == 1 and unique.add(twin, "source") == 1
+    assert unique.add(photo[:-1], "target") == 2
+    assert unique.images == [photo, twin, photo[:-1]] and unique.roles == ["source", "target", "target"]
+
+
+def test_a_photo_repeated_across_a_batch_is_decoded_once(preprocessor, hanks_png, group_jpg, monkeypatch):
+    decoded = []
+    original = preprocessor._decode
+    monkeypatch.setattr(preprocessor, "_decode", lambda items: decoded.extend(items) or original(items))
+    rows = [FusionRequest(hanks_png, group_jpg, 100, 100, b"{}"),
+            FusionRequest(bytes(bytearray(hanks_png)), bytes(bytearray(group_jpg)), 60, 40, b"{}")]
+    results = preprocessor.prepare_batch(rows)
+    assert all(isinstance(result, PreparedFusion) for result in results)
+    assert [role for _, role in decoded] == ["source", "target"]
 
 
 def test_dense_landmarks_of_aligned_faces_sit_on_the_template(preprocessor, group_jpg):
