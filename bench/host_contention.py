@@ -40,7 +40,7 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
     import torch
 
     from bench.inputs import benchmark_pairs
-    from bench.profile_request import served_preprocessor, stage_ms
+    from bench.profile_request import median_stages, served_preprocessor, stage_ms
     from facefuse.hostmem import freeze_heap, keep_freed_memory
     from facefuse.pipeline import FusionRequest
 
@@ -70,8 +70,7 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
         stages.append(stage_ms(results))
     return {"batches": len(walls), "wall_ms_per_row": statistics.median(walls),
             "cpu_ms_per_row": statistics.median(cpus), "rows_per_s": len(walls) * rows / seconds,
-            "stages_ms_per_row": {stage: round(statistics.median(run[stage] for run in stages if stage in run), 2)
-                                  for stage in stages[0]}}
+            "stages_ms_per_row": median_stages(stages)}
 
 
 def run_together(count: int, rows: int, seconds: float, env: str, device: str,

@@ -157,7 +157,12 @@ def stage_ms(results: list) -> dict[str, float]:
 def median_stage_ms(call: Callable[[], list], calls: int = 3) -> dict[str, float]:
     """``stage_ms`` of ``calls`` calls, each stage's median: one call's stages can carry a one-off stall (an 8-row
     batch once showed 22 ms per row of alignment inside a 41 ms batch)."""
-    runs = [stage_ms(call()) for _ in range(calls)]
+    return median_stages([stage_ms(call()) for _ in range(calls)])
+
+
+def median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over ``runs`` (``stage_ms`` results; the first run's stages, each over the runs that
+    have it)."""
     return {stage: round(statistics.median(run[stage] for run in runs if stage in run), 2) for stage in runs[0]}
 
 
