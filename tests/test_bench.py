@@ -54,14 +54,14 @@ def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
             assert config.parameters["cpu_threads"].string_value == "1", path
     assert len(list((copy / "preprocess" / "configs").glob("*.pbtxt"))) == 1
     # A smaller max batch: the model's configs, its preferred sizes above it dropped, and the ensemble's lowered.
-    smaller = tuned_repository(tmp_path / "smaller", {}, {}, max_batch_sizes={"preprocess": 16, "fusion": 12})
+    smaller = tuned_repository(tmp_path / "smaller", {}, {}, max_batch_sizes={"preprocess": 4, "fusion": 12})
     configs = {path: text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
                for path in smaller.glob("*/**/*.pbtxt")}
     sizes = {(path.parent.name if path.name == "config.pbtxt" else path.parent.parent.name, path.name):
              config.max_batch_size for path, config in configs.items()}
-    assert sizes[("preprocess", "config.pbtxt")] == sizes[("preprocess", "gpu.pbtxt")] == 16
+    assert sizes[("preprocess", "config.pbtxt")] == sizes[("preprocess", "gpu.pbtxt")] == 4
     assert sizes[("fusion", "config.pbtxt")] == sizes[("fusion", "gpu.pbtxt")] == 12
-    assert sizes[("face_fusion", "config.pbtxt")] == 12 and sizes[("postprocess", "config.pbtxt")] == 32
+    assert sizes[("face_fusion", "config.pbtxt")] == 4 and sizes[("postprocess", "config.pbtxt")] == 8
     fusion_gpu = configs[smaller / "fusion" / "configs" / "gpu.pbtxt"]
     assert list(fusion_gpu.dynamic_batching.preferred_batch_size) == [8]
     with pytest.raises(ValueError, match="expected one match"):  # only parameters the config has

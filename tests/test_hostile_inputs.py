@@ -27,6 +27,9 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.live
 PROTOCOLS = ("grpc", "http")
 CATALOGUE = {case.name: case for case in build_catalogue(preprocess_limits())}
+# The rows one request may carry: the ensemble's max_batch_size (also preprocess's and postprocess's).
+MAX_ROWS = int(re.search(r"max_batch_size: (\d+)",
+                         (REPO_ROOT / "model_repository" / "face_fusion" / "config.pbtxt").read_text()).group(1))
 # Lines that must not appear in the server log while a case runs: a dead or restarted Python stub, or an unexpected
 # exception in our model code (triton_glue.error_response logs those with their traceback).
 BAD_LOG_MARKERS = ("Stub process", "unhealthy", "Traceback")
@@ -163,8 +166,8 @@ def wire_cases() -> list[WireCase]:
                  TRITON_REFUSAL, message="missing required input"),
         WireCase("unknown_input", "an extra input ADMIN",
                  [*base, WireInput("ADMIN", "BYTES", [1, 1], _element(b"1"))], TRITON_REFUSAL),
-        WireCase("batch_33", "33 rows (max_batch_size is 32)", _standard(rows=33), TRITON_REFUSAL,
-                 message="batch-size must be <= 32"),
+        WireCase("batch_too_large", f"{MAX_ROWS + 1} rows (max_batch_size is {MAX_ROWS})", _standard(rows=MAX_ROWS + 1),
+                 TRITON_REFUSAL, message=f"batch-size must be <= {MAX_ROWS}"),
         WireCase("mismatched_batch", "SOURCE_IMAGE with 2 rows, the rest with 1",
                  _replace(base, "SOURCE_IMAGE", shape=[2, 1], raw=source + source), TRITON_REFUSAL,
                  message="batch size does not match"),

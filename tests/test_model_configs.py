@@ -65,6 +65,17 @@ def test_dynamic_batching_on_every_batchable_model(model):
     assert load(REPOSITORY / model / "config.pbtxt").HasField("dynamic_batching")
 
 
+def test_a_request_may_carry_as_many_rows_as_preprocess_and_postprocess_batch():
+    """preprocess's and postprocess's batches are capped (8 rows: fewer tail bursts, bench/RESULTS.md session 20) in
+    every config the server may read, and the ensemble accepts exactly that many rows a request: more would be
+    refused by Triton at load, fewer would refuse requests the models could take."""
+    ensemble = load(REPOSITORY / "face_fusion" / "config.pbtxt").max_batch_size
+    for model in ("preprocess", "postprocess"):
+        for path in [REPOSITORY / model / "config.pbtxt", *sorted((REPOSITORY / model / "configs").glob("*.pbtxt"))]:
+            assert load(path).max_batch_size == ensemble, path
+    assert ensemble == 8
+
+
 def test_fusion_configs_share_tensors_and_match_the_network():
     local = load(REPOSITORY / "fusion" / "config.pbtxt")
     gpu = load(REPOSITORY / "fusion" / "configs" / "gpu.pbtxt")
