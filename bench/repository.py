@@ -72,9 +72,10 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
                      parameters: dict[str, dict[str, str]] | None = None,
                      max_batch_sizes: dict[str, int] | None = None) -> Path:
     """Copy ``source`` to ``destination`` with each named model's instance count / max queue delay / `cpu_threads`
-    parameter / existing string parameters / max_batch_size replaced. A smaller max_batch_size also drops the
-    preferred batch sizes above it and lowers every ensemble's to it (Triton refuses an ensemble that allows larger
-    batches than a model it runs)."""
+    parameter / existing string parameters / max_batch_size replaced. A max_batch_size may be lowered or raised (a
+    TensorRT plan's only lowered: its engine's profile ends at the configured size); preferred batch sizes above it
+    are dropped, and every ensemble's becomes the smallest of the models it runs (Triton refuses an ensemble that
+    allows larger batches than one of them)."""
     cpu_threads, parameters, max_batch_sizes = cpu_threads or {}, parameters or {}, max_batch_sizes or {}
     named = set(instances) | set(queue_delays_us) | set(cpu_threads) | set(parameters) | set(max_batch_sizes)
     unknown = named - {path.name for path in source.iterdir() if path.is_dir()}
@@ -91,17 +92,20 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             target.symlink_to(path.resolve())
         else:
             shutil.copy2(path, target)
+    ensembles = {}
     if max_batch_sizes:
         if min(max_batch_sizes.values()) < 1:
             raise ValueError(f"max_batch_size must be >= 1: {max_batch_sizes}")
-        named |= {path.parent.name for path in destination.glob("*/config.pbtxt")
-                  if 'platform: "ensemble"' in path.read_text()}
+        ensembles = {path.parent.name: _ensemble_steps(path.read_text())
+                     for path in destination.glob("*/config.pbtxt") if 'platform: "ensemble"' in path.read_text()}
+        named |= set(ensembles)
     for name in named:
-        # config.pbtxt and the per-deployment copies (configs/gpu.pbtxt): whichever the server reads.
-        for config_path in [destination / name / "config.pbtxt", *sorted((destination / name).glob("configs/*.pbtxt"))]:
+        if name in ensembles:
+            continue  # after the models it runs
+        for config_path in _config_paths(destination, name):
             text = config_path.read_text()
-            if name in max_batch_sizes or 'platform: "ensemble"' in text:
-                text = _set_max_batch_size(text, max_batch_sizes.get(name, min(max_batch_sizes.values())), name)
+            if name in max_batch_sizes:
+                text = _set_max_batch_size(text, max_batch_sizes[name], name)
             if name in cpu_threads and 'backend: "python"' in text:  # a TensorRT plan's config has no threads
                 text = _set_cpu_threads(text, cpu_threads[name], name)
             if name in instances:
@@ -113,7 +117,26 @@ def tuned_repository(destination: Path, instances: dict[str, int], queue_delays_
             for key, value in parameters.get(name, {}).items():
                 text = set_string_parameter(text, key, value, name)
             config_path.write_text(text)
+    for name, steps in ensembles.items():
+        # The smallest max batch among the models it runs, in any config the server may read for them.
+        size = min(_max_batch_size(path.read_text()) for step in steps for path in _config_paths(destination, step))
+        size = min(size, max_batch_sizes.get(name, size))  # or less, if asked
+        for config_path in _config_paths(destination, name):
+            config_path.write_text(_set_max_batch_size(config_path.read_text(), size, name))
     return destination
+
+
+def _config_paths(repository: Path, model: str) -> list[Path]:
+    """config.pbtxt and the per-deployment copies (configs/gpu.pbtxt): whichever the server reads."""
+    return [repository / model / "config.pbtxt", *sorted((repository / model).glob("configs/*.pbtxt"))]
+
+
+def _ensemble_steps(text: str) -> list[str]:
+    return re.findall(r'model_name:\s*"([^"]+)"', text)
+
+
+def _max_batch_size(text: str) -> int:
+    return int(re.search(r"max_batch_size:\s*(\d+)", text).group(1))
 
 
 def set_string_parameter(text: str, key: str, value: str, model: str) -> str:
@@ -132,8 +155,10 @@ def _replace_one(text: str, pattern: str, value: int | str, model: str) -> str:
 
 
 def _set_max_batch_size(text: str, size: int, model: str) -> str:
-    current = int(re.search(r"max_batch_size:\s*(\d+)", text).group(1))
-    text = _replace_one(text, r"(max_batch_size:\s*)\d+", min(size, current), model)
+    if 'platform: "tensorrt_plan"' in text and size > _max_batch_size(text):
+        raise ValueError(f"{model}: a TensorRT plan's max_batch_size cannot be raised above {_max_batch_size(text)} "
+                         "(its engine's batch profile ends there)")
+    text = _replace_one(text, r"(max_batch_size:\s*)\d+", size, model)
 
     def kept(match: re.Match) -> str:
         sizes = [value.strip() for value in match.group(2).split(",") if int(value) <= size]

@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                              "`gpu`: the counts of the GPU configs (configs/gpu.pbtxt)")
     parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
     parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
-    parser.add_argument("--max-batch", default="", help="max_batch_size per model, e.g. preprocess=16 (the ensemble's "
-                                                        "is lowered to match)")
+    parser.add_argument("--max-batch", default="", help="max_batch_size per model, lower or higher, e.g. "
+                                                        "preprocess=16 (the ensemble's follows the smallest)")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
     parser.add_argument("--parameter", action="append", default=[], metavar="MODEL.KEY=VALUE",
                         help="set an existing string parameter of a model's config, e.g. "

@@ -64,6 +64,17 @@ def test_tuned_repository_edits_every_config_the_server_may_read(tmp_path):
     assert sizes[("face_fusion", "config.pbtxt")] == 4 and sizes[("postprocess", "config.pbtxt")] == 8
     fusion_gpu = configs[smaller / "fusion" / "configs" / "gpu.pbtxt"]
     assert list(fusion_gpu.dynamic_batching.preferred_batch_size) == [8]
+    # A larger one (the configs' 8 raised to measure against it): the ensemble follows the smallest model it runs.
+    larger = tuned_repository(tmp_path / "larger", {}, {}, max_batch_sizes={"preprocess": 16, "postprocess": 16})
+    sizes = {path: text_format.Parse(path.read_text(), model_config_pb2.ModelConfig()).max_batch_size
+             for path in larger.glob("*/**/*.pbtxt")}
+    assert {path.relative_to(larger).as_posix(): size for path, size in sizes.items() if size != 32} == {
+        "preprocess/config.pbtxt": 16, "preprocess/configs/gpu.pbtxt": 16, "postprocess/config.pbtxt": 16,
+        "postprocess/configs/gpu.pbtxt": 16, "face_fusion/config.pbtxt": 16}
+    only_preprocess = tuned_repository(tmp_path / "one", {}, {}, max_batch_sizes={"preprocess": 16})
+    assert "max_batch_size: 8\n" in (only_preprocess / "face_fusion" / "config.pbtxt").read_text()  # postprocess's
+    with pytest.raises(ValueError, match="TensorRT plan"):  # its engine's profile ends at 32
+        tuned_repository(tmp_path / "plan", {}, {}, max_batch_sizes={"fusion": 64})
     with pytest.raises(ValueError, match="expected one match"):  # only parameters the config has
         tuned_repository(tmp_path / "again", {}, {}, parameters={"preprocess": {"no_such_key": "1"}})
     with pytest.raises(ValueError, match="model.parameter=value"):
