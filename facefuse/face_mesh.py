@@ -358,13 +358,13 @@ class FaceMesh:
             return np.zeros((0, MESH_POINTS, 3), np.float32), np.zeros((0,), np.float32)
         return np.concatenate(meshes), np.concatenate(logits)
 
-    def warm_up(self) -> tuple[int, ...]:
-        """With padded batches (on CUDA), one forward pass per batch bucket (facefuse.batch_buckets), so no request
-        meets a batch size the GPU has not run yet (~1.9 s each on the H200). Returns the sizes run (none on the
-        CPU)."""
+    def warm_up(self, largest: int = _MAX_BATCH) -> tuple[int, ...]:
+        """With padded batches (on CUDA), one forward pass per batch bucket up to ``largest`` crops (a forward never
+        takes more than _MAX_BATCH; facefuse.batch_buckets), so no request meets a batch size the GPU has not run
+        yet (~1.9 s each on the H200). Returns the sizes run (none on the CPU)."""
         if not self.pad_batches:
             return ()
-        sizes = bucket_sizes(_MAX_BATCH)
+        sizes = bucket_sizes(min(largest, _MAX_BATCH))
         for size in sizes:
             self.infer(np.zeros((size, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         return sizes

@@ -249,3 +249,33 @@ def test_compiled_nets_match_the_eager_ones_and_compile_twice_for_all_buckets():
                     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4, msg=f"{name} at batch {bucket}")
         assert counters["stats"]["unique_graphs"] == 2, (name, dict(counters["stats"]))
     torch._dynamo.reset()
+
+
+def test_served_warm_up_runs_the_buckets_its_batch_cap_allows_and_no_larger():
+    """preprocess warms up with max_rows = its config's max_batch_size: BlazeFace and the mesh run at every bucket
+    a batch of that many rows can bring (two photos and two crops a row) and none larger (each bucket's graph and
+    activations keep GPU memory); a full batch of distinct photos then meets only warmed shapes."""
+    from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor
+    from tests.conftest import encode
+
+    detector = FaceDetector(max_side=320, images_on_device=True, proposals="blazeface")  # the service's "auto"
+    mesh = FaceMesh(runtime="torch")
+    detector.pad_batches = mesh.pad_batches = True
+    blazeface = _Recorder(detector.blazeface.net)
+    detector.blazeface.runner = BucketedNet(blazeface, pad=True)
+    mesh.runner = BucketedNet(mesh_net := _Recorder(mesh.net), pad=True)
+    preprocessor = Preprocessor(detector, mesh)
+    assert preprocessor.warm_up(requests=8, max_rows=2) == 2  # the warm-up batch itself within the cap
+    warmed = {name: {shape[0] for shape in recorder.shapes} for name, recorder in
+              (("BlazeFace", blazeface), ("mesh", mesh_net))}
+    assert warmed == {"BlazeFace": {1, 2, 4}, "mesh": {1, 2, 4}}
+    blazeface.shapes.clear()
+    mesh_net.shapes.clear()
+    hanks = np.asarray(Image.open(sample_image_path("Tom_Hanks_54745.png")).convert("RGB"))
+    group = np.asarray(Image.open(sample_image_path("t1.jpg")).convert("RGB"))
+    photos = [encode(image, fmt) for image in (hanks, group, np.ascontiguousarray(hanks[:, ::-1]),
+                                               np.ascontiguousarray(group[:, ::-1])) for fmt in ("PNG",)]
+    rows = [FusionRequest(photos[0], photos[1], 100.0, 100.0, b"{}"),
+            FusionRequest(photos[2], photos[3], 100.0, 100.0, b"{}")]
+    assert all(isinstance(result, PreparedFusion) for result in preprocessor.prepare_batch(rows))
+    assert [shape[0] for shape in blazeface.shapes] == [4] and [shape[0] for shape in mesh_net.shapes] == [4]

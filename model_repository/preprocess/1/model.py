@@ -55,7 +55,8 @@ NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
 
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = model_parameters(json.loads(args["model_config"]))
+        model_config = json.loads(args["model_config"])
+        parameters = model_parameters(model_config)
         limit_threads(parameters)
         keep_freed_memory()  # large image buffers are reused, not page-faulted in afresh per request
         device = instance_device(parameters.get("detector_device", "auto"), args)
@@ -86,7 +87,8 @@ class TritonPythonModel:
         self.preprocessor = Preprocessor(detector, mesh, limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
-        warmed = self.preprocessor.warm_up()
+        # Every batch shape up to the config's max_batch_size rows, no larger (Triton never forms a larger batch).
+        warmed = self.preprocessor.warm_up(max_rows=int(model_config["max_batch_size"]))
         target_place = f"{device} tensors" if self.preprocessor.keeps_outputs_on_device else "host arrays"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
