@@ -104,6 +104,14 @@ def median_ratios(tables: list[list[dict]]) -> dict[tuple[str, int], float]:
     return {level: float(statistics.median(values)) for level, values in by_level.items()}
 
 
+def unpaired(new_rows: list[dict], old_rows: list[dict]) -> list[tuple[str, int, str]]:
+    """(model, concurrency, "new" or "rev") for each level only one side measured: a run cut short (a time limit,
+    a failure at that level) leaves no ratio there, which the report should say rather than leave out."""
+    new = {(row["model"], int(row["concurrency"])) for row in new_rows}
+    old = {(row["model"], int(row["concurrency"])) for row in old_rows}
+    return sorted([(*level, "new") for level in new - old] + [(*level, "rev") for level in old - new])
+
+
 def ratios(new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
     """Per (model, concurrency) measured by both: each side's throughput, p50 and p99, and new / revision."""
     old = {(row["model"], int(row["concurrency"])): row for row in old_rows}
@@ -189,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{entry['rev_throughput_per_s']:.2f}/s ({entry['ratio_throughput_per_s']:.2f}x); p50 "
                   f"{entry['new_p50_ms']:.1f} vs {entry['rev_p50_ms']:.1f} ms; p99 {entry['new_p99_ms']:.1f} vs "
                   f"{entry['rev_p99_ms']:.1f} ms", flush=True)
+        for model, level, side in unpaired(summaries["new"], summaries[label]):
+            print(f"[side-by-side] {f'round {number}: ' if args.rounds > 1 else ''}{model} c={level}: measured by "
+                  f"{'new' if side == 'new' else label} only (the other run has no figure there: cut short or "
+                  "failed), no ratio", flush=True)
     rows = [{"round": number, **entry} for number, table in enumerate(tables, 1) for entry in table]
     path = args.out / f"{date}_{machine}_side_by_side.csv"
     with open(path, "w", newline="") as handle:

@@ -263,7 +263,7 @@ def test_profile_request_reports_each_stages_wall_time_and_gpu_work(capsys):
 
 
 def test_side_by_side_ratios_pair_each_level_measured_by_both():
-    from bench.side_by_side import _without, ratios
+    from bench.side_by_side import _without, ratios, unpaired
 
     new = [{"model": "face_fusion", "concurrency": 1, "throughput_per_s": 30.0, "p50_ms": 30.0, "p99_ms": 40.0},
            {"model": "face_fusion", "concurrency": 16, "throughput_per_s": 200.0, "p50_ms": 70.0, "p99_ms": 120.0}]
@@ -271,6 +271,8 @@ def test_side_by_side_ratios_pair_each_level_measured_by_both():
     (only,) = ratios(new, old)  # c=16 was not measured by the revision: no ratio
     assert (only["model"], only["concurrency"]) == ("face_fusion", 1)
     assert (only["ratio_throughput_per_s"], only["ratio_p50_ms"], only["ratio_p99_ms"]) == (1.5, 0.75, 0.8)
+    assert unpaired(new, old) == [("face_fusion", 16, "new")]  # said in the report, not left out
+    assert unpaired(old, new) == [("face_fusion", 16, "rev")] and unpaired(new, new) == []
     passed = ["--models", "fusion", "--profile-stubs", "--out", "x", "--machine=m", "--profile-stubs", "wall", "-c"]
     assert _without(_without(_without(passed, "--out"), "--machine"), "--profile-stubs", ("busy", "wall")) == [
         "--models", "fusion", "-c"]
@@ -293,6 +295,9 @@ def test_side_by_side_rounds_alternate_who_goes_first_and_report_the_median(tmp_
         runs.append(tag)
         rows = [{"model": "face_fusion", "concurrency": 1, "throughput_per_s": next(throughput[side]),
                  "p50_ms": 30.0, "p99_ms": 40.0}]
+        if tag == "m-new-r3":  # round 3's other run stops before c=128 (a time limit)
+            rows.append({"model": "face_fusion", "concurrency": 128, "throughput_per_s": 900.0, "p50_ms": 130.0,
+                         "p99_ms": 190.0})
         (tmp_path / f"{datetime.date.today().isoformat()}_{tag}_summary.json").write_text(json.dumps({"rows": rows}))
 
     monkeypatch.setattr(side_by_side.subprocess, "run", fake_run)
@@ -301,7 +306,9 @@ def test_side_by_side_rounds_alternate_who_goes_first_and_report_the_median(tmp_
     assert side_by_side.main(["--tree", str(base), "--out", str(tmp_path), "--machine", "m", "--rounds", "3",
                               "--", "--concurrency", "1"]) == 0
     assert runs == ["m-new-r1", "m-tree-base-r1", "m-tree-base-r2", "m-new-r2", "m-new-r3", "m-tree-base-r3"]
-    assert "median over 3 rounds 1.100x" in capsys.readouterr().out  # ratios 1.0, 1.2, 1.1
+    out = capsys.readouterr().out
+    assert "median over 3 rounds 1.100x" in out  # ratios 1.0, 1.2, 1.1
+    assert "round 3: face_fusion c=128: measured by new only" in out and "c=128: median" not in out
     with open(next(tmp_path.glob("*_m_side_by_side.csv"))) as handle:
         assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2", "3"]
 
