@@ -61,7 +61,6 @@ SOFTWARE = f"facefuse {facefuse.__version__}"
 # (height, width) of the photos whose detector shapes are warmed up at load on the GPU: 16:9 and 4:3, landscape and
 # portrait (cameras and phones). Other aspect ratios pay their new shapes once, on first use.
 WARM_UP_PHOTO_SIZES = ((1080, 1920), (1920, 1080), (3024, 4032), (4032, 3024))
-WARM_UP_PHOTOS = 64  # photos (and crops) of the largest batch warmed up where no batch cap is given
 # The stage timings (metadata timings_ms, ms per row) each model writes: preprocess's, then postprocess's (both paths).
 PREPROCESS_STAGES = ("decode", "detect", "align", "mesh", "geometry")
 POSTPROCESS_STAGES = ("paste", "watermark", "encode")
@@ -173,15 +172,18 @@ class Preprocessor:
         the first batch's face mesh alone took ~2 s): decode, every detector stage with faces present, the crops,
         the mesh over 2 x ``requests`` crops and the spline solves. Before that, on the GPU, the detector and the
         mesh run once at every batch bucket a batch of up to ``max_rows`` rows can bring (2 photos and 2 crops a
-        row; None: up to WARM_UP_PHOTOS, for callers without a batch cap; facefuse.batch_buckets; ~1.9 s per new
-        mesh batch size on the H200), and no larger: each bucket's CUDA graph and activations keep GPU memory.
+        row; None, for callers without a batch cap: up to the detector's and the mesh's own largest;
+        facefuse.batch_buckets; ~1.9 s per new mesh batch size on the H200), and no larger: each bucket's CUDA
+        graph and activations keep GPU memory.
         Consent and the identity blocklist are not consulted (no caller's face is involved). Returns the number of
         rows prepared without error."""
         # On the GPU every batch shape the nets can meet, for the usual photo sizes (facefuse.batch_buckets).
-        largest = WARM_UP_PHOTOS if max_rows is None else 2 * max_rows
-        self.detector.warm_up(WARM_UP_PHOTO_SIZES, largest_group=largest)
-        self.mesh.warm_up(largest)
-        if max_rows is not None:
+        if max_rows is None:
+            self.detector.warm_up(WARM_UP_PHOTO_SIZES)
+            self.mesh.warm_up()
+        else:
+            self.detector.warm_up(WARM_UP_PHOTO_SIZES, largest_group=2 * max_rows)
+            self.mesh.warm_up(2 * max_rows)
             requests = min(requests, max_rows)
         try:
             photo = sample_image_path("t1.jpg").read_bytes()
