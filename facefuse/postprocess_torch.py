@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -722,7 +722,7 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
     batch's time divided by its rows."""
     results: list[tuple[bytes, dict[str, Any]] | Exception | None] = [None] * len(rows)
     pasted: dict[int, tuple[torch.Tensor, FusionOptions]] = {}
-    clock = _StageClock(row.target.device for row in rows if isinstance(row.target, torch.Tensor))
+    started = time.perf_counter()
     pastes = paste_back_rows_torch([(row.target, row.fused_crop, row.blend_mask, row.target_matrix) for row in rows])
     for position, (row, fused) in enumerate(zip(rows, pastes)):
         try:
@@ -740,10 +740,15 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
     if not pasted:
         return results  # type: ignore[return-value]
     order = sorted(pasted)
-    clock.mark("paste")
+    devices = {pasted[p][0].device for p in order}
+    # Like the watermark's and the encode's, the batch's time per row: timing each paste would make the host wait
+    # for the GPU once per row.
+    paste_ms = _batch_ms(started, devices, len(order))
+    started = time.perf_counter()
     marked = embed_watermarks_torch([pasted[p][0] for p in order],
                                     [parse_watermark_id(pasted[p][1].watermark_id) for p in order])
-    clock.mark("watermark")
+    watermark_ms = _batch_ms(started, devices, len(order))
+    started = time.perf_counter()
     xmps = {p: build_xmp(pasted[p][1].watermark_id, SOFTWARE) for p in order}
     jpeg_rows = [(p, image) for p, image in zip(order, marked) if pasted[p][1].format == "jpeg"]
     encoded = dict(zip([p for p, _ in jpeg_rows],
@@ -755,10 +760,10 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
             options = pasted[p][1]
             encoded[p] = encode_image(image.cpu().numpy(), options.format, options.quality, xmp=xmps[p],
                                       text={"AI-generated": "true", "Software": SOFTWARE})
-    clock.mark("encode")
-    timings = clock.per_row_ms(len(order))  # the batch's time per row: timing each row would make it wait per row
+    encode_ms = _batch_ms(started, devices, len(order))
     for p, image in zip(order, marked):
         options, metadata = pasted[p][1], rows[p].metadata
+        timings = {"paste": paste_ms, "watermark": watermark_ms, "encode": encode_ms}
         metadata.setdefault("timings_ms", {}).update(timings)
         metadata.update({
             "watermark_id": options.watermark_id,
@@ -770,43 +775,11 @@ def finish_torch_batch(rows: list[FinishRow], label_text: str = DEFAULT_LABEL,
     return results  # type: ignore[return-value]
 
 
-class _StageClock:
-    """A batch's stage times without making the host wait for the GPU at each stage's end: on CUDA an event per
-    boundary on each device's current stream, read after the batch's last wait (the encode's copy to the host); on
-    the CPU the host clock. A stage lasts from the end of the previous stage's work to the end of its own, the host
-    work between included. (Waiting at each boundary to read the clock cost the host the launches it could queue
-    behind the GPU's work.)"""
-
-    def __init__(self, devices: Iterable[torch.device]) -> None:
-        self.devices = sorted({device for device in devices if device.type == "cuda"}, key=str)
-        self.names: list[str] = []
-        self.host = [time.perf_counter()]
-        self.events = [self._record()]
-
-    def _record(self) -> list[torch.cuda.Event]:
-        events = []
-        for device in self.devices:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(device))
-            events.append(event)
-        return events
-
-    def mark(self, name: str) -> None:
-        """The stage ``name`` ends here (its work queued, its host work done)."""
-        self.names.append(name)
-        self.host.append(time.perf_counter())
-        self.events.append(self._record())
-
-    def per_row_ms(self, rows: int) -> dict[str, float]:
-        """Each stage's time divided by ``rows``, in ms (waits for the last boundary's event: call it last)."""
-        if self.devices:
-            for event in self.events[-1]:
-                event.synchronize()
-            spans = [max(start.elapsed_time(end) for start, end in zip(before, after, strict=True))
-                     for before, after in zip(self.events, self.events[1:])]
-        else:
-            spans = [(after - before) * 1000.0 for before, after in zip(self.host, self.host[1:])]
-        return {name: round(span / max(1, rows), 2) for name, span in zip(self.names, spans, strict=True)}
+def _batch_ms(started: float, devices: set[torch.device], rows: int) -> float:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return round((time.perf_counter() - started) * 1000.0 / max(1, rows), 2)
 
 
 def warm_up(device: torch.device, width: int = 1920, height: int = 1080) -> float:

@@ -540,29 +540,3 @@ def test_fused_finish_of_a_batch_gives_the_torch_paths_bytes(fused):
     fused_files = [result[0] for result in pt.finish_torch_batch(rows)]
     torch_files = [result[0] for result in _torch_path(pt.finish_torch_batch, rows)]
     assert fused_files == torch_files and len(set(fused_files)) == 3
-
-
-def test_stage_clock_splits_the_batch_time_per_stage_and_row(monkeypatch):
-    # On the CPU the host clock; the stage ends where mark() is called, each time divided by the rows.
-    now = iter([10.0, 10.030, 10.090, 10.096])
-    monkeypatch.setattr(pt.time, "perf_counter", lambda: next(now))
-    clock = pt._StageClock([torch.device("cpu")])
-    for name in ("paste", "watermark", "encode"):
-        clock.mark(name)
-    assert clock.per_row_ms(3) == {"paste": 10.0, "watermark": 20.0, "encode": 2.0}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the events on its stream)")
-def test_stage_clock_on_cuda_times_queued_work_without_waiting_at_marks(monkeypatch):
-    device = torch.device("cuda")
-    waits = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: waits.append(args))
-    clock = pt._StageClock([device, torch.device("cpu")])
-    big = torch.rand((4096, 4096), device=device)
-    for _ in range(20):
-        big = big @ big / 4096.0  # tens of ms queued on the GPU
-    clock.mark("busy")
-    clock.mark("idle")
-    times = clock.per_row_ms(1)
-    assert waits == []
-    assert times["busy"] > 5 * times["idle"] and times["busy"] > 1.0
