@@ -20,7 +20,7 @@ from facefuse.imaging import decode_image
 from facefuse.pipeline import SERVICE_DETECTOR_MAX_SIDE
 
 _STAGES = ("_prepare", "_prepare_groups", "_pyramid", "_crop_pyramid", "_blazeface_proposals", "_stage_pnet",
-           "_stage_pnet_tensor", "_stage_rnet", "_stage_onet", "_refine_in_one_trip")
+           "_stage_pnet_tensor", "_stage_rnet", "_stage_onet")
 
 
 def _timed(detector: FaceDetector, totals: dict[str, float]) -> None:

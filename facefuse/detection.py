@@ -46,9 +46,6 @@ _NMS_PNET_ALL = 0.7
 _NMS_RNET = 0.7
 _NMS_ONET = 0.7
 _MAX_BATCH = 2048  # crops per R-/O-Net forward on GPU; bounds memory when a noisy image yields many proposals
-# Up to this many candidates (BlazeFace's few per photo), the device path runs O-Net on all of them instead of
-# waiting for R-Net's verdict first (FaceDetector._refine_in_one_trip); P-Net's hundreds are not worth it.
-_ONE_TRIP_CANDIDATES = 256
 # CPU only: input pixels per forward, sized so the first layer's activations stay in cache (measured 1.5-2x faster
 # than one big pass on a 2-core EPYC): P-Net runs in horizontal strips, R-/O-Net in sub-batches.
 _CPU_PNET_PIXELS = 1 << 17
@@ -334,20 +331,17 @@ def _nms_per_image(boxes: np.ndarray, scores: np.ndarray, image_ids: np.ndarray,
     return np.sort(nms_grouped(boxes, scores, image_ids, threshold, mode))
 
 
-def _regress(boxes: np.ndarray | torch.Tensor, offsets: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """Boxes moved by a net's offsets (fractions of their width and height); host arrays or device tensors alike."""
-    xp = torch if isinstance(boxes, torch.Tensor) else np
-    wh = xp.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1)
+def _regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    wh = np.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1)
     return boxes + offsets * wh
 
 
-def _square(boxes: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def _square(boxes: np.ndarray) -> np.ndarray:
     # R-/O-Net take square crops; grow the short side around the centre so the face keeps its aspect ratio.
-    xp = torch if isinstance(boxes, torch.Tensor) else np
-    side = xp.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
     cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
-    return xp.stack([cx - side * 0.5, cy - side * 0.5, cx + side * 0.5, cy + side * 0.5], 1)
+    return np.stack([cx - side * 0.5, cy - side * 0.5, cx + side * 0.5, cy + side * 0.5], axis=1)
 
 
 def _shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -387,33 +381,29 @@ class _Pyramid:
                 for k, m in zip(level.tolist(), matrices)]
 
 
-def _crop_plan(boxes: np.ndarray | torch.Tensor, scales: list[tuple[float, float]] | torch.Tensor,
-               size: int) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+def _crop_plan(boxes: np.ndarray, scales: list[tuple[float, float]], size: int) -> tuple[np.ndarray, np.ndarray]:
     """For each float box: the pyramid level to sample its ``size``x``size`` crop from and the 2x3 matrix taking
-    that level's pixels to crop pixels. Host arrays, or float64 tensors (boxes and the (L, 2) level scales) on the
-    device with the same arithmetic, so that the device path's crops need no host work between its nets.
+    that level's pixels to crop pixels.
 
     Each crop is sampled from the smallest level that still has >= ``size`` pixels across the box; levels are at
     most 2x apart, so bilinear sampling never shrinks by more than 2x (no aliasing) and huge boxes cost no more
     than small ones.
     """
-    if isinstance(boxes, torch.Tensor):
-        xp, level_scales = torch, scales
-    else:
-        xp, level_scales = np, np.asarray(scales)  # (L, 2), decreasing
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    bw = (boxes[:, 2] - boxes[:, 0]).clip(min=1e-3)
-    bh = (boxes[:, 3] - boxes[:, 1]).clip(min=1e-3)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    bw = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-3)
+    bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1e-3)
+    level_scales = np.asarray(scales)  # (L, 2), decreasing
     # Number of smaller levels still >= size across the box (monotone in the level index) = the level to use.
-    fits = xp.minimum(bw[:, None] * level_scales[None, 1:, 0], bh[:, None] * level_scales[None, 1:, 1]) >= size
-    level = fits.sum(1)
-    zero = bw * 0.0
-    crop = zero + size  # a tensor: torch computes `number / tensor` as a reciprocal times the number (other rounding)
-    ax = crop / (bw * level_scales[level, 0])
-    ay = crop / (bh * level_scales[level, 1])
+    fits = np.minimum(bw[:, None] * level_scales[None, 1:, 0], bh[:, None] * level_scales[None, 1:, 1]) >= size
+    level = fits.sum(axis=1)
+    ax = size / (bw * level_scales[level, 0])
+    ay = size / (bh * level_scales[level, 1])
     # Pixel-centre convention: level pixel i sits at (i + 0.5) / s in working-image coordinates.
-    matrices = xp.stack([xp.stack([ax, zero, 0.5 * ax - boxes[:, 0] * size / bw - 0.5], 1),
-                         xp.stack([zero, ay, 0.5 * ay - boxes[:, 1] * size / bh - 0.5], 1)], 1)
+    matrices = np.zeros((len(boxes), 2, 3))
+    matrices[:, 0, 0] = ax
+    matrices[:, 0, 2] = 0.5 * ax - boxes[:, 0] * size / bw - 0.5
+    matrices[:, 1, 1] = ay
+    matrices[:, 1, 2] = 0.5 * ay - boxes[:, 1] * size / bh - 0.5
     return level, matrices
 
 
@@ -465,7 +455,7 @@ class _TensorPyramid:
     scales: list[tuple[float, float]]
     for_pnet: list[bool]
     images: list[int] = field(default_factory=lambda: [0])
-    _flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    _flat: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None
 
     def add(self, size: tuple[int, int], for_pnet: bool) -> None:
         h, w = self.levels[0].shape[2:]
@@ -476,51 +466,47 @@ class _TensorPyramid:
         self.scales.append((size[0] / w, size[1] / h))
         self.for_pnet.append(for_pnet)
 
-    def _flattened(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every level as one (3, pixels) buffer on the device, with each level's start in it, its (h, w) and its
-        (x, y) scale, all on the device (made once, reused by R-Net and O-Net)."""
+    def _flattened(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Every level as one (3, pixels) buffer on the device, with each level's start in it and its (h, w) on the
+        host (made once, reused by R-Net and O-Net)."""
         if self._flat is None:
             parts = [level.transpose(0, 1).reshape(3, -1) for level in self.levels]
             starts = np.cumsum([0] + [part.shape[1] for part in parts[:-1]]).astype(np.int64)
             sizes = np.array([level.shape[2:] for level in self.levels], dtype=np.int64)  # (levels, 2): h, w
-            flat = torch.cat(parts, dim=1)
-            self._flat = (flat, *to_device([starts, sizes, np.asarray(self.scales, np.float64)], flat.device))
+            self._flat = (torch.cat(parts, dim=1), starts, sizes)
         return self._flat
 
-    def crops(self, boxes: np.ndarray | torch.Tensor, batch_index: np.ndarray | torch.Tensor,
-              size: int) -> torch.Tensor:
+    def crops(self, boxes: np.ndarray, batch_index: np.ndarray, size: int) -> torch.Tensor:
         """(N,3,size,size) float crops (0..255, black outside the image) of ``boxes`` in the images at
         ``batch_index``; same geometry and sampling as ``_Pyramid.crops`` (and as ``grid_sample``, bilinear, zero
         padding, pixel centres), written as a gather so that crops of any image and level go in one launch.
-        ``boxes`` (float64) and ``batch_index`` (int64) may be host arrays (uploaded together here) or tensors on
-        the device, e.g. R-Net's regressed boxes for O-Net: then nothing waits for the host.
 
         A crop is separable (each crop row samples the same two level rows, each column the same two columns), so
-        each crop's two source rows and columns and their weights per axis are (N, 2, size) small tables; one
-        gather of the 2 x 2 taps and one weighted sum make the crops."""
-        flat, starts, sizes, scales = self._flattened()
-        if not isinstance(boxes, torch.Tensor):
-            boxes, batch_index = to_device([np.asarray(boxes, np.float64).reshape(-1, 4),
-                                            np.asarray(batch_index, np.int64)], flat.device)
-        level, matrices = _crop_plan(boxes, scales, size)
+        the host works out each crop's two source rows and columns and their weights per axis, (N, 2, size) small
+        tables in one upload; the device does one gather of the 2 x 2 taps and one weighted sum (a handful of
+        kernels, not the dozens of a per-tap loop: the host's launches, not the GPU, bound this step)."""
+        level, matrices = _crop_plan(boxes, self.scales, size)
+        flat, starts, sizes = self._flattened()
         height, width = sizes[level, 0][:, None, None], sizes[level, 1][:, None, None]  # (n, 1, 1)
-        base = starts[level][:, None, None] + batch_index[:, None, None] * height * width
-        centres = torch.arange(size, dtype=torch.float64, device=flat.device)
-        taps = torch.arange(2, device=flat.device)[None, :, None]  # (1, 2, 1): the lower and the upper neighbour
+        base = starts[level][:, None, None] + np.asarray(batch_index, dtype=np.int64)[:, None, None] * height * width
+        centres = np.arange(size, dtype=np.float64)
+        taps = np.arange(2)[None, :, None]  # (1, 2, 1): the lower and the upper neighbour
 
-        def axis(row: int, extent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def axis(row: int, extent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             # Crop pixel centre i maps back to level pixel (i - t) / a (the inverse of _crop_plan's matrix).
-            position = ((centres[None, :] - matrices[:, row, 2:3]) / matrices[:, row, row:row + 1]).float()
-            low = torch.floor(position)
+            position = ((centres[None, :] - matrices[:, row, 2:3]) / matrices[:, row, row:row + 1]).astype(np.float32)
+            low = np.floor(position)
             fraction = position - low
-            index = low.long()[:, None, :] + taps  # (n, 2, size)
-            weight = torch.stack([1.0 - fraction, fraction], dim=1)
-            weight = weight * ((index >= 0) & (index < extent))  # outside the image: zero, as grid_sample's padding
-            return torch.minimum(index.clamp(min=0), extent - 1), weight
+            index = low.astype(np.int64)[:, None, :] + taps  # (n, 2, size)
+            weight = np.stack([np.float32(1.0) - fraction, fraction], axis=1)
+            weight *= (index >= 0) & (index < extent)  # outside the image: zero, as grid_sample's zero padding
+            return np.clip(index, 0, extent - 1), weight
 
         rows, row_weights = axis(1, height)
         columns, column_weights = axis(0, width)
-        index = (base + rows * width)[:, :, :, None, None] + columns[:, None, None, :, :]  # (n, 2, size, 2, size)
+        rows, columns, row_weights, column_weights = to_device(
+            [base + rows * width, columns, row_weights, column_weights], flat.device)  # one upload, one wait
+        index = rows[:, :, :, None, None] + columns[:, None, None, :, :]  # (n, 2, size, 2, size)
         weight = row_weights[:, :, :, None, None] * column_weights[:, None, None, :, :]
         return (flat[:, index] * weight).sum(dim=(2, 4)).transpose(0, 1)  # (3, n, size, size) -> (n, 3, ...)
 
@@ -815,12 +801,24 @@ class FaceDetector:
 
     def _run_crops(self, net: BucketedNet, pyramids: list[_Pyramid] | list[_TensorPyramid], boxes: np.ndarray,
                    ids: np.ndarray, size: int) -> list[np.ndarray]:
-        if self.images_on_device:
-            order, batch_index, spans = _crop_batches(pyramids, ids)
-            boxes_t, batch_index_t = to_device([boxes[order], batch_index], self.device)
-            outputs = to_host(self._forward_crops(net, self._device_crops(spans, boxes_t, batch_index_t, size)))
-            return [_in_order(output, order) for output in outputs]  # every output, one wait
         step = self._crop_step(size)
+        if self.images_on_device:
+            device_crops = torch.empty((len(boxes), 3, size, size), device=self.device)
+            image_count = max(max(pyramid.images) for pyramid in pyramids) + 1
+            for pyramid in pyramids:
+                local = np.full(image_count, -1)  # image number -> index in this group's batch
+                local[pyramid.images] = np.arange(len(pyramid.images))
+                sel = np.flatnonzero(local[ids] >= 0)
+                for first in range(0, len(sel), _MAX_BATCH):  # bounds the gather's index temporaries
+                    part = sel[first:first + _MAX_BATCH]
+                    crops = pyramid.crops(boxes[part], local[ids[part]], size)
+                    if part[-1] - part[0] + 1 == len(part):  # consecutive rows (one group: always): no index upload
+                        device_crops[part[0]:part[-1] + 1] = crops
+                    else:
+                        device_crops[to_device([part.astype(np.int64)], self.device)[0]] = crops
+            device_crops.sub_(127.5).mul_(0.0078125)
+            outs = [net(device_crops[s:s + step]) for s in range(0, len(boxes), step)]
+            return to_host([torch.cat(parts).double() for parts in zip(*outs)])  # every output, one wait
         crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
         for i in np.unique(ids):
             sel = np.flatnonzero(ids == i)
@@ -828,45 +826,10 @@ class FaceDetector:
         outs = [net(self._to_tensor(crops[s:s + step])) for s in range(0, len(crops), step)]
         return [torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outs)]
 
-    def _device_crops(self, spans: list[tuple[_TensorPyramid, int, int]], boxes: torch.Tensor,
-                      batch_index: torch.Tensor, size: int) -> torch.Tensor:
-        """The normalised (N,3,size,size) crops of device ``boxes`` ordered as ``_crop_batches`` orders them."""
-        crops = torch.empty((len(boxes), 3, size, size), device=self.device)
-        for pyramid, start, stop in spans:
-            for first in range(start, stop, _MAX_BATCH):  # bounds the gather's index temporaries
-                last = min(stop, first + _MAX_BATCH)
-                crops[first:last] = pyramid.crops(boxes[first:last], batch_index[first:last], size)
-        return crops.sub_(127.5).mul_(0.0078125)
-
-    def _forward_crops(self, net: BucketedNet, crops: torch.Tensor) -> list[torch.Tensor]:
-        """A net's outputs (float64, on the device) over normalised crops, ``_crop_step`` crops per pass."""
-        step = self._crop_step(crops.shape[-1])
-        outs = [net(crops[s:s + step]) for s in range(0, len(crops), step)]
-        return [torch.cat(parts).double() for parts in zip(*outs)]
-
     def _refine(self, pyramids: list, boxes: np.ndarray,
                 ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """R-Net, then O-Net, on candidate boxes: (boxes, scores, landmarks, image numbers) of the faces."""
         return self._stage_onet(pyramids, *self._stage_rnet(pyramids, boxes, ids))
-
-    def _refine_in_one_trip(self, pyramids: list[_TensorPyramid], boxes: np.ndarray,
-                            ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``_refine`` on the device with one wait instead of two: O-Net runs on every candidate's R-Net box
-        (regressed and squared on the device), then both nets' outputs come to the host together, where R-Net's
-        threshold and NMS pick the candidates whose O-Net results count, exactly those ``_refine`` would have sent
-        to O-Net. Worth it for few candidates (BlazeFace's); P-Net's hundreds take ``_refine``."""
-        if len(boxes) == 0 or len(boxes) > _ONE_TRIP_CANDIDATES:
-            return self._refine(pyramids, boxes, ids)
-        order, batch_index, spans = _crop_batches(pyramids, ids)
-        boxes_t, batch_index_t = to_device([boxes[order], batch_index], self.device)
-        rnet_prob, rnet_reg = self._forward_crops(self._rnet, self._device_crops(spans, boxes_t, batch_index_t, 24))
-        onet_boxes = _square(_regress(boxes_t, rnet_reg))
-        onet = self._forward_crops(self._onet, self._device_crops(spans, onet_boxes, batch_index_t, 48))
-        rnet_prob, rnet_reg, *onet = (_in_order(output, order) for output in to_host([rnet_prob, rnet_reg, *onet]))
-        keep = self._rnet_keep(boxes, ids, rnet_prob)
-        if len(keep) == 0:
-            return self._stage_onet(pyramids, boxes[keep], ids[keep])
-        return self._onet_faces(_square(_regress(boxes[keep], rnet_reg[keep])), ids[keep], *(o[keep] for o in onet))
 
     def _detect_on_host(self, works: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The cascade on working images (host path), from P-Net's candidates or BlazeFace's."""
@@ -894,7 +857,7 @@ class FaceDetector:
         by_image: list[np.ndarray] = [np.zeros((0, 5))] * len(images)
         for number, found_rows in zip((number for pyramid in pyramids for number in pyramid.images), rows):
             by_image[number] = found_rows
-        found = self._refine_in_one_trip(pyramids, *self._blazeface_proposals(by_image))
+        found = self._refine(pyramids, *self._blazeface_proposals(by_image))
 
         def with_pnet(numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             retry, _ = self._prepare_groups([images[number] for number in numbers])
@@ -929,23 +892,16 @@ class FaceDetector:
         if len(boxes) == 0:
             return boxes, ids
         prob, reg = self._run_crops(self._rnet, pyramids, boxes, ids, 24)
-        keep = self._rnet_keep(boxes, ids, prob)
+        ok = prob > self.thresholds[1]
+        boxes, prob, reg, ids = boxes[ok], prob[ok], reg[ok], ids[ok]
+        keep = _nms_per_image(boxes, prob, ids, _NMS_RNET)
         return _square(_regress(boxes[keep], reg[keep])), ids[keep]
-
-    def _rnet_keep(self, boxes: np.ndarray, ids: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """The candidates R-Net passes on to O-Net (in candidate order): above its threshold, then NMS per image."""
-        passed = np.flatnonzero(prob > self.thresholds[1])
-        return passed[_nms_per_image(boxes[passed], prob[passed], ids[passed], _NMS_RNET)]
 
     def _stage_onet(self, pyramids: list[_Pyramid], boxes: np.ndarray,
                     ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if len(boxes) == 0:
             return boxes, np.zeros(0), np.zeros((0, 5, 2)), ids
-        return self._onet_faces(boxes, ids, *self._run_crops(self._onet, pyramids, boxes, ids, 48))
-
-    def _onet_faces(self, boxes: np.ndarray, ids: np.ndarray, prob: np.ndarray, reg: np.ndarray,
-                    points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """O-Net's outputs for its boxes -> (boxes, scores, landmarks, image numbers) of the faces."""
+        prob, reg, points = self._run_crops(self._onet, pyramids, boxes, ids, 48)
         ok = prob > self.thresholds[2]
         boxes, prob, reg, points, ids = boxes[ok], prob[ok], reg[ok], points[ok], ids[ok]
         # Landmarks are relative to the crop O-Net saw, i.e. the box before its own regression.
@@ -954,30 +910,6 @@ class FaceDetector:
         boxes = _regress(boxes, reg)
         keep = _nms_per_image(boxes, prob, ids, _NMS_ONET, mode="min")
         return boxes[keep], prob[keep], landmarks[keep], ids[keep]
-
-
-def _crop_batches(pyramids: list[_TensorPyramid], ids: np.ndarray,
-                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[_TensorPyramid, int, int]]]:
-    """Candidates regrouped so that each pyramid's (its same-size images') are consecutive: the order (stable, so
-    each image's candidates keep theirs), each one's image index within its pyramid's batch, and each pyramid's
-    (start, stop) in that order. Crops then come from slices: no index has to go up to the device."""
-    image_count = max(max(pyramid.images) for pyramid in pyramids) + 1
-    group, local = np.full(image_count, -1), np.full(image_count, -1)
-    for number, pyramid in enumerate(pyramids):
-        group[pyramid.images] = number
-        local[pyramid.images] = np.arange(len(pyramid.images))
-    order = np.argsort(group[ids], kind="stable")
-    stops = np.cumsum(np.bincount(group[ids], minlength=len(pyramids)))
-    spans = [(pyramid, int(stop - count), int(stop)) for pyramid, stop, count in
-             zip(pyramids, stops, np.diff(np.r_[0, stops])) if count]
-    return order, local[ids[order]].astype(np.int64), spans
-
-
-def _in_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Rows computed in ``order`` put back in the candidates' own order."""
-    restored = np.empty_like(values)
-    restored[order] = values
-    return restored
 
 
 def _base_pyramid(work: np.ndarray | torch.Tensor) -> tuple[_Pyramid | _TensorPyramid, int, int]:

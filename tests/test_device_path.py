@@ -226,53 +226,6 @@ def test_device_crops_sample_like_grid_sample(group):
     assert float(got[0, :, 0, 0].abs().max()) == 0.0  # the corner lies outside the image: black
 
 
-def test_one_trip_refinement_equals_rnet_then_onet_with_one_wait(group, monkeypatch):
-    # BlazeFace's candidates on the device path: O-Net on every R-Net box, one copy to the host, then R-Net's
-    # verdict picks the O-Net results, the same faces as R-Net -> host -> O-Net -> host. Photos of two sizes
-    # interleaved, so that each size's candidates are regrouped (and put back in order) for the crops.
-    detector = FaceDetector(max_side=640, images_on_device=True, proposals="blazeface")
-    source, target = benchmark_pair()
-    images = [decode_image(source), group, decode_image(target), cv2.convertScaleAbs(group, alpha=0.9, beta=12),
-              group[:, ::-1].copy()]
-    pyramids, _ = detector._prepare_groups(images, for_pnet=False)
-    assert len(pyramids) == 2 and [number for p in pyramids for number in p.images] != list(range(len(images)))
-    rows = detector.blazeface.detect_tensors([pyramid.levels[0] for pyramid in pyramids])
-    by_image = [np.zeros((0, 5))] * len(images)
-    for number, found_rows in zip((number for pyramid in pyramids for number in pyramid.images), rows):
-        by_image[number] = found_rows
-    boxes, ids = detector._blazeface_proposals(by_image)
-    assert len(boxes) > len(images) and len(np.unique(ids)) == len(images)
-    waits = []
-    monkeypatch.setattr(detection, "to_host", lambda tensors: waits.append(len(tensors)) or to_host(tensors))
-    one_trip = detector._refine_in_one_trip(pyramids, boxes, ids)
-    assert waits == [5]  # R-Net's two outputs and O-Net's three, together
-    two_trips = detector._refine(pyramids, boxes, ids)
-    assert waits == [5, 2, 3]
-    for got, expected in zip(one_trip, two_trips):  # O-Net's float32 sums differ with its batch (~2e-6 px)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
-    assert len(one_trip[0]) >= len(images)  # faces in every photo
-    assert set(one_trip[3].tolist()) == set(range(len(images)))
-    # Too many candidates for the one-trip path: it takes the two-trip path itself.
-    many = np.repeat(boxes, detection._ONE_TRIP_CANDIDATES // len(boxes) + 1, axis=0)
-    many_ids = np.repeat(ids, detection._ONE_TRIP_CANDIDATES // len(boxes) + 1)
-    waits.clear()
-    detector._refine_in_one_trip(pyramids, many, many_ids)
-    assert waits == [2, 3]
-
-
-def test_device_crop_plan_is_the_host_plan(group):
-    # _crop_plan on float64 tensors (O-Net's boxes never leave the device) against the host arrays' plan.
-    scales = [(1.0, 1.0), (0.5, 0.5), (0.2501, 0.25)]
-    boxes = np.array([[-30.5, -20.0, 60.0, 69.5], [100.2, 80.7, 140.9, 121.4], [500.0, 300.0, 900.0, 700.0],
-                      [10.0, 10.0, 10.0, 400.0]])
-    level, matrices = detection._crop_plan(boxes, scales, 24)
-    device_level, device_matrices = detection._crop_plan(torch.as_tensor(boxes),
-                                                         torch.as_tensor(scales, dtype=torch.float64), 24)
-    np.testing.assert_array_equal(device_level.numpy(), level)
-    np.testing.assert_array_equal(device_matrices.numpy(), matrices)
-    assert level.tolist() == [1, 0, 2, 0]
-
-
 def test_device_detector_accepts_arrays_and_rejects_bad_input(device_detector, group):
     assert len(device_detector.detect(group)) == len(device_detector.detect(torch.from_numpy(group)))
     with pytest.raises(ValueError, match="uint8"):
