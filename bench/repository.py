@@ -55,6 +55,21 @@ def gpu_config_queue_delays(repository: Path = MODEL_REPOSITORY) -> dict[str, in
             for model in GPU_MODELS}
 
 
+def served_settings(instances: str, queue_delays_us: str, cpu_threads: str, on_gpu: bool,
+                    repository: Path = MODEL_REPOSITORY) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """The instance counts, batching delays (us) and `cpu_threads` that `bench.run` serves, from its --instances,
+    --queue-delay-us and --cpu-threads arguments: "gpu" counts are the GPU configs'. Where the models run on a GPU
+    (``on_gpu``, or counts "gpu") the delays and threads start from the GPU configs' too, whatever counts are asked
+    for: the local server reads each model's config.pbtxt, the CPU host's (2 / 1 / 2 ms of batching delay, one
+    thread), and explicit counts alone served those on the H100s of sessions 18-21 instead of the GPU configs'
+    none. Explicit delays and threads win."""
+    gpu_settings = on_gpu or instances == "gpu"
+    counts = gpu_config_counts(repository) if instances == "gpu" else parse_assignments(instances)
+    delays = {**(gpu_config_queue_delays(repository) if gpu_settings else {}), **parse_assignments(queue_delays_us)}
+    threads = {**(gpu_config_cpu_threads(repository) if gpu_settings else {}), **parse_assignments(cpu_threads)}
+    return counts, delays, threads
+
+
 def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:
     """["preprocess.detector_max_side=1280"] -> {"preprocess": {"detector_max_side": "1280"}}."""
     values: dict[str, dict[str, str]] = {}

@@ -28,11 +28,9 @@ from bench.execute_report import report as execute_report
 from bench.gpu_monitor import GpuSampler
 from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, write_tensor_data
 from bench.repository import (
-    gpu_config_counts,
-    gpu_config_cpu_threads,
-    gpu_config_queue_delays,
     parse_assignments,
     parse_parameters,
+    served_settings,
     tuned_repository,
 )
 from bench.stub_profile import StubProfiler, find_py_spy
@@ -42,6 +40,7 @@ from facefuse.local_server import (
     MODEL_REPOSITORY,
     REPO_ROOT,
     Ports,
+    cuda_pool_args,
     free_ports,
     pytriton_root,
     sigterm_as_interrupt,
@@ -317,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", default="",
                         help="instance counts to measure, e.g. preprocess=4,postprocess=4 (serves a tuned copy); "
                              "`gpu`: the counts of the GPU configs (configs/gpu.pbtxt)")
-    parser.add_argument("--queue-delay-us", default="", help="max_queue_delay_microseconds, e.g. preprocess=4000")
-    parser.add_argument("--cpu-threads", default="", help="`cpu_threads` parameter per model, e.g. preprocess=1")
+    parser.add_argument("--queue-delay-us", default="",
+                        help="max_queue_delay_microseconds, e.g. preprocess=4000 (default: config.pbtxt's on a CPU "
+                             "host, the GPU configs' on a GPU host)")
+    parser.add_argument("--cpu-threads", default="",
+                        help="`cpu_threads` parameter per model, e.g. preprocess=1 (default as for the delays)")
     parser.add_argument("--max-batch", default="", help="max_batch_size per model, lower or higher, e.g. "
                                                         "preprocess=16 (the ensemble's follows the smallest)")
     parser.add_argument("--machine", default=None, help="tag for file names (default: GPU name or cpuN)")
@@ -340,14 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_stubs and find_py_spy() is None:
         print("[bench] --profile-stubs: py-spy is not installed (requirements.txt pins it)", file=sys.stderr)
         return 2
-    instances = (gpu_config_counts(args.model_repository) if args.instances == "gpu"
-                 else parse_assignments(args.instances))
-    # `--instances gpu` serves the GPU configs' batching delays too, unless --queue-delay-us says otherwise.
-    delays = {**(gpu_config_queue_delays(args.model_repository) if args.instances == "gpu" else {}),
-              **parse_assignments(args.queue_delay_us)}
-    # `--instances gpu` serves the GPU configs' threads too, unless --cpu-threads says otherwise.
-    threads = {**(gpu_config_cpu_threads(args.model_repository) if args.instances == "gpu" else {}),
-               **parse_assignments(args.cpu_threads)}
+    # On a GPU host the GPU configs' batching delays and threads, whatever counts are asked for (served_settings).
+    instances, delays, threads = served_settings(args.instances, args.queue_delay_us, args.cpu_threads,
+                                                 bool(cuda_pool_args()), args.model_repository)
     parameters = parse_parameters(args.parameter)
     max_batch = parse_assignments(args.max_batch)
     if instances or delays or threads or parameters or max_batch:

@@ -475,3 +475,20 @@ def test_profile_decode_prints_its_figure(tmp_path):
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr
     assert "[decode] 2 1080p photos per call on cpu:" in result.stdout and "ms CPU per photo" in result.stdout
+
+
+def test_explicit_counts_on_a_gpu_host_serve_the_gpu_configs_delays_and_threads():
+    """Counts alone used to keep config.pbtxt's CPU-host delays (2 / 1 / 2 ms) and threads on a GPU host; now the
+    GPU configs' apply wherever the models run on a GPU, explicit delays and threads still win, and a CPU host
+    keeps config.pbtxt's."""
+    from bench.repository import gpu_config_counts, gpu_config_cpu_threads, gpu_config_queue_delays, served_settings
+
+    counts, delays, threads = served_settings("preprocess=8,postprocess=6", "", "", on_gpu=True)
+    assert counts == {"preprocess": 8, "postprocess": 6}
+    assert delays == gpu_config_queue_delays() and delays["preprocess"] == 0
+    assert threads == gpu_config_cpu_threads() and threads["preprocess"] == 2
+    counts, delays, threads = served_settings("preprocess=8", "fusion=500", "postprocess=3", on_gpu=True)
+    assert delays == {**gpu_config_queue_delays(), "fusion": 500} and threads["postprocess"] == 3
+    assert served_settings("preprocess=8", "", "", on_gpu=False) == ({"preprocess": 8}, {}, {})
+    counts, delays, threads = served_settings("gpu", "", "", on_gpu=False)  # asked for by name on any host
+    assert counts == gpu_config_counts() and delays["postprocess"] == 0 and threads == gpu_config_cpu_threads()
