@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from facefuse.local_server import MODEL_REPOSITORY
 
@@ -68,6 +69,26 @@ def served_settings(instances: str, queue_delays_us: str, cpu_threads: str, on_g
     delays = {**(gpu_config_queue_delays(repository) if gpu_settings else {}), **parse_assignments(queue_delays_us)}
     threads = {**(gpu_config_cpu_threads(repository) if gpu_settings else {}), **parse_assignments(cpu_threads)}
     return counts, delays, threads
+
+
+def served_configs(repository: Path = MODEL_REPOSITORY) -> dict[str, dict[str, Any]]:
+    """What the local server reads (each model's config.pbtxt; it passes no --model-config-name): per model its
+    instance count, max batch size, batching delay (us) and `cpu_threads`, for a benchmark's summary. Recorded as
+    served, not as asked for: an empty "as configured" hid the CPU host's delays in sessions 18-21's GPU runs."""
+    from deploy.multi_gpu import load_config
+
+    configs = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = load_config(path)
+        entry: dict[str, Any] = {"max_batch_size": config.max_batch_size}
+        if config.platform != "ensemble":
+            entry["instances"] = sum(group.count for group in config.instance_group) or 1
+        if config.HasField("dynamic_batching"):
+            entry["queue_delay_us"] = int(config.dynamic_batching.max_queue_delay_microseconds)
+        if "cpu_threads" in config.parameters:
+            entry["cpu_threads"] = int(config.parameters["cpu_threads"].string_value)
+        configs[path.parent.name] = entry
+    return configs
 
 
 def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:

@@ -30,6 +30,7 @@ from bench.inputs import benchmark_pair, benchmark_pairs, write_input_data, writ
 from bench.repository import (
     parse_assignments,
     parse_parameters,
+    served_configs,
     served_settings,
     tuned_repository,
 )
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] serving a copy with instances {instances or 'as configured'}, queue delays (us) "
               f"{delays or 'as configured'}, cpu_threads {threads or 'as configured'}, parameters "
               f"{parameters or 'as configured'}, max batch {max_batch or 'as configured'}", flush=True)
+    configs = served_configs(args.model_repository)
+    print("[bench] served: " + "; ".join(f"{model} {', '.join(f'{key} {value}' for key, value in entry.items())}"
+                                         for model, entry in configs.items()), flush=True)
     levels = [int(level) for level in args.concurrency.split(",")]
     tag = f"{datetime.date.today().isoformat()}_{args.machine or machine_tag()}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
     summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,
                "queue_delays_us": delays, "cpu_threads": threads, "parameters": parameters, "max_batch": max_batch,
-               "rows": rows, **baseline}
+               "served_configs": configs, "rows": rows, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])
         summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]
