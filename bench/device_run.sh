@@ -4,8 +4,8 @@
 # bench.profile_copies, bench.profile_request: wall, GPU time, peak memory, operators by shape; their
 # summary lines go to profile.txt), served results against in-process ones (bench.served_check), the served
 # ensemble (bench.run, extra arguments passed on, e.g. --mps --instances preprocess=6,postprocess=6 --models
-# face_fusion --concurrency 1,16,64,128 --skip-baseline for README's latest figures; `--instances gpu` reads the
-# configs with tritonclient's protobufs, which the lent GPU host lacks), then a per-model timeline at c=128
+# face_fusion --concurrency 1,16,64,128 --skip-baseline for README's latest figures, or --instances gpu; either way
+# on a GPU host with the GPU configs' batching delays and threads), then a per-model timeline at c=128
 # (bench.stall_probe, one instance each, no MPS). Results go to bench/results, or under the device tool (OUT set)
 # into one archive, $OUT/results.tgz, written however the run ends: the tool brings back at most 8 files, and a
 # sweep writes more (session 12 lost its CSV, summary and profiles that way). Unpack it into bench/results here.

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from facefuse.local_server import MODEL_REPOSITORY
+from facefuse.local_server import GPU_MODELS, MODEL_REPOSITORY, gpu_config_path
 
 
 def parse_assignments(text: str) -> dict[str, int]:
@@ -26,34 +26,47 @@ def parse_assignments(text: str) -> dict[str, int]:
     return values
 
 
+def config_settings(text: str) -> dict[str, Any]:
+    """The settings a benchmark varies, read from a config's text: max_batch_size, the instance count (all groups;
+    none for an ensemble), the batching delay in us (where there is dynamic batching) and `cpu_threads` (where set).
+    Plain text, like the edits below: the device tool's GPU host has no tritonclient protobufs to parse configs
+    with (tests/test_bench.py checks every shipped config against the protobuf reading)."""
+    text = re.sub(r"#[^\n]*", "", text)  # comments out
+    settings: dict[str, Any] = {"max_batch_size": _max_batch_size(text)}
+    if not re.search(r'platform:\s*"ensemble"', text):
+        group = re.search(r"instance_group\s*\[(.*?)\]", text, re.S)
+        counts = [int(count) for count in re.findall(r"count:\s*(\d+)", group.group(1))] if group else []
+        settings["instances"] = sum(counts) or 1
+    if re.search(r"dynamic_batching\s*\{", text):
+        delay = re.search(r"max_queue_delay_microseconds:\s*(\d+)", text)
+        settings["queue_delay_us"] = int(delay.group(1)) if delay else 0
+    threads = re.search(r'key:\s*"cpu_threads"\s*value:\s*\{\s*string_value:\s*"(\d+)"', text)
+    if threads:
+        settings["cpu_threads"] = int(threads.group(1))
+    return settings
+
+
+def _gpu_settings(repository: Path) -> dict[str, dict[str, Any]]:
+    return {model: config_settings(gpu_config_path(model, repository).read_text()) for model in GPU_MODELS}
+
+
 def gpu_config_counts(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
     """The instance count of every GPU model in its GPU config (configs/gpu.pbtxt, else config.pbtxt): what docker
     compose serves, measured on the H200 (deploy.multi_gpu reads the same)."""
-    from deploy.multi_gpu import GPU_MODELS, configured_count
-
-    return {model: configured_count(model, repository) for model in GPU_MODELS}
+    return {model: settings["instances"] for model, settings in _gpu_settings(repository).items()}
 
 
 def gpu_config_cpu_threads(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
     """The `cpu_threads` parameter of every GPU model whose GPU config sets one: with gpu_config_counts, what
     `bench.run --instances gpu` serves (the copy starts from config.pbtxt, whose CPU-host threads differ)."""
-    from deploy.multi_gpu import GPU_MODELS, load_config, source_config_path
-
-    threads = {}
-    for model in GPU_MODELS:
-        parameters = load_config(source_config_path(model, repository)).parameters
-        if "cpu_threads" in parameters:
-            threads[model] = int(parameters["cpu_threads"].string_value)
-    return threads
+    return {model: settings["cpu_threads"] for model, settings in _gpu_settings(repository).items()
+            if "cpu_threads" in settings}
 
 
 def gpu_config_queue_delays(repository: Path = MODEL_REPOSITORY) -> dict[str, int]:
     """The batching delay (max_queue_delay_microseconds) of every GPU model in its GPU config: with
     gpu_config_counts, what `bench.run --instances gpu` serves."""
-    from deploy.multi_gpu import GPU_MODELS, load_config, source_config_path
-
-    return {model: int(load_config(source_config_path(model, repository)).dynamic_batching.max_queue_delay_microseconds)
-            for model in GPU_MODELS}
+    return {model: settings.get("queue_delay_us", 0) for model, settings in _gpu_settings(repository).items()}
 
 
 def served_settings(instances: str, queue_delays_us: str, cpu_threads: str, on_gpu: bool,
@@ -73,22 +86,9 @@ def served_settings(instances: str, queue_delays_us: str, cpu_threads: str, on_g
 
 def served_configs(repository: Path = MODEL_REPOSITORY) -> dict[str, dict[str, Any]]:
     """What the local server reads (each model's config.pbtxt; it passes no --model-config-name): per model its
-    instance count, max batch size, batching delay (us) and `cpu_threads`, for a benchmark's summary. Recorded as
-    served, not as asked for: an empty "as configured" hid the CPU host's delays in sessions 18-21's GPU runs."""
-    from deploy.multi_gpu import load_config
-
-    configs = {}
-    for path in sorted(repository.glob("*/config.pbtxt")):
-        config = load_config(path)
-        entry: dict[str, Any] = {"max_batch_size": config.max_batch_size}
-        if config.platform != "ensemble":
-            entry["instances"] = sum(group.count for group in config.instance_group) or 1
-        if config.HasField("dynamic_batching"):
-            entry["queue_delay_us"] = int(config.dynamic_batching.max_queue_delay_microseconds)
-        if "cpu_threads" in config.parameters:
-            entry["cpu_threads"] = int(config.parameters["cpu_threads"].string_value)
-        configs[path.parent.name] = entry
-    return configs
+    ``config_settings``, for a benchmark's summary. Recorded as served, not as asked for: an empty "as configured"
+    hid the CPU host's delays in sessions 18-21's GPU runs."""
+    return {path.parent.name: config_settings(path.read_text()) for path in sorted(repository.glob("*/config.pbtxt"))}
 
 
 def parse_parameters(items: list[str]) -> dict[str, dict[str, str]]:

@@ -33,7 +33,7 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from facefuse.local_server import CUDA_POOL_BYTES
+from facefuse.local_server import CUDA_POOL_BYTES, GPU_CONFIG_NAME, GPU_MODELS, gpu_config_path
 from gateway.render import GatewaySettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +42,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 GATEWAY_TEMPLATE = ROOT / "gateway" / "nginx.conf.template"
 DEFAULT_OUT = ROOT / ".cache" / "multi_gpu"  # git-ignored: generated files never land in the source tree
 
-CONFIG_NAME = "gpu"  # docker compose runs `tritonserver --model-config-name=gpu`
-# The models that hold GPU work: TensorRT fusion, and the Python models (preprocess runs MTCNN and the face mesh on
-# CUDA). The ensemble has no instances of its own.
-GPU_MODELS = ("preprocess", "fusion", "postprocess")
+CONFIG_NAME = GPU_CONFIG_NAME  # docker compose runs `tritonserver --model-config-name=gpu`
 # Instances per GPU unless told otherwise: each model's count in its GPU config (configs/gpu.pbtxt, else
 # config.pbtxt), i.e. what was measured on one H200: one TensorRT instance with dynamic batching keeps a GPU busy;
 # each Python instance is a process of its own, and preprocess needs several. Raise a count where measurement shows
@@ -69,9 +66,8 @@ def check_gpu_count(n_gpus: int) -> int:
 
 
 def source_config_path(model: str, repository: Path = REPOSITORY) -> Path:
-    """The config Triton reads under --model-config-name=gpu: configs/gpu.pbtxt where present, else config.pbtxt."""
-    named = repository / model / "configs" / f"{CONFIG_NAME}.pbtxt"
-    return named if named.is_file() else repository / model / "config.pbtxt"
+    """The config Triton reads under --model-config-name=gpu (facefuse.local_server.gpu_config_path)."""
+    return gpu_config_path(model, repository)
 
 
 def load_config(path: Path) -> model_config_pb2.ModelConfig:

@@ -92,6 +92,18 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+GPU_CONFIG_NAME = "gpu"  # docker compose runs `tritonserver --model-config-name=gpu`
+# The models that hold GPU work: TensorRT fusion, and the Python models (preprocess runs MTCNN and the face mesh on
+# CUDA). The ensemble has no instances of its own.
+GPU_MODELS = ("preprocess", "fusion", "postprocess")
+
+
+def gpu_config_path(model: str, repository: Path = MODEL_REPOSITORY) -> Path:
+    """The config Triton reads under --model-config-name=gpu: configs/gpu.pbtxt where present, else config.pbtxt."""
+    named = repository / model / "configs" / f"{GPU_CONFIG_NAME}.pbtxt"
+    return named if named.is_file() else repository / model / "config.pbtxt"
+
+
 # Python-backend models hand GPU tensors to each other (DLPack) through Triton's CUDA memory pool: every request
 # between preprocess and the end of postprocess holds its target there (6 MB at 1080p). 2 GiB per GPU covers ~340
 # 1080p requests in flight, about what the queue limits admit; when the pool runs out Triton 2.51 hands the next model

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -510,3 +512,36 @@ def test_served_configs_record_what_the_server_reads(tmp_path):
     assert {model: served[model]["queue_delay_us"] for model in delays} == delays
     assert served["preprocess"]["cpu_threads"] == gpu_config_cpu_threads()["preprocess"]
     assert served["fusion"]["instances"] == shipped["fusion"]["instances"]
+
+
+def test_config_settings_read_as_text_equal_the_protobuf_reading():
+    # bench.repository reads configs as plain text (the GPU host has no tritonclient): every shipped config, CPU host
+    # and GPU, must read the same as through Triton's protobufs.
+    from bench.repository import config_settings
+    from deploy.multi_gpu import load_config
+    from facefuse.local_server import MODEL_REPOSITORY
+
+    paths = sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")) + sorted(MODEL_REPOSITORY.glob("*/configs/*.pbtxt"))
+    assert len(paths) >= 7
+    for path in paths:
+        config = load_config(path)
+        expected = {"max_batch_size": config.max_batch_size}
+        if config.platform != "ensemble":
+            expected["instances"] = sum(group.count for group in config.instance_group) or 1
+        if config.HasField("dynamic_batching"):
+            expected["queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
+        if "cpu_threads" in config.parameters:
+            expected["cpu_threads"] = int(config.parameters["cpu_threads"].string_value)
+        assert config_settings(path.read_text()) == expected, path
+
+
+def test_gpu_settings_are_read_without_tritonclient():
+    # The device tool's GPU host lacks tritonclient's Python package: bench.run's settings must not need it there.
+    script = ("import sys; sys.modules['tritonclient'] = None; sys.modules['google.protobuf'] = None\n"
+              "from bench.repository import served_configs, served_settings\n"
+              "counts, delays, threads = served_settings('preprocess=6', '', '', on_gpu=True)\n"
+              "print(delays['preprocess'], threads['preprocess'], served_configs()['preprocess']['instances'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "2", "2"]
