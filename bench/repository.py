@@ -34,7 +34,7 @@ def config_settings(text: str) -> dict[str, Any]:
     text = re.sub(r"#[^\n]*", "", text)  # comments out
     settings: dict[str, Any] = {"max_batch_size": _max_batch_size(text)}
     if not re.search(r'platform:\s*"ensemble"', text):
-        group = re.search(r"instance_group\s*\[(.*?)\]", text, re.S)
+        group = re.search(r"instance_group\s*\[((?:[^\[\]]|\[[^\]]*\])*)\]", text)  # inner [ ] (gpus) allowed
         counts = [int(count) for count in re.findall(r"count:\s*(\d+)", group.group(1))] if group else []
         settings["instances"] = sum(counts) or 1
     if re.search(r"dynamic_batching\s*\{", text):
