@@ -158,16 +158,28 @@ def free_ports() -> Ports:
     return Ports(free_port(), free_port(), free_port())
 
 
+def die_with_parent_prefix() -> list[str]:
+    """`setpriv --pdeathsig TERM --` (util-linux) before a command, where setpriv is present, else nothing: the
+    command then gets SIGTERM when the thread that started it ends, also when its process is killed outright
+    (SIGKILL, the OOM killer), which no `finally` survives. Before, a benchmark or test run killed that way left its
+    server running with its models' memory (the server leads its own session, out of reach of the killer's group)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
 def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = MODEL_REPOSITORY,
           timeout_s: float = 240.0, extra: list[str] | None = None, quiet: bool = False,
-          environment: dict[str, str] | None = None) -> subprocess.Popen:
+          environment: dict[str, str] | None = None, die_with_parent: bool = True) -> subprocess.Popen:
     """Start the server in the background (``environment`` added to its own, e.g. MpsDaemon.environment()) and wait
-    until /v2/health/ready answers 200."""
+    until /v2/health/ready answers 200. ``die_with_parent``: the server ends (SIGTERM, a graceful stop) when the
+    calling thread does, however it ends (``die_with_parent_prefix``); call from the main thread, or pass False for
+    a server that must outlive its starter (`start` below)."""
     if is_ready(ports):
         raise RuntimeError(f"a server already answers on HTTP port {ports.http}; stop it or choose other ports")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
-    command = server_command(ports, model_repository, extra)
+    # setpriv execs the server in its own process: the pid below is the server's.
+    command = [*(die_with_parent_prefix() if die_with_parent else []), *server_command(ports, model_repository, extra)]
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                env={**server_environment(), **(environment or {})}, start_new_session=True)
     started = time.monotonic()
@@ -301,7 +313,9 @@ def _start_or_serve(args: argparse.Namespace, ports: Ports) -> int:
             return 1
         print(f"[serve] CUDA MPS daemon started (pipes in {mps.pipe_folder})", flush=True)
     try:
-        process = start(ports, args.log, extra=extra, environment=mps.environment() if mps else None)
+        # `start` returns while the server goes on; `serve` stays with it (and takes it along if killed).
+        process = start(ports, args.log, extra=extra, environment=mps.environment() if mps else None,
+                        die_with_parent=args.action == "serve")
     except RuntimeError as error:
         print(f"[serve] {error}", file=sys.stderr)
         if mps:

@@ -7,12 +7,13 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from facefuse.local_server import stop_process
+from facefuse.local_server import die_with_parent_prefix, stop_process
 from facefuse.procfs import group_members, is_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +116,61 @@ def test_sigterm_still_stops_the_server_a_run_started(handled):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server_pid, signal.SIGKILL)
+
+
+def _orphan_after_sigkill(prefix: list[str]) -> int:
+    """A starter process runs `sleep 60` behind ``prefix`` and is then SIGKILLed; returns the sleep's pid."""
+    script = ("import subprocess, sys, time\n"
+              f"child = subprocess.Popen({prefix!r} + ['sleep', '60'], start_new_session=True)\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(starter.stdout.readline())
+    time.sleep(0.3)  # setpriv has exec'd the command
+    starter.kill()
+    starter.wait(10)
+    return child
+
+
+@pytest.mark.skipif(not die_with_parent_prefix(), reason="util-linux's setpriv is not installed")
+def test_a_server_started_behind_the_prefix_ends_when_its_starter_is_killed():
+    # SIGKILL runs no `finally`: the prefix's parent-death signal is what stops the server. Without it (the
+    # control) the command outlives its starter, as servers of killed benchmark and test runs did.
+    guarded = _orphan_after_sigkill(die_with_parent_prefix())
+    unguarded = _orphan_after_sigkill([])
+    try:
+        deadline = time.monotonic() + 5
+        while is_alive(guarded) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_alive(guarded)
+        assert is_alive(unguarded)
+    finally:
+        for pid in (guarded, unguarded):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_start_puts_the_prefix_before_the_server_unless_it_must_outlive_its_starter(tmp_path, monkeypatch):
+    # `start` (the background server) must outlive the command; every other caller's server goes with it.
+    from facefuse import local_server
+
+    launched = []
+
+    class Exited:
+        pid, returncode = 12345, 1
+
+        def __init__(self, command, **kwargs):
+            launched.append(command)
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(local_server.subprocess, "Popen", Exited)
+    monkeypatch.setattr(local_server, "die_with_parent_prefix", lambda: ["setpriv", "--pdeathsig", "TERM", "--"])
+    ports = local_server.free_ports()
+    for die_with_parent in (True, False):
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            local_server.start(ports, tmp_path / "log", die_with_parent=die_with_parent)
+    assert launched[0][:4] == ["setpriv", "--pdeathsig", "TERM", "--"]
+    assert launched[0][4:] == launched[1] == local_server.server_command(ports)
+    assert launched[1][0].endswith("tritonserver")
