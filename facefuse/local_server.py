@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -163,8 +164,20 @@ def die_with_parent_prefix() -> list[str]:
     command then gets SIGTERM when the thread that started it ends, also when its process is killed outright
     (SIGKILL, the OOM killer), which no `finally` survives. Before, a benchmark or test run killed that way left its
     server running with its models' memory (the server leads its own session, out of reach of the killer's group)."""
+    return list(_pdeathsig_prefix())
+
+
+@functools.lru_cache(maxsize=1)
+def _pdeathsig_prefix() -> tuple[str, ...]:
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "TERM", "--")
+    try:  # util-linux before 2.33 has setpriv without --pdeathsig: it would refuse to start the server
+        works = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        works = False
+    return prefix if works else ()
 
 
 def start(ports: Ports, log_path: Path = DEFAULT_LOG, model_repository: Path = MODEL_REPOSITORY,
