@@ -65,9 +65,8 @@ def check_gpu_count(n_gpus: int) -> int:
     return n_gpus
 
 
-def source_config_path(model: str, repository: Path = REPOSITORY) -> Path:
-    """The config Triton reads under --model-config-name=gpu (facefuse.local_server.gpu_config_path)."""
-    return gpu_config_path(model, repository)
+# The config Triton reads under --model-config-name=gpu: configs/gpu.pbtxt where present, else config.pbtxt.
+source_config_path = gpu_config_path
 
 
 def load_config(path: Path) -> model_config_pb2.ModelConfig:
