@@ -9,16 +9,19 @@ keep_freed_memory, freeze_heap; ``plain``: as profile_request), other processes 
 is Triton's own (its stub, the tensors' hand-over).
 
     python -m bench.host_contention [--processes 1,6] [--rows 8] [--seconds 8] [--env served|plain]
-                                    [--device cuda] [--label TEXT] [--csv FILE]
+                                    [--device cuda] [--stage preprocess|decode] [--label TEXT] [--csv FILE]
 
 Per process count it prints each row's wall and CPU time (process time; CUDA's spinning waits count as CPU), the
 median over workers, all workers' rows/s together and the stages per row (the pipeline's own timings).
+``--stage decode`` runs only the batch's photo decode (``decode_on_device``, one batched nvJPEG call on a GPU, whose
+hardware decoder all processes share): whether the decoder's own throughput caps the service (two photos a row).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import select
 import statistics
@@ -26,13 +29,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 READY = "ready"
 
 
-def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
-    """One process: build and warm the served Preprocessor, say ``READY``, wait for a line on stdin, then batch for
-    ``seconds``. Imports here, after the process settings (they must precede torch)."""
+def _worker(rows: int, seconds: float, env: str, device_name: str, stage: str = "preprocess") -> dict:
+    """One process: build and warm the served Preprocessor (``stage`` "preprocess") or the batched decoder alone
+    ("decode": the 2 x ``rows`` photos of a batch in one ``decode_on_device`` call), say ``READY``, wait for a line on
+    stdin, then batch for ``seconds``. Imports here, after the process settings (they must precede torch)."""
     if env == "served":
         from facefuse.process_env import set_process_defaults
 
@@ -47,13 +52,17 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
     if env == "served":
         keep_freed_memory()
     device = torch.device(device_name)
-    preprocessor = served_preprocessor(device)
-    preprocessor.warm_up()
     requests = [FusionRequest(*pair, 100.0, 100.0, b"{}") for pair in benchmark_pairs(2 * rows)]
     # Two batches of distinct pairs, alternated: identical images in one batch are decoded once.
     batches = [requests[:rows], requests[rows:]]
+    if stage == "decode":
+        prepare = functools.partial(_decode_batch, device=device)
+    else:
+        preprocessor = served_preprocessor(device)
+        preprocessor.warm_up()
+        prepare = preprocessor.prepare_batch
     for batch in batches:
-        preprocessor.prepare_batch(batch)
+        prepare(batch)
     if env == "served":
         freeze_heap()
     print(READY, flush=True)
@@ -62,7 +71,7 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started, cpu_started = time.perf_counter(), time.process_time()
-        results = preprocessor.prepare_batch(batches[len(walls) % 2])
+        results = prepare(batches[len(walls) % 2])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         walls.append((time.perf_counter() - started) * 1000.0 / rows)
@@ -73,12 +82,34 @@ def _worker(rows: int, seconds: float, env: str, device_name: str) -> dict:
             "stages_ms_per_row": median_stages(stages)}
 
 
+def _decode_batch(requests: list, device: Any) -> list[tuple[None, dict]]:
+    """The batch's photos decoded as preprocess decodes them (one batched call, the GPU's queue drained after it);
+    per request, its metadata as ``stage_ms`` reads it: the decode's ms per row."""
+    from facefuse.device_imaging import decode_on_device
+    from facefuse.errors import FusionError
+    from facefuse.imaging import ImageLimits
+
+    started = time.perf_counter()
+    items = [(data, role) for request in requests
+             for data, role in ((request.source_image, "source"), (request.target_image, "target"))]
+    decoded = decode_on_device(items, ImageLimits(), device)
+    failed = [result for result in decoded if isinstance(result, FusionError)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(items)} photos did not decode: {failed[0]}")
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    per_row = (time.perf_counter() - started) * 1000.0 / len(requests)
+    return [(None, {"timings_ms": {"decode": per_row}}) for _ in requests]
+
+
 def run_together(count: int, rows: int, seconds: float, env: str, device: str,
-                 startup_s: float = 300.0) -> list[dict]:
+                 startup_s: float = 300.0, stage: str = "preprocess") -> list[dict]:
     """``count`` workers, started together once every one is warm (each gets ``startup_s`` to get there); each
     worker's result."""
     command = [sys.executable, "-m", "bench.host_contention", "--worker", "--rows", str(rows), "--seconds",
-               str(seconds), "--env", env, "--device", device]
+               str(seconds), "--env", env, "--device", device, "--stage", stage]
     workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 cwd=Path(__file__).resolve().parents[1]) for _ in range(count)]
     try:
@@ -124,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", choices=("served", "plain"), default="served",
                         help="served: a model instance's process settings; plain: as bench.profile_request")
     parser.add_argument("--device", default=None, help="cuda where there is a GPU, else cpu")
+    parser.add_argument("--stage", choices=("preprocess", "decode"), default="preprocess",
+                        help="preprocess: the whole served Preprocessor; decode: the batch's photos decoded alone "
+                             "(nvJPEG on a GPU: whether its decoder is shared by the processes)")
     parser.add_argument("--label", default="", help="names the run's setting in the output (e.g. 'MPS')")
     parser.add_argument("--csv", type=Path, help="append one row per process count to this CSV")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -133,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
-        print(json.dumps(_worker(args.rows, args.seconds, args.env, args.device)), flush=True)
+        print(json.dumps(_worker(args.rows, args.seconds, args.env, args.device, args.stage)), flush=True)
         return 0
-    label = f"{args.env} env, {args.device}" + (f", {args.label}" if args.label else "")
+    label = (f"{args.env} env, {args.device}" + ("" if args.stage == "preprocess" else f", {args.stage} alone")
+             + (f", {args.label}" if args.label else ""))
     for count in (int(value) for value in args.processes.split(",")):
         started = time.perf_counter()
-        row = summary(count, run_together(count, args.rows, args.seconds, args.env, args.device))
+        row = summary(count, run_together(count, args.rows, args.seconds, args.env, args.device,
+                                          stage=args.stage))
         print(f"[contention] {count} process{'es' if count > 1 else ''} ({label}), {args.rows} rows a batch: "
               f"{row['wall_ms_per_row']:.2f} ms wall, {row['cpu_ms_per_row']:.2f} ms CPU per row (median worker); "
               f"{row['rows_per_s']:.1f} rows/s together; stages per row {row['stages_ms_per_row']} "
@@ -149,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 writer = csv.writer(handle)
                 if new:
                     writer.writerow(["label", "env", "device", "processes", "rows", "batches", "wall_ms_per_row",
-                                     "cpu_ms_per_row", "rows_per_s", "stages_ms_per_row"])
+                                     "cpu_ms_per_row", "rows_per_s", "stages_ms_per_row", "stage"])
                 writer.writerow([args.label, args.env, args.device, count, args.rows, row["batches"],
                                  row["wall_ms_per_row"], row["cpu_ms_per_row"], row["rows_per_s"],
-                                 json.dumps(row["stages_ms_per_row"])])
+                                 json.dumps(row["stages_ms_per_row"]), args.stage])
     return 0
 
 

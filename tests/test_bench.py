@@ -442,6 +442,21 @@ def test_host_contention_runs_workers_together_and_appends_a_csv_row_per_count(t
         assert {"decode", "detect", "align"} <= set(json.loads(row["stages_ms_per_row"]))
 
 
+def test_host_contention_decodes_alone_when_asked(tmp_path, capsys):
+    from bench.host_contention import main
+
+    table = tmp_path / "contention.csv"
+    assert main(["--processes", "1", "--rows", "2", "--seconds", "0.3", "--device", "cpu", "--stage", "decode",
+                 "--csv", str(table)]) == 0
+    assert "[contention] 1 process (served env, cpu, decode alone), 2 rows a batch" in capsys.readouterr().out
+    with table.open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    # Only the decode ran: no detector stage, and the decode's time per row is the row's whole wall time.
+    stages = json.loads(row["stages_ms_per_row"])
+    assert set(stages) == {"decode"} and row["stage"] == "decode"
+    assert 0 < stages["decode"] <= float(row["wall_ms_per_row"]) * 1.05 + 0.05
+
+
 def test_host_contention_names_a_worker_that_never_got_ready(monkeypatch, tmp_path):
     from bench import host_contention
 
