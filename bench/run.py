@@ -48,10 +48,19 @@ from facefuse.local_server import (
     start,
     stop_process,
 )
+from facefuse.mps import SERVER as MPS_SERVER
 from facefuse.mps import mps_problem, start_mps
-from facefuse.procfs import cpu_seconds, machine_cpu_seconds, stub_processes, thread_cpu_seconds
+from facefuse.procfs import (
+    cpu_seconds,
+    machine_cpu_seconds,
+    processes_named,
+    stub_processes,
+    thread_cpu_by_id,
+    thread_cpu_seconds,
+)
 
 PERF_LIBS = REPO_ROOT / ".cache" / "perf_analyzer_libs"
+BUSIEST_THREADS = 4  # single threads of the server (and MPS server) named per level
 
 
 def perf_analyzer_command() -> tuple[list[str], dict[str, str]]:
@@ -144,6 +153,13 @@ def cpu_snapshot(server_pid: int) -> dict[str, Any]:
     by name: ``threads``), by finished children of this process (perf_analyzer runs), and by the whole machine (busy
     and total), with a monotonic clock."""
     snapshot: dict[str, Any] = {"server": cpu_seconds(server_pid) or 0.0, "threads": {}}
+    # Single threads of the processes every request goes through (Triton's own, and a CUDA MPS server where one
+    # runs): one saturated thread caps the service however many instances serve.
+    snapshot["single_threads"] = {f"server/{tid}": value for tid, value in thread_cpu_by_id(server_pid).items()}
+    for mps_pid in processes_named(MPS_SERVER):
+        snapshot["mps_server"] = snapshot.get("mps_server", 0.0) + (cpu_seconds(mps_pid) or 0.0)
+        snapshot["single_threads"].update({f"mps-server/{tid}": value
+                                           for tid, value in thread_cpu_by_id(mps_pid).items()})
     for stub in stub_processes(server_pid).values():
         snapshot[stub.model] = snapshot.get(stub.model, 0.0) + (cpu_seconds(stub.pid) or 0.0)
         by_name = snapshot["threads"].setdefault(stub.model, {})
@@ -163,7 +179,8 @@ def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     elapsed = max(after["clock"] - before["clock"], 1e-9)
     machine_elapsed = max(after["machine_total"] - before["machine_total"], 1e-9)
     cores: dict[str, Any] = {f"cpu_{part}_cores": round((after[part] - before.get(part, 0.0)) / elapsed, 2)
-                             for part in after if part not in ("clock", "machine_busy", "machine_total", "threads")}
+                             for part in after if part not in ("clock", "machine_busy", "machine_total", "threads",
+                                                               "single_threads")}
     by_model = []
     for model, threads in sorted(after.get("threads", {}).items()):
         earlier = before.get("threads", {}).get(model, {})
@@ -171,6 +188,12 @@ def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         parts = [f"{name} {value:.2f}" for value, name in reversed(busy) if value >= 0.05]
         by_model.append(f"{model}: {', '.join(parts) or '-'}")
     cores["cpu_threads"] = "; ".join(by_model)
+    earlier_singles = before.get("single_threads", {})
+    singles = sorted(((seconds - earlier_singles.get(key, (name, 0.0))[1]) / elapsed, key, name)
+                     for key, (name, seconds) in after.get("single_threads", {}).items())
+    cores["cpu_busiest_threads"] = ", ".join(f"{key.split('/')[0]} {name} {value:.2f}"
+                                             for value, key, name in reversed(singles[-BUSIEST_THREADS:])
+                                             if value >= 0.05)
     cores["cpu_machine_cores"] = os.cpu_count() or 1
     cores["cpu_machine_busy_cores"] = round((after["machine_busy"] - before["machine_busy"]) / machine_elapsed
                                             * cores["cpu_machine_cores"], 2)
@@ -442,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench]   cpu cores busy: {parts}; machine {figures['cpu_machine_busy_cores']:.1f} of "
                       f"{figures['cpu_machine_cores']}", flush=True)
                 print(f"[bench]   by thread: {figures['cpu_threads']}", flush=True)
+                print(f"[bench]   busiest single threads: {figures['cpu_busiest_threads'] or '-'}", flush=True)
                 if gpu_figures:
                     print(f"[bench]   GPU: peak {gpu_figures['gpu_memory_peak_mib']:.0f} MiB in use, busy "
                           f"{gpu_figures['gpu_busy_percent']:.0f} % on average", flush=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from facefuse.procfs import environment, processes_named
 
 CONTROL = "nvidia-cuda-mps-control"
+SERVER = "nvidia-cuda-mps-server"  # started by the daemon for the first client; carries every client's GPU calls
 DEFAULT_PIPE_FOLDER = "/tmp/nvidia-mps"  # the driver's, where CUDA_MPS_PIPE_DIRECTORY is unset
 
 

@@ -127,6 +127,22 @@ def cpu_seconds(pid: int) -> float | None:
     return _cpu_of(_stat_fields(pid))
 
 
+def thread_cpu_by_id(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) of each of `pid`'s threads so far, by thread id: (OS thread name, seconds); a
+    single saturated thread (a serialisation point) shows here where a sum by name hides it. {} when `pid` is gone."""
+    found: dict[int, tuple[str, float]] = {}
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for thread in threads:
+        name, fields = _stat(f"/proc/{pid}/task/{thread}/stat")
+        seconds = _cpu_of(fields)
+        if seconds is not None:  # else the thread ended meanwhile
+            found[int(thread)] = (name, seconds)
+    return found
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time (user + system) each group of `pid`'s threads has used so far, keyed by thread name with its
     numbering folded (``ThreadPool-3`` and ``ThreadPool-7`` -> ``ThreadPool-#``): which runtime's threads keep the
@@ -134,16 +150,8 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     the one running ``execute``) is ``main``, apart from the threads that inherited its name (on the H100 every
     busy stub thread was called ``triton_python_b``). {} when `pid` is gone."""
     totals: dict[str, float] = {}
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return totals
-    for thread in threads:
-        name, fields = _stat(f"/proc/{pid}/task/{thread}/stat")
-        seconds = _cpu_of(fields)
-        if seconds is None:
-            continue  # the thread ended meanwhile
-        name = "main" if thread == str(pid) else _NUMBERING.sub("#", name) or "?"
+    for thread, (name, seconds) in thread_cpu_by_id(pid).items():
+        name = "main" if thread == pid else _NUMBERING.sub("#", name) or "?"
         totals[name] = totals.get(name, 0.0) + seconds
     return totals
 

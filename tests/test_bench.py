@@ -190,16 +190,18 @@ def test_cpu_cores_names_each_models_busiest_thread_groups():
 
 def test_thread_cpu_seconds_groups_a_processes_threads_by_name():
     """A live thread of this process named "burner-12" (its OS name, as CUDA or OpenMP name their threads) burns
-    CPU: its time shows under "burner-#", the thread numbering folded."""
+    CPU: its time shows under "burner-#", the thread numbering folded, and by its thread id under its own name."""
     import ctypes
     import threading
 
-    from facefuse.procfs import thread_cpu_seconds
+    from facefuse.procfs import thread_cpu_by_id, thread_cpu_seconds
 
     done = threading.Event()
     named = threading.Event()
+    thread_ids = []
 
     def linger() -> None:
+        thread_ids.append(threading.get_native_id())
         ctypes.CDLL(None).prctl(15, b"burner-12", 0, 0, 0)
         deadline = time.thread_time() + 0.3
         while time.thread_time() < deadline:
@@ -215,10 +217,35 @@ def test_thread_cpu_seconds_groups_a_processes_threads_by_name():
         assert totals.get("burner-#", 0.0) >= 0.2, totals
         assert "burner-12" not in totals
         assert "main" in totals  # this process's own thread, by that name whatever it is called
+        by_id = thread_cpu_by_id(os.getpid())
+        name, seconds = by_id[thread_ids[0]]
+        assert name == "burner-12" and seconds >= 0.2, by_id
+        assert os.getpid() in by_id and sum(value for _, value in by_id.values()) >= seconds
     finally:
         done.set()
         worker.join(timeout=30)
-    assert thread_cpu_seconds(2 ** 22 + 12345) == {}  # no such process
+    assert thread_cpu_seconds(2 ** 22 + 12345) == {} == thread_cpu_by_id(2 ** 22 + 12345)  # no such process
+
+
+def test_cpu_cores_names_the_busiest_single_threads_of_server_and_mps_server():
+    """A saturated single thread is named with its process (a thread that started between the snapshots counts
+    from zero); idle ones and all but the busiest BUSIEST_THREADS are left out."""
+    from bench.run import BUSIEST_THREADS, cpu_cores
+
+    common = {"server": 0.0, "machine_busy": 0.0, "machine_total": 1.0}
+    before = {**common, "clock": 0.0, "mps_server": 1.0,
+              "single_threads": {"server/7": ("tritonserver", 5.0), "server/8": ("grpcpp_sync_ser", 1.0),
+                                 "mps-server/9": ("nvidia-cuda-mps", 2.0)}}
+    after = {**common, "clock": 2.0, "mps_server": 2.9,
+             "single_threads": {"server/7": ("tritonserver", 6.9), "server/8": ("grpcpp_sync_ser", 1.05),
+                                "mps-server/9": ("nvidia-cuda-mps", 3.8), "server/11": ("tritonserver", 0.6),
+                                **{f"server/{tid}": ("pool", 0.2) for tid in range(20, 26)}}}
+    cores = cpu_cores(before, after)
+    assert cores["cpu_mps_server_cores"] == 0.95
+    names = cores["cpu_busiest_threads"].split(", ")
+    assert names[:3] == ["server tritonserver 0.95", "mps-server nvidia-cuda-mps 0.90", "server tritonserver 0.30"]
+    assert len(names) == BUSIEST_THREADS and names[3] == "server pool 0.10"
+    assert "grpcpp" not in cores["cpu_busiest_threads"]  # 0.025 cores: below the 0.05 shown
 
 
 def test_rows_are_written_with_model_and_concurrency_first(tmp_path):
