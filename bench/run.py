@@ -200,6 +200,17 @@ def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return cores
 
 
+def record_failure(out: Path, tag: str, model: str, concurrency: int, error: Exception) -> dict[str, Any]:
+    """Keep why a level got no measurement beside the results (``<tag>_<model>_c<N>_failed.txt``: perf_analyzer's
+    output as the error carries it), so that an archive of the results folder says why a level is missing; returns
+    the summary's entry for it."""
+    path = out / f"{tag}_{model}_c{concurrency}_failed.txt"
+    path.write_text(f"{error}\n")
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return {"model": model, "concurrency": concurrency, "reason": lines[0] if lines else type(error).__name__,
+            "file": path.name}
+
+
 def write_rows(rows: list[dict], path: Path) -> None:
     """The measured rows as CSV (model and concurrency first), replacing the file."""
     columns = sorted({key for row in rows for key in row}, key=lambda k: (k != "model", k != "concurrency", k))
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             mps.stop()
         raise
     rows: list[dict] = []
+    failures: list[dict] = []  # levels without a measurement, and why (summary's `failed`)
     try:
         for model in args.models.split(","):
             for level in levels:
@@ -432,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as error:
                     lines = [line for line in str(error).splitlines() if line.strip()]
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
+                    failures.append(record_failure(args.out, tag, model, level, error))
                     if profiler is not None:
                         profiler.finish()
                     continue
@@ -480,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(ensemble, args.out / f"{tag}_ensemble.png", f"face_fusion, 1080p JPEG, {tag}")
     summary = {"machine": tag, "python": platform.python_version(), "mps": args.mps, "instances": instances,
                "queue_delays_us": delays, "cpu_threads": threads, "parameters": parameters, "max_batch": max_batch,
-               "served_configs": configs, "rows": rows, **baseline}
+               "served_configs": configs, "rows": rows, "failed": failures, **baseline}
     if baseline and ensemble:
         best = max(ensemble, key=lambda row: row["throughput_per_s"])
         summary["ratio_vs_classic"] = best["throughput_per_s"] / baseline["classic_images_per_s"]

@@ -248,6 +248,18 @@ def test_cpu_cores_names_the_busiest_single_threads_of_server_and_mps_server():
     assert "grpcpp" not in cores["cpu_busiest_threads"]  # 0.025 cores: below the 0.05 shown
 
 
+def test_a_level_without_measurement_keeps_its_reason_beside_the_results(tmp_path):
+    from bench.run import record_failure
+
+    error = RuntimeError("perf_analyzer failed for face_fusion at concurrency 64:\n\nFailed to obtain stable "
+                         "measurement within 10 windows")
+    entry = record_failure(tmp_path, "2026-12-07_H100-x", "face_fusion", 64, error)
+    assert entry == {"model": "face_fusion", "concurrency": 64,
+                     "reason": "perf_analyzer failed for face_fusion at concurrency 64:",
+                     "file": "2026-12-07_H100-x_face_fusion_c64_failed.txt"}
+    assert "Failed to obtain stable measurement" in (tmp_path / entry["file"]).read_text()
+
+
 def test_rows_are_written_with_model_and_concurrency_first(tmp_path):
     import csv
 
