@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,10 @@ def _worker(rows: int, seconds: float, env: str, device_name: str, stage: str = 
     # Two batches of distinct pairs, alternated: identical images in one batch are decoded once.
     batches = [requests[:rows], requests[rows:]]
     if stage == "decode":
-        prepare = functools.partial(_decode_batch, device=device)
+        from facefuse.device_imaging import decode_on_device
+        from facefuse.imaging import ImageLimits
+
+        prepare = functools.partial(_decode_batch, device=device, decode=decode_on_device, limits=ImageLimits())
     else:
         preprocessor = served_preprocessor(device)
         preprocessor.warm_up()
@@ -82,22 +86,19 @@ def _worker(rows: int, seconds: float, env: str, device_name: str, stage: str = 
             "stages_ms_per_row": median_stages(stages)}
 
 
-def _decode_batch(requests: list, device: Any) -> list[tuple[None, dict]]:
-    """The batch's photos decoded as preprocess decodes them (one batched call, the GPU's queue drained after it);
-    per request, its metadata as ``stage_ms`` reads it: the decode's ms per row."""
-    from facefuse.device_imaging import decode_on_device
-    from facefuse.errors import FusionError
-    from facefuse.imaging import ImageLimits
-
+def _decode_batch(requests: list, device: Any, decode: Callable, limits: Any) -> list[tuple[None, dict]]:
+    """The batch's photos decoded as preprocess decodes them (``decode``: facefuse.device_imaging.decode_on_device,
+    one batched call; the GPU's queue drained after it); per request, its metadata as ``stage_ms`` reads it: the
+    decode's ms per row. (The worker imports, after its process settings, and binds ``decode`` and ``limits``.)"""
     started = time.perf_counter()
     items = [(data, role) for request in requests
              for data, role in ((request.source_image, "source"), (request.target_image, "target"))]
-    decoded = decode_on_device(items, ImageLimits(), device)
-    failed = [result for result in decoded if isinstance(result, FusionError)]
+    decoded = decode(items, limits, device)
+    failed = [result for result in decoded if isinstance(result, Exception)]  # FusionError is one
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(items)} photos did not decode: {failed[0]}")
     if device.type == "cuda":
-        import torch
+        import torch  # already imported by the worker: a lookup
 
         torch.cuda.synchronize(device)
     per_row = (time.perf_counter() - started) * 1000.0 / len(requests)

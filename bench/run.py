@@ -93,6 +93,14 @@ def machine_tag() -> str:
     return gpu or f"cpu{os.cpu_count()}"
 
 
+class PerfAnalyzerFailed(RuntimeError):
+    """perf_analyzer got no measurement; ``output``: its whole console text (every pass), for the record."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
 def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measurement_ms: int,
              out_csv: Path, protocol: str = "grpc", stability: int = 25,
              warmup_requests: int = 0) -> tuple[dict[str, float], str]:
@@ -130,9 +138,9 @@ def run_perf(model: str, input_data: Path, concurrency: int, ports: Ports, measu
                                            "--measurement-request-count", str(requests)],
                                 capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        out_csv.with_suffix(".failed.txt").write_text(result.stdout + result.stderr)  # the passes, for the record
-        raise RuntimeError(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
-                           f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+        raise PerfAnalyzerFailed(f"perf_analyzer failed for {model} at concurrency {concurrency}:\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}",
+                                 output=result.stdout + result.stderr)
     if warmup_requests:
         measurement += f", after {warmup_requests} warm-up requests"
     with open(out_csv) as handle:
@@ -202,10 +210,10 @@ def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 def record_failure(out: Path, tag: str, model: str, concurrency: int, error: Exception) -> dict[str, Any]:
     """Keep why a level got no measurement beside the results (``<tag>_<model>_c<N>_failed.txt``: perf_analyzer's
-    output as the error carries it), so that an archive of the results folder says why a level is missing; returns
-    the summary's entry for it."""
+    whole output where the error carries it, else the error), so that an archive of the results folder says why a
+    level is missing; returns the summary's entry for it."""
     path = out / f"{tag}_{model}_c{concurrency}_failed.txt"
-    path.write_text(f"{error}\n")
+    path.write_text(f"{error}\n\n{getattr(error, 'output', '')}".rstrip() + "\n")
     lines = [line for line in str(error).splitlines() if line.strip()]
     return {"model": model, "concurrency": concurrency, "reason": lines[0] if lines else type(error).__name__,
             "file": path.name}

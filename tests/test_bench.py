@@ -260,6 +260,18 @@ def test_a_level_without_measurement_keeps_its_reason_beside_the_results(tmp_pat
     assert "Failed to obtain stable measurement" in (tmp_path / entry["file"]).read_text()
 
 
+def test_a_failed_perf_analyzer_run_keeps_its_whole_output(tmp_path):
+    """The error's message keeps only perf_analyzer's tail; the file beside the results keeps every pass."""
+    from bench.run import PerfAnalyzerFailed, record_failure
+
+    passes = "".join(f"Pass [{number}] throughput: {number}.0 infer/sec\n" for number in range(1, 11))
+    error = PerfAnalyzerFailed("perf_analyzer failed for preprocess at concurrency 8:\n...", output=passes)
+    entry = record_failure(tmp_path, "tag", "preprocess", 8, error)
+    text = (tmp_path / entry["file"]).read_text()
+    assert "Pass [1] throughput" in text and "Pass [10] throughput" in text
+    assert entry["reason"] == "perf_analyzer failed for preprocess at concurrency 8:"
+
+
 def test_rows_are_written_with_model_and_concurrency_first(tmp_path):
     import csv
 
