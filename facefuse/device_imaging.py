@@ -1,15 +1,18 @@
 """Images as tensors on the detector's device: batched decoding (nvJPEG on CUDA) and the aligned-crop warp.
 
-The GPU path of preprocess: JPEGs are decoded on the GPU in one batched call (torchvision's nvJPEG binding, where
-torchvision is installed), so a 1080p photo never exists as a host array in preprocess. Every limit is still checked
-from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on the device, and anything nvJPEG
-cannot take (PNG, WebP, BMP, CMYK JPEGs, corrupt data) goes through ``decode_image`` so that errors and results are
-the host path's.
+The GPU path of preprocess: JPEGs are decoded on the GPU in one batched call, so a 1080p photo never exists as a host
+array in preprocess: nvImageCodec's decoder where it is installed (the GPU's hardware JPEG engines where it has them,
+as A100 / H100 / H200 do, else nvJPEG's CUDA decoder), else torchvision's nvJPEG binding (CUDA); the environment
+variable FACEFUSE_JPEG_DECODER (auto / nvimgcodec / torchvision) picks one for side-by-side runs. Every limit is
+still checked from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on the device, and
+anything the GPU decoders cannot take (PNG, WebP, BMP, CMYK JPEGs, corrupt data) goes through ``decode_image`` so that
+errors and results are the host path's.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,6 +21,12 @@ import torch
 from facefuse.alignment import CROP_SIZE, invert_affine
 from facefuse.errors import FusionError
 from facefuse.imaging import ImageLimits, _check_limits, _open_header, _orientation, decode_image
+
+JPEG_DECODER_VARIABLE = "FACEFUSE_JPEG_DECODER"
+JPEG_DECODERS = ("auto", "nvimgcodec", "torchvision")  # auto: nvimgcodec where importable, else torchvision
+
+# A batched GPU decoder: JPEG files -> (3,H,W) uint8 tensors on the device (None where it cannot decode one).
+GpuJpegDecoder = Callable[[list[bytes], torch.device], list[torch.Tensor | None]]
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,6 +38,78 @@ def nvjpeg_decoder() -> Callable | None:
     except Exception:  # noqa: BLE001 - any import failure means: no GPU decoding
         return None
     return decode_jpeg
+
+
+def _torchvision_decode(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    from torchvision.io import ImageReadMode
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    try:
+        return list(nvjpeg_decoder()(encoded, mode=ImageReadMode.RGB, device=device))  # one batched nvJPEG call
+    except RuntimeError:
+        return [None] * len(jpegs)  # one bad file fails the batch: the host path sorts them out
+
+
+class NvImageCodecDecoder:
+    """nvImageCodec's batched JPEG decoder on one GPU: its hardware JPEG engines (NVJPG) first, nvJPEG's CUDA decoder
+    for what they cannot take. The engines take the decode off the streaming multiprocessors that every model
+    instance shares; a file it cannot decode comes back None (the host path then gives its error). Planar RGB out,
+    as torchvision's decoder gives, so the later steps see the same layout."""
+
+    def __init__(self, device: torch.device) -> None:
+        """``device``: a CUDA device with its index."""
+        from nvidia import nvimgcodec
+
+        self._codec = nvimgcodec
+        # One host thread: the engines do the work; a pool per instance (the default: one thread per core) would
+        # put 16 idle threads into each of six preprocess processes.
+        self._decoder = nvimgcodec.Decoder(device_id=device.index, max_num_cpu_threads=1,
+                                           backends=[nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY),
+                                                     nvimgcodec.Backend(nvimgcodec.GPU_ONLY)])
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False,  # orient() does it, as for torchvision
+                                               color_spec=nvimgcodec.ColorSpec.SRGB,
+                                               sample_format=nvimgcodec.SampleFormat.P_RGB)
+
+    def __call__(self, jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        streams = [self._codec.CodeStream(data) for data in jpegs]
+        # Decoded in the order of torch's current stream, so the kernels that read the pixels next wait for them.
+        images = self._decoder.decode(streams, params=self._params,
+                                      cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+        return [None if image is None else torch.from_dlpack(image) for image in images]
+
+
+def gpu_jpeg_decoder(device: torch.device | str, choice: str | None = None) -> GpuJpegDecoder | None:
+    """The batched JPEG decoder for ``device`` (``choice``: one of JPEG_DECODERS, default $FACEFUSE_JPEG_DECODER,
+    else auto), or None where there is none (a CPU device; no nvImageCodec and no torchvision). One per GPU and
+    process: "cuda" and "cuda:0" get the same one."""
+    choice = (choice if choice is not None else os.environ.get(JPEG_DECODER_VARIABLE, "auto")).strip().lower()
+    if choice not in JPEG_DECODERS:
+        raise ValueError(f"{JPEG_DECODER_VARIABLE}={choice!r}: expected one of {', '.join(JPEG_DECODERS)}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _gpu_jpeg_decoder(device.index if device.index is not None else torch.cuda.current_device(), choice)
+
+
+@functools.lru_cache(maxsize=8)
+def _gpu_jpeg_decoder(index: int, choice: str) -> GpuJpegDecoder | None:
+    if choice in ("auto", "nvimgcodec"):
+        try:
+            return NvImageCodecDecoder(torch.device("cuda", index))
+        except (ImportError, RuntimeError) as error:  # not installed, or its libraries do not load here
+            if choice == "nvimgcodec":
+                raise RuntimeError(f"{JPEG_DECODER_VARIABLE}=nvimgcodec but nvImageCodec is not usable here "
+                                   f"({type(error).__name__}: {error}); docker/requirements-server.txt pins "
+                                   "nvidia-nvimgcodec-cu12") from error
+    return _torchvision_decode if nvjpeg_decoder() is not None else None
+
+
+def describe_jpeg_decoding(device: torch.device | str) -> str:
+    """Which decoder preprocess's JPEGs go through on ``device``, for the model's start-up log."""
+    decoder = gpu_jpeg_decoder(device)
+    if isinstance(decoder, NvImageCodecDecoder):
+        return "nvImageCodec on the GPU (hardware JPEG engines, else nvJPEG CUDA)"
+    return "torchvision nvJPEG on the GPU" if decoder is not None else "Pillow on the host"
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -58,7 +139,7 @@ def decode_on_device(items: Sequence[tuple[bytes, str]], limits: ImageLimits,
     """Decode (bytes, role) pairs to upright HxWx3 uint8 tensors on ``device``; a failure is that item's
     FusionError (the same code and message as ``decode_image``)."""
     results: list[torch.Tensor | FusionError | None] = [None] * len(items)
-    decoder = nvjpeg_decoder() if device.type == "cuda" else None
+    decoder = gpu_jpeg_decoder(device)
     on_gpu: list[tuple[int, int]] = []  # (item, orientation)
     for position, (data, role) in enumerate(items):
         try:
@@ -69,14 +150,8 @@ def decode_on_device(items: Sequence[tuple[bytes, str]], limits: ImageLimits,
         if orientation is not None:
             on_gpu.append((position, orientation))
     if on_gpu:
-        from torchvision.io import ImageReadMode
-
-        encoded = [torch.frombuffer(bytearray(items[position][0]), dtype=torch.uint8) for position, _ in on_gpu]
-        try:
-            decoded = decoder(encoded, mode=ImageReadMode.RGB, device=device)  # one batched nvJPEG call
-        except RuntimeError:
-            decoded = [None] * len(on_gpu)  # one bad file fails the batch: the host path sorts them out
-        for (position, orientation), chw in zip(on_gpu, decoded):
+        decoded = decoder([items[position][0] for position, _ in on_gpu], device)
+        for (position, orientation), chw in zip(on_gpu, decoded, strict=True):
             if chw is not None:
                 results[position] = orient(chw.permute(1, 2, 0), orientation)
     for position, (data, role) in enumerate(items):
@@ -298,6 +373,7 @@ def warp_crops_of_images(images: list[torch.Tensor], image_index: np.ndarray, ma
     return crops.round_().clamp_(0, 255).to(torch.uint8).reshape(count, crop_size, crop_size, 3)
 
 
-__all__ = ["crops_to_network", "cv2_grid_of_tables", "cv2_inverse", "cv2_warp_grid", "cv2_warp_tables",
-           "decode_on_device", "host_array", "image_to_device", "nvjpeg_decoder", "orient", "to_device", "to_host",
+__all__ = ["JPEG_DECODERS", "JPEG_DECODER_VARIABLE", "NvImageCodecDecoder", "crops_to_network", "cv2_grid_of_tables",
+           "cv2_inverse", "cv2_warp_grid", "cv2_warp_tables", "decode_on_device", "describe_jpeg_decoding",
+           "gpu_jpeg_decoder", "host_array", "image_to_device", "nvjpeg_decoder", "orient", "to_device", "to_host",
            "warp_crops_of_images", "warp_to_crops"]

@@ -16,8 +16,11 @@ from facefuse import detection, errors
 from facefuse.alignment import alignment_matrix, crop_to_tensor, invert_affine, transform_points, warp_to_crop
 from facefuse.detection import FaceDetector
 from facefuse.device_imaging import (
+    JPEG_DECODER_VARIABLE,
     crops_to_network,
     decode_on_device,
+    describe_jpeg_decoding,
+    gpu_jpeg_decoder,
     host_array,
     image_to_device,
     nvjpeg_decoder,
@@ -247,6 +250,39 @@ def test_decode_on_device_gives_decode_image_results_and_errors():
         assert str(result) == str(expected.value)
     small = decode_on_device([(jpeg, "target")], ImageLimits(max_side=100), torch.device("cpu"))[0]
     assert isinstance(small, FusionError) and small.code == errors.IMAGE_TOO_LARGE
+
+
+def test_jpeg_decoder_choice_is_checked(monkeypatch):
+    assert gpu_jpeg_decoder("cpu") is None and gpu_jpeg_decoder(torch.device("cpu"), "torchvision") is None
+    assert describe_jpeg_decoding("cpu") == "Pillow on the host"
+    monkeypatch.setenv(JPEG_DECODER_VARIABLE, "nvjpg")
+    with pytest.raises(ValueError, match="FACEFUSE_JPEG_DECODER='nvjpg': expected one of auto, nvimgcodec"):
+        gpu_jpeg_decoder("cpu")
+    jpeg = sample_image_path("t1.jpg").read_bytes()
+    with pytest.raises(ValueError, match="FACEFUSE_JPEG_DECODER"):  # a bad setting is loud, not a silent host path
+        decode_on_device([(jpeg, "source")], ImageLimits(), torch.device("cpu"))
+    monkeypatch.setenv(JPEG_DECODER_VARIABLE, " TorchVision ")
+    assert gpu_jpeg_decoder("cpu") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU decoders need a CUDA device (GPU hosts only)")
+@pytest.mark.parametrize("choice", ["nvimgcodec", "torchvision"])
+def test_gpu_jpeg_decoders_match_pillow(choice):
+    try:
+        decoder = gpu_jpeg_decoder("cuda", choice)
+    except RuntimeError as error:
+        pytest.skip(f"nvImageCodec is not usable on this GPU host: {error}")
+    if decoder is None:
+        pytest.skip("torchvision is not installed on this GPU host")
+    assert decoder is gpu_jpeg_decoder(torch.device("cuda", torch.cuda.current_device()), choice)  # one per GPU
+    jpeg = sample_image_path("t1.jpg").read_bytes()
+    decoded = decoder([jpeg, b"not a jpeg" if choice == "nvimgcodec" else jpeg], torch.device("cuda"))
+    reference = torch.from_numpy(decode_image(jpeg).astype(int)).permute(2, 0, 1)
+    assert decoded[0].shape == reference.shape and decoded[0].dtype == torch.uint8 and decoded[0].is_cuda
+    assert decoded[0].is_contiguous()  # planar RGB: the layout the later steps were tuned on
+    assert (decoded[0].cpu().to(torch.int64) - reference).abs().float().mean() < 2.0  # IDCTs differ slightly
+    if choice == "nvimgcodec":
+        assert decoded[1] is None  # one bad file is that file's None, not the batch's failure
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or nvjpeg_decoder() is None,

@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from facefuse.blocklist import IdentityGuard  # noqa: E402
 from facefuse.consent import ConsentPolicy  # noqa: E402
 from facefuse.detection import FaceDetector  # noqa: E402
-from facefuse.device_imaging import stack_rows  # noqa: E402
+from facefuse.device_imaging import describe_jpeg_decoding, stack_rows  # noqa: E402
 from facefuse.errors import FusionError  # noqa: E402
 from facefuse.execute_log import ExecuteLog, batch_stages  # noqa: E402
 from facefuse.face_mesh import FaceMesh  # noqa: E402
@@ -97,6 +97,7 @@ class TritonPythonModel:
             graphs += " of torch.compile'd BlazeFace and mesh"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
                                  f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
+                                 f"JPEG decoding: {describe_jpeg_decoding(device)}, "
                                  f"TARGET_RGB and crops as {target_place}, limits {limits}, "
                                  f"min_face_eye_distance {min_eye_distance}, consent {consent.describe()}, "
                                  f"blocklist {blocklist}; warmed up on {warmed} sample rows")
