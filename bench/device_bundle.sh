@@ -49,7 +49,7 @@ tar -C "$NUMPY_SITE" -cJf "$OUT_DIR/numpy_site.tar.xz" .
 rm -rf "$NUMPY_SITE"
 # nvImageCodec (preprocess's JPEG decoder on the GPU's hardware engines) for the device's CUDA 13 torch: its Python
 # 3.12 module, its core library, its nvJPEG extension and nvJPEG itself (5 MB packed, as nvimgcodec_site.tar.xz).
-echo "[bundle] nvImageCodec 0.9.0.20 (CUDA 13) with nvJPEG 13.3.2.43"
+echo "[bundle] nvImageCodec 0.9.0.20 (CUDA 13) with nvJPEG 13.3.2.43 (FACEFUSE_JPEG_DECODER=nvimgcodec)"
 WHEELS=$(mktemp -d)
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$WHEELS" \

@@ -14,8 +14,8 @@ if [ -f .device/numpy_site.tar.xz ]; then
 else
   python3 -m pip install -q --no-index --no-deps --target /tmp/ffsite .device/numpy-1.26.4-*.whl 2>/dev/null
 fi
-# nvImageCodec (facefuse.device_imaging's hardware JPEG decoding), when carried: under /tmp/ffsite/nvidia beside
-# whatever nvidia/ the image's site-packages has (a namespace package: both folders count).
+# nvImageCodec (facefuse.device_imaging's decoder under FACEFUSE_JPEG_DECODER=nvimgcodec), when carried: under
+# /tmp/ffsite/nvidia beside whatever nvidia/ the image's site-packages has (its __init__ extends the package's path).
 if [ -f .device/nvimgcodec_site.tar.xz ] && [ ! -d /tmp/ffsite/nvidia/nvimgcodec ]; then
   tar -xJf .device/nvimgcodec_site.tar.xz -C /tmp/ffsite
 fi

@@ -1,9 +1,10 @@
 """Images as tensors on the detector's device: batched decoding (nvJPEG on CUDA) and the aligned-crop warp.
 
 The GPU path of preprocess: JPEGs are decoded on the GPU in one batched call, so a 1080p photo never exists as a host
-array in preprocess: nvImageCodec's decoder where it is installed (the GPU's hardware JPEG engines where it has them,
-as A100 / H100 / H200 do, else nvJPEG's CUDA decoder), else torchvision's nvJPEG binding (CUDA); the environment
-variable FACEFUSE_JPEG_DECODER (auto / nvimgcodec / torchvision) picks one for side-by-side runs. Every limit is
+array in preprocess: torchvision's nvJPEG binding (the GPU's hardware JPEG engines where it has them, then two waits
+for the GPU per batch), or, with FACEFUSE_JPEG_DECODER=nvimgcodec, nvImageCodec's decoder (the same engines, queued on
+torch's stream without a wait; not yet timed on a GPU, so not the default). auto (the default) takes torchvision where
+it is installed, else nvImageCodec where that is. Every limit is
 still checked from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on the device, and
 anything the GPU decoders cannot take (PNG, WebP, BMP, CMYK JPEGs, corrupt data) goes through ``decode_image`` so that
 errors and results are the host path's.
@@ -23,7 +24,7 @@ from facefuse.errors import FusionError
 from facefuse.imaging import ImageLimits, _check_limits, _open_header, _orientation, decode_image
 
 JPEG_DECODER_VARIABLE = "FACEFUSE_JPEG_DECODER"
-JPEG_DECODERS = ("auto", "nvimgcodec", "torchvision")  # auto: nvimgcodec where importable, else torchvision
+JPEG_DECODERS = ("auto", "nvimgcodec", "torchvision")  # auto: torchvision where importable, else nvimgcodec
 
 # A batched GPU decoder: JPEG files -> (3,H,W) uint8 tensors on the device (None where it cannot decode one).
 GpuJpegDecoder = Callable[[list[bytes], torch.device], list[torch.Tensor | None]]
@@ -52,9 +53,10 @@ def _torchvision_decode(jpegs: list[bytes], device: torch.device) -> list[torch.
 
 class NvImageCodecDecoder:
     """nvImageCodec's batched JPEG decoder on one GPU: its hardware JPEG engines (NVJPG) first, nvJPEG's CUDA decoder
-    for what they cannot take. The engines take the decode off the streaming multiprocessors that every model
-    instance shares; a file it cannot decode comes back None (the host path then gives its error). Planar RGB out,
-    as torchvision's decoder gives, so the later steps see the same layout."""
+    for what they cannot take. Unlike torchvision's binding it queues the decode on torch's stream instead of waiting
+    for it (twice) per batch, so the host can queue the detector's work meanwhile; a file it cannot decode comes back
+    None alone (the host path then gives its error), not the whole batch. Planar RGB out, as torchvision's decoder
+    gives, so the later steps see the same layout."""
 
     def __init__(self, device: torch.device) -> None:
         """``device``: a CUDA device with its index."""
@@ -93,15 +95,16 @@ def gpu_jpeg_decoder(device: torch.device | str, choice: str | None = None) -> G
 
 @functools.lru_cache(maxsize=8)
 def _gpu_jpeg_decoder(index: int, choice: str) -> GpuJpegDecoder | None:
-    if choice in ("auto", "nvimgcodec"):
-        try:
-            return NvImageCodecDecoder(torch.device("cuda", index))
-        except (ImportError, RuntimeError) as error:  # not installed, or its libraries do not load here
-            if choice == "nvimgcodec":
-                raise RuntimeError(f"{JPEG_DECODER_VARIABLE}=nvimgcodec but nvImageCodec is not usable here "
-                                   f"({type(error).__name__}: {error}); docker/requirements-server.txt pins "
-                                   "nvidia-nvimgcodec-cu12") from error
-    return _torchvision_decode if nvjpeg_decoder() is not None else None
+    if choice == "torchvision" or (choice == "auto" and nvjpeg_decoder() is not None):
+        return _torchvision_decode if nvjpeg_decoder() is not None else None
+    try:
+        return NvImageCodecDecoder(torch.device("cuda", index))
+    except (ImportError, RuntimeError) as error:  # not installed, or its libraries do not load here
+        if choice == "nvimgcodec":
+            raise RuntimeError(f"{JPEG_DECODER_VARIABLE}=nvimgcodec but nvImageCodec is not usable here "
+                               f"({type(error).__name__}: {error}); install nvidia-nvimgcodec-cu12[nvjpeg] "
+                               "(CUDA 12) or nvidia-nvimgcodec-cu13[nvjpeg] (CUDA 13)") from error
+        return None
 
 
 def describe_jpeg_decoding(device: torch.device | str) -> str:

@@ -3,6 +3,7 @@ on the CPU device against the host (OpenCV) path it replaces on GPU hosts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import cv2
@@ -263,6 +264,21 @@ def test_jpeg_decoder_choice_is_checked(monkeypatch):
         decode_on_device([(jpeg, "source")], ImageLimits(), torch.device("cpu"))
     monkeypatch.setenv(JPEG_DECODER_VARIABLE, " TorchVision ")
     assert gpu_jpeg_decoder("cpu") is None
+
+
+@pytest.mark.skipif(nvjpeg_decoder() is not None or importlib.util.find_spec("nvidia") is not None,
+                    reason="checks the choice where neither torchvision nor nvImageCodec is installed (the CPU venv)")
+def test_jpeg_decoder_choice_without_the_gpu_decoders_installed():
+    from facefuse.device_imaging import _gpu_jpeg_decoder
+
+    _gpu_jpeg_decoder.cache_clear()
+    try:
+        assert _gpu_jpeg_decoder(0, "auto") is None and _gpu_jpeg_decoder(0, "torchvision") is None  # the host path
+        with pytest.raises(RuntimeError, match="FACEFUSE_JPEG_DECODER=nvimgcodec but nvImageCodec is not usable "
+                                               "here \\(ModuleNotFoundError.*install nvidia-nvimgcodec-cu12"):
+            _gpu_jpeg_decoder(0, "nvimgcodec")  # asked for by name: loud, not a silent fallback
+    finally:
+        _gpu_jpeg_decoder.cache_clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU decoders need a CUDA device (GPU hosts only)")
