@@ -4,10 +4,9 @@ The GPU path of preprocess: JPEGs are decoded on the GPU in one batched call, so
 array in preprocess: torchvision's nvJPEG binding (the GPU's hardware JPEG engines where it has them, then two waits
 for the GPU per batch), or, with FACEFUSE_JPEG_DECODER=nvimgcodec, nvImageCodec's decoder (the same engines, queued on
 torch's stream without a wait; not yet timed on a GPU, so not the default). auto (the default) takes torchvision where
-it is installed, else nvImageCodec where that is. Every limit is
-still checked from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on the device, and
-anything the GPU decoders cannot take (PNG, WebP, BMP, CMYK JPEGs, corrupt data) goes through ``decode_image`` so that
-errors and results are the host path's.
+it is installed, else nvImageCodec where that is. Every limit is still checked from the header with Pillow first
+(facefuse.imaging), EXIF orientation is applied on the device, and anything the GPU decoders cannot take (PNG, WebP,
+BMP, CMYK JPEGs, corrupt data) goes through ``decode_image`` so that errors and results are the host path's.
 """
 
 from __future__ import annotations
