@@ -72,11 +72,25 @@ class NvImageCodecDecoder:
                                                sample_format=nvimgcodec.SampleFormat.P_RGB)
 
     def __call__(self, jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-        streams = [self._codec.CodeStream(data) for data in jpegs]
-        # Decoded in the order of torch's current stream, so the kernels that read the pixels next wait for them.
-        images = self._decoder.decode(streams, params=self._params,
-                                      cuda_stream=torch.cuda.current_stream(device).cuda_stream)
-        return [None if image is None else torch.from_dlpack(image) for image in images]
+        results: list[torch.Tensor | None] = [None] * len(jpegs)
+        streams, positions = [], []
+        for position, data in enumerate(jpegs):
+            try:  # the stream's markers are read here: a truncated or corrupt file raises
+                streams.append(self._codec.CodeStream(data))
+                positions.append(position)
+            except RuntimeError:
+                continue  # None: the host path gives its error
+        if not streams:
+            return results
+        try:
+            # Decoded in the order of torch's current stream, so the kernels that read the pixels next wait for them.
+            images = self._decoder.decode(streams, params=self._params,
+                                          cuda_stream=torch.cuda.current_stream(device).cuda_stream)
+        except RuntimeError:
+            return results  # the host path sorts them out
+        for position, image in zip(positions, images, strict=True):
+            results[position] = None if image is None else torch.from_dlpack(image)
+        return results
 
 
 def gpu_jpeg_decoder(device: torch.device | str, choice: str | None = None) -> GpuJpegDecoder | None:

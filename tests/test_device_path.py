@@ -292,13 +292,14 @@ def test_gpu_jpeg_decoders_match_pillow(choice):
         pytest.skip("torchvision is not installed on this GPU host")
     assert decoder is gpu_jpeg_decoder(torch.device("cuda", torch.cuda.current_device()), choice)  # one per GPU
     jpeg = sample_image_path("t1.jpg").read_bytes()
-    decoded = decoder([jpeg, b"not a jpeg" if choice == "nvimgcodec" else jpeg], torch.device("cuda"))
+    bad = [b"not a jpeg", jpeg[: len(jpeg) // 2]] if choice == "nvimgcodec" else []
+    decoded = decoder([jpeg, *bad, jpeg], torch.device("cuda"))
     reference = torch.from_numpy(decode_image(jpeg).astype(int)).permute(2, 0, 1)
     assert decoded[0].shape == reference.shape and decoded[0].dtype == torch.uint8 and decoded[0].is_cuda
     assert decoded[0].is_contiguous()  # planar RGB: the layout the later steps were tuned on
     assert (decoded[0].cpu().to(torch.int64) - reference).abs().float().mean() < 2.0  # IDCTs differ slightly
-    if choice == "nvimgcodec":
-        assert decoded[1] is None  # one bad file is that file's None, not the batch's failure
+    assert torch.equal(decoded[0], decoded[-1])
+    assert all(image is None for image in decoded[1:-1])  # a bad file is that file's None, not the batch's failure
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or nvjpeg_decoder() is None,
