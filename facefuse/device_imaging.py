@@ -108,8 +108,9 @@ def gpu_jpeg_decoder(device: torch.device | str, choice: str | None = None) -> G
 
 @functools.lru_cache(maxsize=8)
 def _gpu_jpeg_decoder(index: int, choice: str) -> GpuJpegDecoder | None:
-    if choice == "torchvision" or (choice == "auto" and nvjpeg_decoder() is not None):
-        return _torchvision_decode if nvjpeg_decoder() is not None else None
+    torchvision = _torchvision_decode if nvjpeg_decoder() is not None else None
+    if choice == "torchvision" or (choice == "auto" and torchvision is not None):
+        return torchvision
     try:
         return NvImageCodecDecoder(torch.device("cuda", index))
     except (ImportError, RuntimeError) as error:  # not installed, or its libraries do not load here
