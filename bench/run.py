@@ -208,13 +208,18 @@ def cpu_cores(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return cores
 
 
+def error_lines(error: Exception) -> list[str]:
+    """The error's message as its non-blank lines (perf_analyzer's failures span many)."""
+    return [line for line in str(error).splitlines() if line.strip()]
+
+
 def record_failure(out: Path, tag: str, model: str, concurrency: int, error: Exception) -> dict[str, Any]:
     """Keep why a level got no measurement beside the results (``<tag>_<model>_c<N>_failed.txt``: perf_analyzer's
     whole output where the error carries it, else the error), so that an archive of the results folder says why a
     level is missing; returns the summary's entry for it."""
     path = out / f"{tag}_{model}_c{concurrency}_failed.txt"
     path.write_text(f"{error}\n\n{getattr(error, 'output', '')}".rstrip() + "\n")
-    lines = [line for line in str(error).splitlines() if line.strip()]
+    lines = error_lines(error)
     return {"model": model, "concurrency": concurrency, "reason": lines[0] if lines else type(error).__name__,
             "file": path.name}
 
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                     figures.update(cpu_cores(before, cpu_snapshot(server.pid)))
                     figures.update(gpu_figures)
                 except RuntimeError as error:
-                    lines = [line for line in str(error).splitlines() if line.strip()]
+                    lines = error_lines(error)
                     print(f"[bench]   no measurement: {' | '.join(lines[:1] + lines[-4:])}", flush=True)
                     failures.append(record_failure(args.out, tag, model, level, error))
                     if profiler is not None:

@@ -137,6 +137,9 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image.flip(flips) if flips else image
 
 
+_END_OF_IMAGE = b"\xff\xd9"  # JPEG's EOI marker
+
+
 def _jpeg_header(data: bytes, role: str, limits: ImageLimits) -> int | None:
     """EXIF orientation of a JPEG that nvJPEG can decode (after the limit checks), None for anything else."""
     if len(data) > limits.max_bytes:
@@ -145,6 +148,11 @@ def _jpeg_header(data: bytes, role: str, limits: ImageLimits) -> int | None:
     try:
         _check_limits(*im.size, limits, role)
         if fmt != "JPEG" or im.mode not in ("RGB", "L"):  # CMYK / YCCK JPEGs: Pillow converts them properly
+            return None
+        # A truncated file has no end-of-image marker after its first scan (Pillow stops reading there; scan data
+        # cannot hold the marker's bytes). It goes to the host path, whose error says "truncated": nvJPEG's
+        # hardware engines need not reject it, and a half-grey photo is not what the client sent.
+        if data.rfind(_END_OF_IMAGE, im.fp.tell()) < 0:
             return None
         return _orientation(im)
     finally:

@@ -237,20 +237,47 @@ def test_device_detector_accepts_arrays_and_rejects_bad_input(device_detector, g
     assert device_detector.detect(torch.full((64, 64, 3), 128, dtype=torch.uint8)) == []
 
 
-def test_decode_on_device_gives_decode_image_results_and_errors():
+@pytest.mark.parametrize("device, choice", [("cpu", "auto"), ("cuda", "torchvision"), ("cuda", "nvimgcodec")])
+def test_decode_on_device_gives_decode_image_results_and_errors(device, choice, monkeypatch):
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("the GPU decoders need a CUDA device (GPU hosts only)")
+        try:
+            if gpu_jpeg_decoder(device, choice) is None:
+                pytest.skip(f"no {choice} decoder on this GPU host (torchvision is not installed)")
+        except RuntimeError as error:
+            pytest.skip(f"nvImageCodec is not usable on this GPU host: {error}")
+    monkeypatch.setenv(JPEG_DECODER_VARIABLE, choice)
     jpeg = sample_image_path("t1.jpg").read_bytes()
     png = encode_image(decode_image(jpeg), "png")
-    items = [(jpeg, "source"), (png, "target"), (b"not an image", "source"), (jpeg[: len(jpeg) // 2], "target")]
-    results = decode_on_device(items, ImageLimits(), torch.device("cpu"))
-    np.testing.assert_array_equal(results[0].numpy(), decode_image(jpeg))
-    np.testing.assert_array_equal(results[1].numpy(), decode_image(png))
-    for result, (data, role) in zip(results[2:], items[2:]):
+    # Bad files between good ones: each is its own error, the same as the host's, and the good ones still decode.
+    items = [(jpeg, "source"), (png, "target"), (b"not an image", "source"), (jpeg[: len(jpeg) // 2], "target"),
+             (jpeg, "target")]
+    results = decode_on_device(items, ImageLimits(), torch.device(device))
+    reference = decode_image(jpeg).astype(int)
+    tolerance = 2.0 if device == "cuda" else 1e-9  # the GPU's IDCT differs from libjpeg's by a level here and there
+    for result in (results[0], results[4]):
+        assert result.device.type == device and result.shape == reference.shape
+        assert np.abs(result.cpu().numpy().astype(int) - reference).mean() < tolerance
+    np.testing.assert_array_equal(results[1].cpu().numpy(), decode_image(png))
+    for result, (data, role) in zip(results[2:4], items[2:4]):
         assert isinstance(result, FusionError)
         with pytest.raises(FusionError) as expected:
             decode_image(data, role=role)
         assert str(result) == str(expected.value)
-    small = decode_on_device([(jpeg, "target")], ImageLimits(max_side=100), torch.device("cpu"))[0]
+    assert "truncated" in str(results[3])
+    small = decode_on_device([(jpeg, "target")], ImageLimits(max_side=100), torch.device(device))[0]
     assert isinstance(small, FusionError) and small.code == errors.IMAGE_TOO_LARGE
+
+
+def test_truncated_jpeg_is_left_to_the_host_path():
+    from facefuse.device_imaging import _jpeg_header
+
+    jpeg = sample_image_path("t1.jpg").read_bytes()
+    assert _jpeg_header(jpeg, "target", ImageLimits()) == 1  # a whole upright JPEG: for the GPU
+    assert _jpeg_header(jpeg + b"trailing bytes", "target", ImageLimits()) == 1  # data after the end marker is fine
+    for cut in (len(jpeg) // 2, len(jpeg) - 2, 400):  # cut in the scan data, just before the end marker
+        assert _jpeg_header(jpeg[:cut], "target", ImageLimits()) is None
 
 
 def test_jpeg_decoder_choice_is_checked(monkeypatch):
@@ -292,7 +319,7 @@ def test_gpu_jpeg_decoders_match_pillow(choice):
         pytest.skip("torchvision is not installed on this GPU host")
     assert decoder is gpu_jpeg_decoder(torch.device("cuda", torch.cuda.current_device()), choice)  # one per GPU
     jpeg = sample_image_path("t1.jpg").read_bytes()
-    bad = [b"not a jpeg", jpeg[: len(jpeg) // 2]] if choice == "nvimgcodec" else []
+    bad = [b"not a jpeg"] if choice == "nvimgcodec" else []  # truncated files: decode_on_device's test
     decoded = decoder([jpeg, *bad, jpeg], torch.device("cuda"))
     reference = torch.from_numpy(decode_image(jpeg).astype(int)).permute(2, 0, 1)
     assert decoded[0].shape == reference.shape and decoded[0].dtype == torch.uint8 and decoded[0].is_cuda
