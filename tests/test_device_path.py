@@ -322,11 +322,19 @@ def test_gpu_jpeg_decoders_match_pillow(choice):
     bad = [b"not a jpeg"] if choice == "nvimgcodec" else []  # truncated files: decode_on_device's test
     decoded = decoder([jpeg, *bad, jpeg], torch.device("cuda"))
     reference = torch.from_numpy(decode_image(jpeg).astype(int)).permute(2, 0, 1)
-    assert decoded[0].shape == reference.shape and decoded[0].dtype == torch.uint8 and decoded[0].is_cuda
-    assert decoded[0].is_contiguous()  # planar RGB: the layout the later steps were tuned on
-    assert (decoded[0].cpu().to(torch.int64) - reference).abs().float().mean() < 2.0  # IDCTs differ slightly
-    assert torch.equal(decoded[0], decoded[-1])
-    assert all(image is None for image in decoded[1:-1])  # a bad file is that file's None, not the batch's failure
+    first = decoded[0]
+    difference = ((first.cpu().to(torch.int64) - reference).abs().float().mean().item()
+                  if first is not None and first.shape == reference.shape else None)
+    # Everything in one message: on a GPU host a failure should say which property broke and how.
+    layout = ("None" if first is None
+              else f"shape {tuple(first.shape)} stride {first.stride()} {first.dtype} on {first.device}")
+    facts = (f"{choice}: {layout}, mean difference from Pillow {difference}, "
+             f"bad files gave {[None if image is None else tuple(image.shape) for image in decoded[1:-1]]}")
+    assert first is not None and first.shape == reference.shape and first.dtype == torch.uint8, facts
+    assert first.is_cuda and first.is_contiguous(), facts  # planar RGB: the layout the later steps were tuned on
+    assert difference < 2.0, facts  # IDCTs differ slightly
+    assert torch.equal(first, decoded[-1]), facts
+    assert all(image is None for image in decoded[1:-1]), facts  # a bad file is that file's None, not the batch's
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or nvjpeg_decoder() is None,
