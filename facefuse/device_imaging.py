@@ -3,11 +3,12 @@
 The GPU path of preprocess: JPEGs are decoded on the GPU in one batched call, so a 1080p photo never exists as a host
 array in preprocess: torchvision's nvJPEG binding (the GPU's hardware JPEG engines where it has them, then two waits
 for the GPU per batch), or, with FACEFUSE_JPEG_DECODER=nvimgcodec, nvImageCodec's decoder (the same engines, queued on
-torch's stream without a wait: 1.13x images/s at c=64 on an H100, but opt-in until its decoder test passes on a GPU).
-auto (the default) takes torchvision where it is installed, else nvImageCodec where that is. Every limit is still
-checked from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on the device, and anything
-the GPU decoders cannot take (PNG, WebP, BMP, CMYK JPEGs, truncated or corrupt data) goes through ``decode_image`` so
-that errors and results are the host path's.
+torch's stream without a wait). Served they give the same images/s (0.99x at c=64 on an H100 in two alternating
+rounds, bench/RESULTS.md session 26): the detector's first wait takes up what the decode's waits gave back, so
+nvImageCodec stays opt-in. auto (the default) takes torchvision where it is installed, else nvImageCodec where that
+is. Every limit is still checked from the header with Pillow first (facefuse.imaging), EXIF orientation is applied on
+the device, and anything the GPU decoders cannot take (PNG, WebP, BMP, CMYK JPEGs, truncated or corrupt data) goes
+through ``decode_image`` so that errors and results are the host path's.
 """
 
 from __future__ import annotations
