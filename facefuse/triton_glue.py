@@ -47,20 +47,6 @@ def choice_parameter(parameters: dict[str, str], key: str, choices: tuple[str, s
     return value
 
 
-def instance_stream(parameters: dict[str, str], device: str) -> Any:
-    """The CUDA stream a GPU model instance queues its work on (parameter ``cuda_stream_priority``): "normal" (the
-    default) is torch's default stream, given as None (``torch.cuda.stream(None)`` switches nothing); "high" a stream
-    of a higher priority, whose waiting thread blocks the GPU's scheduler starts before those of normal streams
-    (which have the lowest priority). On a CPU device None, whatever the value (checked all the same, so a typo fails
-    the load on any host)."""
-    priority = choice_parameter(parameters, "cuda_stream_priority", ("normal", "high"))
-    if priority == "normal" or not device.startswith("cuda"):
-        return None
-    import torch
-
-    return torch.cuda.Stream(device, priority=-1)  # -1: above the default 0 in every torch release
-
-
 def error_response(pb_utils: Any, error: BaseException) -> Any:
     """An InferenceResponse carrying `CODE: sentence`; unexpected faults become INTERNAL_ERROR and are logged."""
     if isinstance(error, FusionError):

@@ -153,23 +153,3 @@ def test_two_valued_parameters_default_to_the_first_choice_and_refuse_others():
     assert choice_parameter({"cuda_graphs": "no"}, "cuda_graphs", ("yes", "no")) == "no"
     with pytest.raises(ValueError, match='torch_compile must be "no" or "yes", got \'on\''):
         choice_parameter({"torch_compile": "on"}, "torch_compile", ("no", "yes"))
-
-
-def test_stream_priority_parameter_is_checked_on_any_host_and_switches_nothing_on_the_cpu():
-    from facefuse.triton_glue import instance_stream
-
-    assert instance_stream({}, "cpu") is None and instance_stream({"cuda_stream_priority": "high"}, "cpu") is None
-    with pytest.raises(ValueError, match='cuda_stream_priority must be "normal" or "high", got \'highest\''):
-        instance_stream({"cuda_stream_priority": "highest"}, "cpu")  # a typo fails the load on any host
-
-
-def test_high_stream_priority_is_a_stream_above_the_default_one_on_a_gpu():
-    import torch
-
-    from facefuse.triton_glue import instance_stream
-
-    if not torch.cuda.is_available():
-        pytest.skip("a CUDA stream needs a CUDA device (GPU hosts only)")
-    assert instance_stream({"cuda_stream_priority": "normal"}, "cuda") is None  # torch's default stream
-    stream = instance_stream({"cuda_stream_priority": "high"}, "cuda")
-    assert stream.priority < torch.cuda.default_stream().priority  # lower numbers are higher priorities

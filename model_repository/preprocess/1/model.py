@@ -15,7 +15,6 @@ from facefuse.process_env import set_process_defaults  # noqa: E402
 set_process_defaults()
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from facefuse.blocklist import IdentityGuard  # noqa: E402
@@ -44,7 +43,6 @@ from facefuse.triton_glue import (  # noqa: E402,E501
     error_response,
     guarded,
     instance_device,
-    instance_stream,
     json_bytes,
     limit_threads,
     model_parameters,
@@ -89,22 +87,14 @@ class TritonPythonModel:
         self.preprocessor = Preprocessor(detector, mesh, limits,
                                          min_eye_distance=min_eye_distance, consent=consent,
                                          identity_guard=identity_guard, outputs_on_device=outputs_on_gpu == "auto")
-        # On a GPU, parameter cuda_stream_priority "high" queues this instance's work on a stream of a higher
-        # priority than the other models' (bench/RESULTS.md session 26); None: torch's default stream.
-        self.stream = instance_stream(parameters, device)
         # Every batch shape up to the config's max_batch_size rows, no larger (Triton never forms a larger batch).
-        with torch.cuda.stream(self.stream):
-            warmed = self.preprocessor.warm_up(max_rows=int(model_config["max_batch_size"]))
-        if self.stream is not None:
-            torch.cuda.synchronize(device)  # the loads' copies on the default stream are done before any batch
+        warmed = self.preprocessor.warm_up(max_rows=int(model_config["max_batch_size"]))
         target_place = f"{device} tensors" if self.preprocessor.keeps_outputs_on_device else "host arrays"
         blocklist = (f"{len(identity_guard.blocklist)} identities, threshold {identity_guard.blocklist.threshold}"
                      if identity_guard else "off")
         graphs = "CUDA graphs" if detector.pad_batches and cuda_graphs == "yes" else "no CUDA graphs"
         if detector.pad_batches and compile_nets:
             graphs += " of torch.compile'd BlazeFace and mesh"
-        if self.stream is not None:
-            graphs += ", on a high-priority CUDA stream"
         pb_utils.Logger.log_info(f"preprocess: MTCNN detector ({detector.proposals} proposals, photos shrunk to "
                                  f"{detector_max_side} px) and face mesh on {device} ({graphs}), "
                                  f"JPEG decoding: {describe_jpeg_decoding(device)}, "
@@ -115,7 +105,7 @@ class TritonPythonModel:
         freeze_heap()  # start-up's objects out of the collector's full passes (they ran inside requests)
 
     def execute(self, requests):
-        with torch.cuda.stream(self.stream), self.execute_log.batch(len(requests)):
+        with self.execute_log.batch(len(requests)):
             return guarded(pb_utils, requests, self._execute)
 
     def _execute(self, requests):
