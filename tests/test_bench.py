@@ -612,3 +612,35 @@ def test_gpu_settings_are_read_without_tritonclient():
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "2", "2"]
+
+
+def test_handover_probe_writes_configs_the_server_reads_and_prices_one_more_tensor(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from bench.handover_probe import per_tensor_ms, probe_repository
+
+    models = probe_repository(tmp_path, [1, 3], "cuda")
+    assert models == {1: ("producer_k1", "chain_k1"), 3: ("producer_k3", "chain_k3")}
+    producer, consumer, chain = (text_format.Parse((tmp_path / name / "config.pbtxt").read_text(),
+                                                   model_config_pb2.ModelConfig())
+                                 for name in ("producer_k3", "consumer_k3", "chain_k3"))
+    assert [output.name for output in producer.output] == ["OUT_0", "OUT_1", "OUT_2"]
+    assert producer.parameters["device"].string_value == "cuda"
+    assert [tensor.name for tensor in consumer.input] == ["OUT_0", "OUT_1", "OUT_2"]
+    assert consumer.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"  # CUDA tensors stay on the GPU
+    assert [step.model_name for step in chain.ensemble_scheduling.step] == ["producer_k3", "consumer_k3"]
+    # 1000 requests/s with one tensor, 500 with three: 1 ms more per request for two more tensors.
+    assert per_tensor_ms({1: 1000.0, 3: 500.0}) == pytest.approx(0.5)
+    assert per_tensor_ms({1: 1000.0}) is None
+
+
+def test_handover_probe_measures_the_real_server(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.handover_probe", "--outputs", "1,3", "--concurrency", "2",
+                             "--measurement-ms", "1000", "--folder", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for model in ("producer_k1", "chain_k1", "producer_k3", "chain_k3"):
+        assert f"[handover] {model}: " in result.stdout and "requests/s" in result.stdout
+    assert "one more tensor per request out of one model: " in result.stdout
+    assert "one more tensor per request from one model into the next: " in result.stdout

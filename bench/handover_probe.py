@@ -1,0 +1,188 @@
+"""What the Python backend charges per tensor handed over: toy models that answer each request with K small outputs
+(K = 1 and 11: preprocess hands over 11 per request), alone and in a two-step ensemble whose second model takes
+all K as inputs (preprocess -> fusion / postprocess), served by the real local Triton, measured with perf_analyzer.
+
+    python -m bench.handover_probe [--outputs 1,11] [--device cpu|cuda] [--concurrency 16] [--measurement-ms 3000]
+
+Each model has one instance, batches of up to 8 requests and no batching delay, and does nothing but build its
+tensors (on "cuda": torch tensors in GPU memory through DLPack, one wait for the GPU per batch, as preprocess
+does), so the time per request is the handover's. Prints requests/s and p50 per model and K, and the cost of one
+more tensor per request: (1/rate(K) - 1/rate(1)) / (K - 1), the one instance's time per request and tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.run import REPO_ROOT, run_perf
+from facefuse.local_server import free_ports, start, stop_process
+
+MAX_BATCH = 8
+OUTPUT_SHAPE = (4,)  # small: the probe is about the count of tensors, not their bytes
+
+# The toy models' code, written into the probe's repository. pb_utils exists only inside the stub, which ignores
+# PYTHONPATH: its entries go onto sys.path first, as in the real models.
+STUB_PATH = '''import os
+import sys
+
+for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+'''
+
+PRODUCER = STUB_PATH + '''import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.names = [output["name"] for output in config["output"]]
+        self.device = config["parameters"]["device"]["string_value"]
+        if self.device == "cuda":
+            import torch
+            import torch.utils.dlpack
+
+            self.torch = torch
+            self.dlpack = torch.utils.dlpack
+
+    def execute(self, requests):
+        outputs = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "X").as_numpy().shape[0]
+            if self.device == "cuda":
+                outputs.append([self.torch.full((rows, {width}), float(index), device="cuda")
+                                for index in range(len(self.names))])
+            else:
+                outputs.append([np.full((rows, {width}), float(index), dtype=np.float32)
+                                for index in range(len(self.names))])
+        if self.device == "cuda":
+            self.torch.cuda.current_stream().synchronize()  # one wait per batch, as preprocess's outputs
+            return [pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(name, self.dlpack.to_dlpack(value))
+                                                for name, value in zip(self.names, values)]) for values in outputs]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in zip(self.names, values)])
+                for values in outputs]
+'''
+
+CONSUMER = STUB_PATH + '''import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            inputs = request.inputs()  # every tensor handed over; reading one back checks they arrived
+            rows = inputs[0].shape()[0]
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", np.full((rows, 1), len(inputs),
+                                                                                      dtype=np.float32))]))
+        return responses
+'''
+
+
+def _python_config(name: str, inputs: list[str], outputs: list[str], parameters: dict[str, str],
+                   gpu_inputs: bool = False) -> str:
+    def tensors(names: list[str], width: int) -> str:
+        return ",\n".join(f'  {{ name: "{n}" data_type: TYPE_FP32 dims: [ {width} ] }}' for n in names)
+
+    input_width = 1 if inputs == ["X"] else OUTPUT_SHAPE[0]
+    output_width = 1 if outputs == ["Y"] else OUTPUT_SHAPE[0]
+    settings = {**parameters, **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_inputs else {})}
+    parameter_text = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+                                for key, value in settings.items())
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
+            f"dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
+            f"input [\n{tensors(inputs, input_width)}\n]\noutput [\n{tensors(outputs, output_width)}\n]\n"
+            f"instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n"
+            + (f"parameters [\n{parameter_text}\n]\n" if parameter_text else ""))
+
+
+def _ensemble_config(name: str, producer: str, consumer: str, names: list[str]) -> str:
+    mapped = "\n".join(f'      output_map {{ key: "{n}" value: "{n.lower()}" }}' for n in names)
+    taken = "\n".join(f'      input_map {{ key: "{n}" value: "{n.lower()}" }}' for n in names)
+    return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH}\n'
+            'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+            'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+            "ensemble_scheduling {\n  step [\n"
+            f'    {{\n      model_name: "{producer}"\n      model_version: -1\n'
+            f'      input_map {{ key: "X" value: "X" }}\n{mapped}\n    }},\n'
+            f'    {{\n      model_name: "{consumer}"\n      model_version: -1\n{taken}\n'
+            '      output_map { key: "Y" value: "Y" }\n    }\n  ]\n}\n')
+
+
+def probe_repository(folder: Path, output_counts: list[int], device: str) -> dict[int, tuple[str, str]]:
+    """Write the probe's models under ``folder``: per K a producer of K outputs, a consumer of K inputs and their
+    ensemble; returns K -> (producer, ensemble) names."""
+    models: dict[int, tuple[str, str]] = {}
+    for count in output_counts:
+        names = [f"OUT_{index}" for index in range(count)]
+        producer, consumer, chain = f"producer_k{count}", f"consumer_k{count}", f"chain_k{count}"
+        files = {
+            producer: (_python_config(producer, ["X"], names, {"device": device}),
+                       PRODUCER.replace("{width}", str(OUTPUT_SHAPE[0]))),
+            consumer: (_python_config(consumer, names, ["Y"], {}, gpu_inputs=device == "cuda"), CONSUMER),
+            chain: (_ensemble_config(chain, producer, consumer, names), None),
+        }
+        for model, (config, code) in files.items():
+            (folder / model / "1").mkdir(parents=True, exist_ok=True)
+            (folder / model / "config.pbtxt").write_text(config)
+            if code is not None:
+                (folder / model / "1" / "model.py").write_text(code)
+        models[count] = (producer, chain)
+    return models
+
+
+def per_tensor_ms(rates: dict[int, float]) -> float | None:
+    """One more tensor per request, in ms of the instance's time per request: from the lowest and highest K."""
+    low, high = min(rates), max(rates)
+    if high == low or not rates[low] or not rates[high]:
+        return None
+    return (1000.0 / rates[high] - 1000.0 / rates[low]) / (high - low)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outputs", default="1,11", help="outputs per request, comma-separated (at least two)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--measurement-ms", type=int, default=3000)
+    parser.add_argument("--folder", type=Path, default=REPO_ROOT / ".cache" / "handover_probe")
+    args = parser.parse_args(argv)
+    counts = sorted({int(value) for value in args.outputs.split(",")})
+    if len(counts) < 2 or counts[0] < 1:
+        parser.error("--outputs needs at least two counts of 1 or more")
+    repository = args.folder / "repository"
+    if repository.exists():
+        import shutil
+
+        shutil.rmtree(repository)
+    models = probe_repository(repository, counts, args.device)
+    input_data = args.folder / "input.json"
+    input_data.write_text(json.dumps({"data": [{"X": [1.0]}]}))
+    ports = free_ports()
+    server = start(ports, log_path=args.folder / "triton.log", model_repository=repository, quiet=True)
+    results: dict[str, dict[int, dict[str, float]]] = {"producer": {}, "chain": {}}
+    try:
+        for count, (producer, chain) in models.items():
+            for kind, model in (("producer", producer), ("chain", chain)):
+                figures, _ = run_perf(model, input_data, args.concurrency, ports, args.measurement_ms,
+                                      args.folder / f"{model}.csv", warmup_requests=200)
+                results[kind][count] = figures
+                print(f"[handover] {model}: {count} tensor(s) per request, {figures['throughput_per_s']:.1f} "
+                      f"requests/s, p50 {figures['p50_ms']:.2f} ms (c={args.concurrency}, {args.device})", flush=True)
+    finally:
+        stop_process(server)
+    for kind, label in (("producer", "out of one model"), ("chain", "from one model into the next")):
+        cost = per_tensor_ms({count: figures["throughput_per_s"] for count, figures in results[kind].items()})
+        print(f"[handover] one more tensor per request {label}: "
+              f"{'n/a' if cost is None else f'{cost * 1000:.0f} us'} of the instance's time per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
