@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,19 +86,18 @@ class TritonPythonModel:
 '''
 
 
-def _python_config(name: str, inputs: list[str], outputs: list[str], parameters: dict[str, str],
+def _python_config(name: str, inputs: dict[str, int], outputs: dict[str, int], parameters: dict[str, str],
                    gpu_inputs: bool = False) -> str:
-    def tensors(names: list[str], width: int) -> str:
-        return ",\n".join(f'  {{ name: "{n}" data_type: TYPE_FP32 dims: [ {width} ] }}' for n in names)
+    """A Python model's config: ``inputs`` and ``outputs`` name -> width (FP32 rows of that many values)."""
+    def tensors(widths: dict[str, int]) -> str:
+        return ",\n".join(f'  {{ name: "{n}" data_type: TYPE_FP32 dims: [ {width} ] }}' for n, width in widths.items())
 
-    input_width = 1 if inputs == ["X"] else OUTPUT_SHAPE[0]
-    output_width = 1 if outputs == ["Y"] else OUTPUT_SHAPE[0]
     settings = {**parameters, **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_inputs else {})}
     parameter_text = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
                                 for key, value in settings.items())
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
             f"dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
-            f"input [\n{tensors(inputs, input_width)}\n]\noutput [\n{tensors(outputs, output_width)}\n]\n"
+            f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"
             f"instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n"
             + (f"parameters [\n{parameter_text}\n]\n" if parameter_text else ""))
 
@@ -121,11 +121,12 @@ def probe_repository(folder: Path, output_counts: list[int], device: str) -> dic
     models: dict[int, tuple[str, str]] = {}
     for count in output_counts:
         names = [f"OUT_{index}" for index in range(count)]
+        handed_over = dict.fromkeys(names, OUTPUT_SHAPE[0])
         producer, consumer, chain = f"producer_k{count}", f"consumer_k{count}", f"chain_k{count}"
         files = {
-            producer: (_python_config(producer, ["X"], names, {"device": device}),
+            producer: (_python_config(producer, {"X": 1}, handed_over, {"device": device}),
                        PRODUCER.replace("{width}", str(OUTPUT_SHAPE[0]))),
-            consumer: (_python_config(consumer, names, ["Y"], {}, gpu_inputs=device == "cuda"), CONSUMER),
+            consumer: (_python_config(consumer, handed_over, {"Y": 1}, {}, gpu_inputs=device == "cuda"), CONSUMER),
             chain: (_ensemble_config(chain, producer, consumer, names), None),
         }
         for model, (config, code) in files.items():
@@ -158,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--outputs needs at least two counts of 1 or more")
     repository = args.folder / "repository"
     if repository.exists():
-        import shutil
-
         shutil.rmtree(repository)
     models = probe_repository(repository, counts, args.device)
     input_data = args.folder / "input.json"
