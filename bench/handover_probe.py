@@ -1,23 +1,32 @@
 """What the Python backend charges per tensor handed over: toy models that answer each request with K small outputs
 (K = 1 and 11: preprocess hands over 11 per request), alone and in a two-step ensemble whose second model takes
-all K as inputs (preprocess -> fusion / postprocess), served by the real local Triton, measured with perf_analyzer.
+all K as inputs (preprocess -> fusion / postprocess), served by the real local Triton, measured with perf_analyzer;
+then the one-output model again with an input of ``--input-kb`` KB per request (preprocess takes two JPEGs, ~0.8 MB
+at 1080p) against one byte.
 
     python -m bench.handover_probe [--outputs 1,11] [--device cpu|cuda] [--concurrency 16] [--measurement-ms 3000]
+                                   [--input-kb 800]
 
 Each model has one instance, batches of up to 8 requests and no batching delay, and does nothing but build its
 tensors (on "cuda": torch tensors in GPU memory through DLPack, one wait for the GPU per batch, as preprocess
-does), so the time per request is the handover's. Prints requests/s and p50 per model and K, and the cost of one
-more tensor per request: (1/rate(K) - 1/rate(1)) / (K - 1), the one instance's time per request and tensor.
+does), so the time per request is the handover's. Prints requests/s and p50 per model and K, the cost of one
+more tensor per request: (1/rate(K) - 1/rate(1)) / (K - 1), the one instance's time per request and tensor, and
+likewise the cost of the input's bytes; each run's server-side split per request (queue, compute input, infer,
+output). Where perf_analyzer shares the host's cores with the server (the 2-core CPU) its own work lowers the rates as
+well, the large input's most (the client serialises and sends it): the split says what the server spent.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from bench.inputs import write_tensor_data
 from bench.run import REPO_ROOT, run_perf
 from facefuse.local_server import free_ports, start, stop_process
 
@@ -55,7 +64,7 @@ class TritonPythonModel:
     def execute(self, requests):
         outputs = []
         for request in requests:
-            rows = pb_utils.get_input_tensor_by_name(request, "X").as_numpy().shape[0]
+            rows = pb_utils.get_input_tensor_by_name(request, "X").as_numpy().shape[0]  # BYTES: read, not parsed
             if self.device == "cuda":
                 outputs.append([self.torch.full((rows, {width}), float(index), device="cuda")
                                 for index in range(len(self.names))])
@@ -86,18 +95,22 @@ class TritonPythonModel:
 '''
 
 
+def _tensors(widths: dict[str, int]) -> str:
+    """Config entries for tensors by name -> width: FP32 rows of that many values; X, the request's payload, BYTES."""
+    return ",\n".join(f'  {{ name: "{n}" data_type: {"TYPE_STRING" if n == "X" else "TYPE_FP32"} dims: [ {width} ] }}'
+                      for n, width in widths.items())
+
+
 def _python_config(name: str, inputs: dict[str, int], outputs: dict[str, int], parameters: dict[str, str],
                    gpu_inputs: bool = False) -> str:
-    """A Python model's config: ``inputs`` and ``outputs`` name -> width (FP32 rows of that many values)."""
-    def tensors(widths: dict[str, int]) -> str:
-        return ",\n".join(f'  {{ name: "{n}" data_type: TYPE_FP32 dims: [ {width} ] }}' for n, width in widths.items())
+    """A Python model's config: ``inputs`` and ``outputs`` name -> width (see _tensors)."""
 
     settings = {**parameters, **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_inputs else {})}
     parameter_text = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
                                 for key, value in settings.items())
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {MAX_BATCH}\n'
             f"dynamic_batching {{ max_queue_delay_microseconds: 0 }}\n"
-            f"input [\n{tensors(inputs)}\n]\noutput [\n{tensors(outputs)}\n]\n"
+            f"input [\n{_tensors(inputs)}\n]\noutput [\n{_tensors(outputs)}\n]\n"
             f"instance_group [ {{ count: 1 kind: KIND_CPU }} ]\n"
             + (f"parameters [\n{parameter_text}\n]\n" if parameter_text else ""))
 
@@ -106,8 +119,7 @@ def _ensemble_config(name: str, producer: str, consumer: str, names: list[str]) 
     mapped = "\n".join(f'      output_map {{ key: "{n}" value: "{n.lower()}" }}' for n in names)
     taken = "\n".join(f'      input_map {{ key: "{n}" value: "{n.lower()}" }}' for n in names)
     return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {MAX_BATCH}\n'
-            'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-            'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+            f'input [\n{_tensors({"X": 1})}\n]\noutput [\n{_tensors({"Y": 1})}\n]\n'
             "ensemble_scheduling {\n  step [\n"
             f'    {{\n      model_name: "{producer}"\n      model_version: -1\n'
             f'      input_map {{ key: "X" value: "X" }}\n{mapped}\n    }},\n'
@@ -138,6 +150,21 @@ def probe_repository(folder: Path, output_counts: list[int], device: str) -> dic
     return models
 
 
+def payload(size: int) -> np.ndarray:
+    """The request's X: ``size`` bytes as a one-row BYTES tensor (what write_tensor_data serialises)."""
+    return np.array([[bytes(size)]], dtype=object)
+
+
+def server_times(perf_csv: Path) -> str:
+    """perf_analyzer's server-side split of a request (--verbose-csv, us): what the handover costs in Triton (compute
+    input / output) and in the stub (compute infer), apart from what the client on the same host costs."""
+    with open(perf_csv) as handle:
+        row = next(csv.DictReader(handle))
+    parts = {"queue": "Server Queue", "input": "Server Compute Input", "infer": "Server Compute Infer",
+             "output": "Server Compute Output"}
+    return ", ".join(f"{label} {int(row[column]) / 1000:.2f}" for label, column in parts.items() if column in row)
+
+
 def per_tensor_ms(rates: dict[int, float]) -> float | None:
     """One more tensor per request, in ms of the instance's time per request: from the lowest and highest K."""
     low, high = min(rates), max(rates)
@@ -152,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--measurement-ms", type=int, default=3000)
+    parser.add_argument("--input-kb", type=int, default=800, help="the larger input's size in KB (0: skip it)")
     parser.add_argument("--folder", type=Path, default=REPO_ROOT / ".cache" / "handover_probe")
     args = parser.parse_args(argv)
     counts = sorted({int(value) for value in args.outputs.split(",")})
@@ -161,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if repository.exists():
         shutil.rmtree(repository)
     models = probe_repository(repository, counts, args.device)
-    input_data = args.folder / "input.json"
-    input_data.write_text(json.dumps({"data": [{"X": [1.0]}]}))
+    input_data = write_tensor_data(args.folder / "input.json", {"X": payload(1)})
+    large_input = write_tensor_data(args.folder / "input_large.json", {"X": payload(args.input_kb * 1024)})
     ports = free_ports()
     server = start(ports, log_path=args.folder / "triton.log", model_repository=repository, quiet=True)
     results: dict[str, dict[int, dict[str, float]]] = {"producer": {}, "chain": {}}
@@ -173,12 +201,25 @@ def main(argv: list[str] | None = None) -> int:
                                       args.folder / f"{model}.csv", warmup_requests=200)
                 results[kind][count] = figures
                 print(f"[handover] {model}: {count} tensor(s) per request, {figures['throughput_per_s']:.1f} "
-                      f"requests/s, p50 {figures['p50_ms']:.2f} ms (c={args.concurrency}, {args.device})", flush=True)
+                      f"requests/s, p50 {figures['p50_ms']:.2f} ms (c={args.concurrency}, {args.device}); server ms "
+                      f"per request: {server_times(args.folder / f'{model}.csv')}", flush=True)
+        if args.input_kb:
+            producer = models[counts[0]][0]
+            large, _ = run_perf(producer, large_input, args.concurrency, ports, args.measurement_ms,
+                                args.folder / f"{producer}_input.csv", warmup_requests=200)
+            print(f"[handover] {producer} with {args.input_kb} KB in per request: {large['throughput_per_s']:.1f} "
+                  f"requests/s, p50 {large['p50_ms']:.2f} ms; server ms per request: "
+                  f"{server_times(args.folder / f'{producer}_input.csv')}", flush=True)
     finally:
         stop_process(server)
     for kind, label in (("producer", "out of one model"), ("chain", "from one model into the next")):
         cost = per_tensor_ms({count: figures["throughput_per_s"] for count, figures in results[kind].items()})
         print(f"[handover] one more tensor per request {label}: "
+              f"{'n/a' if cost is None else f'{cost * 1000:.0f} us'} of the instance's time per request")
+    if args.input_kb:
+        rates = {1: results["producer"][counts[0]]["throughput_per_s"], 2: large["throughput_per_s"]}
+        cost = per_tensor_ms(rates)  # "one more tensor" here: the large input instead of one byte
+        print(f"[handover] an input of {args.input_kb} KB per request instead of 1 byte: "
               f"{'n/a' if cost is None else f'{cost * 1000:.0f} us'} of the instance's time per request")
     return 0
 

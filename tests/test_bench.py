@@ -626,6 +626,7 @@ def test_handover_probe_writes_configs_the_server_reads_and_prices_one_more_tens
                                                    model_config_pb2.ModelConfig())
                                  for name in ("producer_k3", "consumer_k3", "chain_k3"))
     assert [output.name for output in producer.output] == ["OUT_0", "OUT_1", "OUT_2"]
+    assert producer.input[0].data_type == model_config_pb2.TYPE_STRING  # the payload: BYTES, as the JPEGs
     assert producer.parameters["device"].string_value == "cuda"
     assert [tensor.name for tensor in consumer.input] == ["OUT_0", "OUT_1", "OUT_2"]
     assert consumer.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"  # CUDA tensors stay on the GPU
@@ -636,11 +637,15 @@ def test_handover_probe_writes_configs_the_server_reads_and_prices_one_more_tens
 
 
 def test_handover_probe_measures_the_real_server(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.handover_probe", "--outputs", "1,3", "--concurrency", "2",
-                             "--measurement-ms", "1000", "--folder", str(tmp_path)], capture_output=True, text=True,
-                            timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-m", "bench.handover_probe", "--outputs", "1,3", "--concurrency", "2",
+               "--measurement-ms", "1000", "--input-kb", "64", "--folder", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for model in ("producer_k1", "chain_k1", "producer_k3", "chain_k3"):
         assert f"[handover] {model}: " in result.stdout and "requests/s" in result.stdout
     assert "one more tensor per request out of one model: " in result.stdout
     assert "one more tensor per request from one model into the next: " in result.stdout
+    assert "[handover] producer_k1 with 64 KB in per request: " in result.stdout
+    assert "an input of 64 KB per request instead of 1 byte: " in result.stdout
+    assert result.stdout.count("server ms per request: queue ") == 5  # four models, then the large input
