@@ -8,9 +8,10 @@ its instances spent inside ``execute`` (busy), the time between one batch's end 
 (p50: under full load, a batch's cost outside ``execute``), its stages per batch, and the same for its slowest 1 % of
 batches (where the tail's time goes, and how much of it no stage accounts for; ``gc``, the garbage collector's
 pauses, and ``cpu``, the process's CPU time, happen within the other stages: wall minus cpu is waiting). Set beside
-perf_analyzer's "compute infer" for the same level: compute infer minus execute's wall is what a batch spends
-between Triton and the stub. bench.run reads the span of perf_analyzer's last three measurement windows (the ones
-it reports).
+perf_analyzer's "compute infer" for the same level, execute's wall per request (a request's batch, weighted by
+its requests as perf_analyzer weights it; larger batches take longer, so it exceeds the mean per batch): compute infer
+minus that is what a batch spends between Triton and the stub. bench.run reads the span of perf_analyzer's last
+three measurement windows (the ones it reports).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def summarise(records: list[BatchRecord], window_s: float) -> dict[str, dict[str
             "instances": float(instances),
             "requests_per_batch": float(np.mean([record.requests for record in mine])),
             "execute_mean_ms": float(walls.mean()),
+            # Per request (each request counts its batch's time): what perf_analyzer's compute infer averages.
+            "execute_per_request_ms": float(np.average(walls, weights=[record.requests for record in mine])),
             "execute_p50_ms": float(np.percentile(walls, 50)),
             "execute_p99_ms": float(np.percentile(walls, 99)),
             "busy_percent": float(100.0 * walls.sum() / 1000.0 / (window_s * instances)) if window_s > 0 else 0.0,
@@ -83,7 +86,8 @@ def report(records: list[BatchRecord], window_s: float) -> str:
         lines.append(
             f"{model}: {values['batches']:.0f} batches on {values['instances']:.0f} instances over {window_s:.1f} s, "
             f"{values['requests_per_batch']:.1f} requests each; execute {values['execute_mean_ms']:.1f} ms per batch "
-            f"(p50 {values['execute_p50_ms']:.1f}, p99 {values['execute_p99_ms']:.1f}); instances inside execute "
+            f"(p50 {values['execute_p50_ms']:.1f}, p99 {values['execute_p99_ms']:.1f}; per request, as compute infer "
+            f"counts it, {values['execute_per_request_ms']:.1f}); instances inside execute "
             f"{values['busy_percent']:.0f} % of the window; between an instance's batches "
             f"{values['gap_p50_ms']:.1f} ms (p50)" + (f"; stages per batch (ms): {stages}" if stages else "") + tail)
     return "\n".join(lines) + "\n"

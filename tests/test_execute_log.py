@@ -91,6 +91,8 @@ def test_summary_gives_each_models_batches_busy_share_and_stages(tmp_path):
     assert figures["preprocess"]["batches"] == 3 and figures["preprocess"]["instances"] == 2
     assert figures["preprocess"]["requests_per_batch"] == pytest.approx(16 / 3)
     assert figures["preprocess"]["execute_mean_ms"] == pytest.approx(500 / 3)
+    # As perf_analyzer's compute infer counts it: 8 requests saw 100 ms, 4 saw 300 ms and 4 saw 100 ms.
+    assert figures["preprocess"]["execute_per_request_ms"] == pytest.approx((8 * 100 + 4 * 300 + 4 * 100) / 16)
     assert figures["preprocess"]["busy_percent"] == pytest.approx(25.0)  # 0.5 s of 2 instances x 1 s
     assert figures["preprocess"]["gap_p50_ms"] == pytest.approx(20.0)
     assert figures["preprocess"]["stage_detect_ms"] == pytest.approx(50.0)  # over the batches that report it
