@@ -68,7 +68,7 @@ class TritonPythonModel:
     def execute(self, requests):
         outputs = []
         for request in requests:
-            rows = pb_utils.get_input_tensor_by_name(request, "X").as_numpy().shape[0]  # BYTES: read, not parsed
+            rows = pb_utils.get_input_tensor_by_name(request, "X").as_numpy().shape[0]  # as preprocess reads its JPEGs
             if self.device == "cuda":
                 outputs.append([self.torch.full((rows, {width}), float(index), device="cuda")
                                 for index in range(len(self.names))])
@@ -96,7 +96,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            inputs = request.inputs()  # every tensor handed over; reading one back checks they arrived
+            inputs = request.inputs()  # every tensor handed over; Y carries their count back
             rows = inputs[0].shape()[0]
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", np.full((rows, 1), len(inputs),
                                                                                       dtype=np.float32))]))
@@ -113,7 +113,6 @@ def _tensors(widths: dict[str, int]) -> str:
 def _python_config(name: str, inputs: dict[str, int], outputs: dict[str, int], parameters: dict[str, str],
                    gpu_inputs: bool = False) -> str:
     """A Python model's config: ``inputs`` and ``outputs`` name -> width (see _tensors)."""
-
     settings = {**parameters, **({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"} if gpu_inputs else {})}
     parameter_text = ",\n".join(f'  {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
                                 for key, value in settings.items())
