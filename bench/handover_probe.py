@@ -204,36 +204,41 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(repository)
     models = probe_repository(repository, counts, args.device)
     input_data = write_tensor_data(args.folder / "input.json", {"X": payload(1)})
-    large_input = write_tensor_data(args.folder / "input_large.json", {"X": payload(args.input_kb * 1024)})
     ports = free_ports()
+
+    def measure(model: str, data: Path, label: str) -> tuple[dict[str, float], dict[str, float]]:
+        """One perf_analyzer level: its figures and the server's split, each read once."""
+        perf_csv = args.folder / f"{label}.csv"
+        figures, _ = run_perf(model, data, args.concurrency, ports, args.measurement_ms, perf_csv,
+                              warmup_requests=200)
+        return figures, server_times(perf_csv)
+
     server = start(ports, log_path=args.folder / "triton.log", model_repository=repository, quiet=True)
-    results: dict[str, dict[int, dict[str, float]]] = {"producer": {}, "chain": {}}
+    rates: dict[str, dict[int, float]] = {"producer": {}, "chain": {}}
+    splits: dict[str, dict[str, float]] = {}
     try:
         for count, (producer, chain) in models.items():
             for kind, model in (("producer", producer), ("chain", chain)):
-                figures, _ = run_perf(model, input_data, args.concurrency, ports, args.measurement_ms,
-                                      args.folder / f"{model}.csv", warmup_requests=200)
-                results[kind][count] = figures
+                figures, splits[model] = measure(model, input_data, model)
+                rates[kind][count] = figures["throughput_per_s"]
                 print(f"[handover] {model}: {count} tensor(s) per request, {figures['throughput_per_s']:.1f} "
                       f"requests/s, p50 {figures['p50_ms']:.2f} ms (c={args.concurrency}, {args.device}); server ms "
-                      f"per request: {_split(server_times(args.folder / f'{model}.csv'))}", flush=True)
+                      f"per request: {_split(splits[model])}", flush=True)
         if args.input_kb:
             producer = models[counts[0]][0]
-            large, _ = run_perf(producer, large_input, args.concurrency, ports, args.measurement_ms,
-                                args.folder / f"{producer}_input.csv", warmup_requests=200)
+            large_input = write_tensor_data(args.folder / "input_large.json", {"X": payload(args.input_kb * 1024)})
+            large, large_split = measure(producer, large_input, f"{producer}_input")
             print(f"[handover] {producer} with {args.input_kb} KB in per request: {large['throughput_per_s']:.1f} "
-                  f"requests/s, p50 {large['p50_ms']:.2f} ms; server ms per request: "
-                  f"{_split(server_times(args.folder / f'{producer}_input.csv'))}", flush=True)
+                  f"requests/s, p50 {large['p50_ms']:.2f} ms; server ms per request: {_split(large_split)}", flush=True)
     finally:
         stop_process(server)
     for kind, label in (("producer", "out of one model"), ("chain", "from one model into the next")):
-        cost = per_tensor_ms({count: figures["throughput_per_s"] for count, figures in results[kind].items()})
+        cost = per_tensor_ms(rates[kind])
         print(f"[handover] one more tensor per request {label}: "
               f"{'n/a' if cost is None else f'{cost * 1000:.0f} us'} of the instance's time per request")
     if args.input_kb:
         # From the server's split, not the rates: with a large payload the client on the same cores may set the pace.
-        small = server_times(args.folder / f"{models[counts[0]][0]}.csv")
-        large_split = server_times(args.folder / f"{models[counts[0]][0]}_input.csv")
+        small = splits[models[counts[0]][0]]
         added = {label: large_split[label] - small[label] for label in ("input", "infer") if label in small}
         print(f"[handover] an input of {args.input_kb} KB per request instead of 1 byte: "
               + ", ".join(f"{label} {value:+.2f} ms" for label, value in added.items())
