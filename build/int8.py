@@ -485,18 +485,18 @@ def build_and_compare(onnx_path: Path, splits: Mapping[str, Arrays], out_dir: Pa
     held_out = splits[HELD_OUT]
     outputs: dict[str, Arrays] = {}
     for label, engine in engines.items():
-        log(f"[int8] running {len(held_out['FACE_DEGREE'])} held-out rows on the {label} engine")
+        log(f"[int8] running {len(held_out[INPUT_NAMES[0]])} held-out rows on the {label} engine")
         with TrtRunner(engine) as runner:
             outputs[label] = run_batched(lambda feeds, runner=runner: runner.infer(feeds), held_out)
     log("[int8] running the held-out rows on ONNX Runtime FP32 (CPU)")
     outputs[REFERENCE] = run_batched(onnxruntime_infer(onnx_path), held_out)
     rows = comparisons(outputs, [("INT8", REFERENCE), ("FP16", REFERENCE), ("INT8", "FP16")])
-    calibration_rows = len(splits[CALIBRATION]["FACE_DEGREE"])
+    calibration_rows = len(splits[CALIBRATION][INPUT_NAMES[0]])
     context = [
         f"TensorRT {trt.__version__}, polygraphy {polygraphy.__version__}; ONNX `{onnx_path}`; batch profile "
         f"{MIN_BATCH}/{OPT_BATCH}/{MAX_BATCH} (build/tensorrt.py).",
         f"Calibration: {calibration_rows} rows ({len(loader)} batches of {OPT_BATCH}), entropy calibrator; cache "
-        f"`{cache_path}`. Held out: {len(held_out['FACE_DEGREE'])} rows from other augmentations "
+        f"`{cache_path}`. Held out: {len(held_out[INPUT_NAMES[0]])} rows from other augmentations "
         "(calibration_set.json says which).",
         f"Engines: INT8+FP16 `{int8_path}` ({build_s['INT8']:.0f} s), FP16 `{fp16_path}` ({build_s['FP16']:.0f} s).",
         "Errors are absolute, FUSED_CROP in grey levels (x255) of the 256x256 crop; PSNR with peak 1.0.",

@@ -9,6 +9,9 @@ spline solves happen in preprocess (facefuse.geometry).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,16 +20,22 @@ from torch import nn
 from facefuse.alignment import CROP_SIZE
 from facefuse.geometry import CONTROL_COUNT, OUTLINE_POINTS, fusion_geometry, synthetic_mesh, tps_kernel
 
-# Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these.
-INPUT_SHAPES: dict[str, tuple[int, ...]] = {
-    "SOURCE_CROP": (3, CROP_SIZE, CROP_SIZE),
-    "TARGET_CROP": (3, CROP_SIZE, CROP_SIZE),
+# The geometry preprocess computes for each request, packed into one float32 row (GEOMETRY) in this order: one tensor
+# handed from preprocess to the network instead of six, each of which costs the Python backend its own hand-over.
+GEOMETRY_PARTS: dict[str, tuple[int, ...]] = {
     "CONTROL_POINTS": (CONTROL_COUNT, 2),
     "WARP_COEFFICIENTS": (CONTROL_COUNT + 3, 4),
     "FUSED_OUTLINE": (OUTLINE_POINTS, 2),
     "TARGET_OUTLINE": (OUTLINE_POINTS, 2),
     "FACE_DEGREE": (1,),
     "PROFILE_DEGREE": (1,),
+}
+GEOMETRY_SIZE = sum(int(np.prod(shape)) for shape in GEOMETRY_PARTS.values())
+# Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these. CROPS holds
+# the aligned source crop, then the target crop.
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "CROPS": (2, 3, CROP_SIZE, CROP_SIZE),
+    "GEOMETRY": (GEOMETRY_SIZE,),
 }
 OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "FUSED_CROP": (3, CROP_SIZE, CROP_SIZE),
@@ -35,7 +44,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
 INPUT_NAMES = tuple(INPUT_SHAPES)
 # In an FP16 network only the pixels are FP16; the geometry (spline points and coefficients, outlines) and the
 # degrees stay FP32 (see FusionNetwork._sampling_grids).
-PIXEL_INPUTS = ("SOURCE_CROP", "TARGET_CROP")
+PIXEL_INPUTS = ("CROPS",)
 OUTPUT_NAMES = tuple(OUTPUT_SHAPES)
 VERSION = "fusion-v2"
 WARP_GRID = 64  # splines are evaluated on a 64x64 grid and upsampled: the warp is smooth
@@ -44,6 +53,29 @@ WARP_GRID = 64  # splines are evaluated on a 64x64 grid and upsampled: the warp 
 def input_dtype(name: str, pixel_dtype: torch.dtype) -> torch.dtype:
     """The dtype the network takes input ``name`` in, when its pixels are ``pixel_dtype``."""
     return pixel_dtype if name in PIXEL_INPUTS else torch.float32
+
+
+def pack_geometry(parts: Mapping[str, Any]) -> Any:
+    """GEOMETRY_PARTS' arrays (B, *shape) as one (B, GEOMETRY_SIZE) float32 batch: numpy arrays into a numpy array,
+    torch tensors (host or GPU, mixed with numpy) into a tensor on the first tensor's device."""
+    tensors = [parts[name] for name in GEOMETRY_PARTS if isinstance(parts[name], torch.Tensor)]
+    if not tensors:
+        return np.concatenate([np.asarray(parts[name], np.float32).reshape(len(parts[name]), -1)
+                               for name in GEOMETRY_PARTS], axis=1)
+    device = tensors[0].device
+    return torch.cat([torch.as_tensor(parts[name]).to(device=device, dtype=torch.float32).reshape(
+        len(parts[name]), -1) for name in GEOMETRY_PARTS], dim=1)
+
+
+def unpack_geometry(geometry: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The (B, GEOMETRY_SIZE) batch back as GEOMETRY_PARTS' (B, *shape) views (slices and reshapes: in the ONNX graph
+    too)."""
+    parts, start = {}, 0
+    for name, shape in GEOMETRY_PARTS.items():
+        size = int(np.prod(shape))
+        parts[name] = geometry[:, start:start + size].reshape(-1, *shape)
+        start += size
+    return parts
 
 
 def polygon_distance(outline: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> torch.Tensor:
@@ -137,9 +169,10 @@ def masked_colour_match(source: torch.Tensor, target: torch.Tensor, weights: tor
 
 
 class FusionNetwork(nn.Module):
-    """Inputs (batch first): the aligned crops (3,S,S) in [0,1]; the spline control points (K,2) of the intermediate
-    shape and coefficients (K+3,4) mapping it to target (x,y) and source (x,y) crop pixels; the brows-to-chin
-    outlines (P,2) of the intermediate and the target face; the degrees (1) in 0..100.
+    """``fuse``'s inputs (batch first; ``forward`` takes them packed, INPUT_SHAPES): the aligned crops (3,S,S) in
+    [0,1]; the spline control points (K,2) of the intermediate shape and coefficients (K+3,4) mapping it to target
+    (x,y) and source (x,y) crop pixels; the brows-to-chin outlines (P,2) of the intermediate and the target face; the
+    degrees (1) in 0..100.
     Outputs: the fused crop (3,S,S) and the paste-back mask (1,S,S) of the region that changed."""
 
     def __init__(self, crop_size: int = CROP_SIZE, pyramid_levels: int = 5, warp_grid: int = WARP_GRID) -> None:
@@ -217,7 +250,13 @@ class FusionNetwork(nn.Module):
         grid = torch.stack([grid_x, grid_y], dim=-1)
         return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def forward(
+    def forward(self, crops: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The served signature: CROPS (B,2,3,S,S), the source's crop then the target's, and GEOMETRY
+        (B, GEOMETRY_SIZE), GEOMETRY_PARTS packed (pack_geometry)."""
+        parts = unpack_geometry(geometry)
+        return self.fuse(crops[:, 0], crops[:, 1], *(parts[name] for name in GEOMETRY_PARTS))
+
+    def fuse(
         self,
         source_crop: torch.Tensor,
         target_crop: torch.Tensor,
@@ -256,8 +295,9 @@ def _smoothstep_tensor(edge0: torch.Tensor, edge1: torch.Tensor, value: torch.Te
     return t * t * (3.0 - 2.0 * t)
 
 
-def example_inputs(batch: int = 2, seed: int = 0, smooth: bool = False) -> tuple[torch.Tensor, ...]:
-    """Plausible inputs: random crops, geometry from jittered synthetic meshes, degrees across 0..100.
+def example_parts(batch: int = 2, seed: int = 0, smooth: bool = False) -> tuple[torch.Tensor, ...]:
+    """Plausible inputs of ``FusionNetwork.fuse``: random crops, geometry from jittered synthetic meshes, degrees
+    across 0..100.
 
     ``smooth``: photo-like crops (noise at 1/16 resolution, upsampled), for comparing warps: on pixel noise any
     sub-pixel difference in where a pixel is sampled from is a large difference in its value."""
@@ -276,3 +316,14 @@ def example_inputs(batch: int = 2, seed: int = 0, smooth: bool = False) -> tuple
                for name in ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")}
     return (source_crop, target_crop, stacked["CONTROL_POINTS"], stacked["WARP_COEFFICIENTS"],
             stacked["FUSED_OUTLINE"], stacked["TARGET_OUTLINE"], face_degree, profile_degree)
+
+
+def pack_inputs(*parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fuse``'s eight inputs as ``forward``'s two (CROPS, GEOMETRY)."""
+    source_crop, target_crop, *geometry = parts
+    return torch.stack([source_crop, target_crop], dim=1), pack_geometry(dict(zip(GEOMETRY_PARTS, geometry)))
+
+
+def example_inputs(batch: int = 2, seed: int = 0, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``example_parts`` packed as the network's inputs (INPUT_NAMES' order)."""
+    return pack_inputs(*example_parts(batch, seed, smooth))

@@ -44,12 +44,12 @@ from facefuse.geometry import fusion_geometry_batch
 from facefuse.imaging import ImageLimits, decode_image, encode_image
 from facefuse.label import DEFAULT_LABEL, DEFAULT_POSITION, draw_label
 from facefuse.network import VERSION as NETWORK_VERSION
+from facefuse.network import pack_geometry
 from facefuse.options import FusionOptions, parse_options, validate_degree
 from facefuse.provenance import build_xmp
 from facefuse.samples import sample_image_path
 from facefuse.watermark import embed_watermark, parse_watermark_id
 
-GEOMETRY_INPUTS = ("CONTROL_POINTS", "WARP_COEFFICIENTS", "FUSED_OUTLINE", "TARGET_OUTLINE")
 # A face whose eyes are closer than this (pixels) carries too little detail to fuse.
 MIN_EYE_DISTANCE = 12.0
 # The service detects on photos shrunk to this longest side (preprocess parameter `detector_max_side`): like
@@ -161,8 +161,8 @@ class Preprocessor:
         self.min_eye_distance = float(min_eye_distance)  # FACE_TOO_SMALL below this (preprocess parameter)
         self.consent = consent or ConsentPolicy()  # preprocess parameter `consent` (CONSENT_REQUIRED)
         self.identity_guard = identity_guard  # preprocess parameter `blocklist_path` (BLOCKED_IDENTITY); None = off
-        # On the GPU path, PreparedFusion.target_rgb and the network's crops (network_inputs SOURCE_CROP and
-        # TARGET_CROP) stay device tensors (handed to fusion and postprocess through DLPack) instead of coming to the
+        # On the GPU path, PreparedFusion.target_rgb and the network's crops (network_inputs CROPS) stay device
+        # tensors (handed to fusion and postprocess through DLPack) instead of coming to the
         # host; ignored on the host path.
         self.outputs_on_device = outputs_on_device
 
@@ -296,14 +296,13 @@ class Preprocessor:
         device = str(self.detector.device) if self.detector.device.type == "cuda" else None
         geometry = fusion_geometry_batch(meshes[0::2], meshes[1::2], [row.profile_degree for row in prepared],
                                          device=device)
+        # The network's geometry and the degrees in one row per request (network.GEOMETRY_PARTS).
+        packed = pack_geometry({**geometry,
+                                "FACE_DEGREE": np.array([[row.face_degree] for row in prepared], np.float32),
+                                "PROFILE_DEGREE": np.array([[row.profile_degree] for row in prepared], np.float32)})
         geometry_ms = round(_elapsed_ms(started) / len(prepared), 2)
         for position, row in enumerate(prepared):
-            row.network_inputs = {
-                **row.network_inputs,  # the crops in the network's layout, made by _align
-                **{name: geometry[name][position] for name in GEOMETRY_INPUTS},
-                "FACE_DEGREE": np.array([row.face_degree], np.float32),
-                "PROFILE_DEGREE": np.array([row.profile_degree], np.float32),
-            }
+            row.network_inputs = {**row.network_inputs, "GEOMETRY": packed[position]}  # CROPS made by _align
             row.metadata["timings_ms"].update({"mesh": mesh_ms, "geometry": geometry_ms})
             row.metadata["source"]["mesh_presence"] = round(float(presence[2 * position]), 4)
             row.metadata["target"]["mesh_presence"] = round(float(presence[2 * position + 1]), 4)
@@ -355,8 +354,7 @@ class Preprocessor:
             crops = [(warp_to_crop(plans[row].source_rgb, source_matrices[row], self.crop_size),
                       warp_to_crop(plans[row].target_rgb, target_matrices[row], self.crop_size)) for row in rows]
             targets = [plans[row].target_rgb for row in rows]
-            network_crops = [{"SOURCE_CROP": crop_to_tensor(source), "TARGET_CROP": crop_to_tensor(target)}
-                             for source, target in crops]
+            network_crops = [np.stack([crop_to_tensor(source), crop_to_tensor(target)]) for source, target in crops]
         else:
             images: dict[int, int] = {}  # id(tensor) -> position: an image shared by rows is passed once
             tensors, image_index, matrices = [], [], []
@@ -380,11 +378,11 @@ class Preprocessor:
                 by_id = dict(zip(unique_targets, host_targets))
                 targets = [by_id[id(plans[row].target_rgb)] for row in rows]
             crops = [(cut[2 * position], cut[2 * position + 1]) for position in range(len(rows))]
-            network_crops = [{"SOURCE_CROP": network[2 * position], "TARGET_CROP": network[2 * position + 1]}
-                             for position in range(len(rows))]
+            # (source, target) of each row are neighbours: CROPS (2,3,S,S) per row is a view, no copy.
+            network_crops = list(network.reshape(len(rows), 2, *network.shape[1:]))
         align_ms = round(_elapsed_ms(started) / len(rows), 2)
         prepared = {}
-        for row, (source_crop, target_crop), target_rgb, network_inputs in zip(rows, crops, targets, network_crops):
+        for row, (source_crop, target_crop), target_rgb, row_crops in zip(rows, crops, targets, network_crops):
             plan = plans[row]
             plan.metadata["timings_ms"]["align"] = round(plan.plan_ms + align_ms, 2)
             prepared[row] = PreparedFusion(
@@ -395,7 +393,7 @@ class Preprocessor:
                 target_matrix=target_matrices[row].astype(np.float32),
                 target_rgb=target_rgb,
                 metadata=plan.metadata,
-                network_inputs=network_inputs,
+                network_inputs={"CROPS": row_crops},
             )
         return prepared
 

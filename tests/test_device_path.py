@@ -404,11 +404,12 @@ def test_preprocessor_keeps_targets_on_the_device_when_asked(device_detector):
             assert isinstance(crop, torch.Tensor) and crop.device == device_detector.device
         np.testing.assert_array_equal(host_array(b.source_crop), host_array(a.source_crop))
         np.testing.assert_array_equal(host_array(b.target_crop), host_array(a.target_crop))
-        for name, crop in (("SOURCE_CROP", host_array(b.source_crop)), ("TARGET_CROP", host_array(b.target_crop))):
-            assert isinstance(b.network_inputs[name], torch.Tensor)
-            assert b.network_inputs[name].device == device_detector.device
-            np.testing.assert_array_equal(b.network_inputs[name].cpu().numpy(), crop_to_tensor(crop))
-            np.testing.assert_array_equal(a.network_inputs[name], crop_to_tensor(crop))
+        expected = np.stack([crop_to_tensor(host_array(b.source_crop)), crop_to_tensor(host_array(b.target_crop))])
+        assert isinstance(b.network_inputs["CROPS"], torch.Tensor)
+        assert b.network_inputs["CROPS"].device == device_detector.device
+        np.testing.assert_array_equal(b.network_inputs["CROPS"].cpu().numpy(), expected)
+        np.testing.assert_array_equal(a.network_inputs["CROPS"], expected)
+        np.testing.assert_array_equal(a.network_inputs["GEOMETRY"], b.network_inputs["GEOMETRY"])
     host_only = Preprocessor(FaceDetector(max_side=640), mesh, outputs_on_device=True).prepare_batch(rows[:1])
     assert isinstance(host_only[0].target_rgb, np.ndarray)  # the host path has no device to keep them on
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from build import int8
 from build.tensorrt import MAX_BATCH, MIN_BATCH, OPT_BATCH, onnx_input_dims
 from facefuse.imaging import decode_image
-from facefuse.network import INPUT_NAMES, INPUT_SHAPES
+from facefuse.network import INPUT_NAMES, INPUT_SHAPES, unpack_geometry
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,12 @@ def test_set_has_the_onnx_inputs_names_dtypes_and_shapes(small_set, onnx_path, t
             assert array.dtype == np.float32, name
             assert array.shape == (rows, *INPUT_SHAPES[name]) == (rows, *graph_dims[name]), name
             assert np.isfinite(array).all(), name
-        assert split.arrays["SOURCE_CROP"].min() >= 0.0 and split.arrays["SOURCE_CROP"].max() <= 1.0
+        assert split.arrays["CROPS"].min() >= 0.0 and split.arrays["CROPS"].max() <= 1.0
     calibration = small_set[int8.CALIBRATION]
     assert len(calibration.rows) + len(calibration.skipped) == 2 * int8.ROWS_PER_VARIANT
     # Degrees spread over 0..100, corners included.
-    degrees = np.concatenate([calibration.arrays["FACE_DEGREE"], calibration.arrays["PROFILE_DEGREE"]], axis=1)
+    parts = unpack_geometry(torch.from_numpy(calibration.arrays["GEOMETRY"]))
+    degrees = torch.cat([parts["FACE_DEGREE"], parts["PROFILE_DEGREE"]], dim=1).numpy()
     assert degrees.min() == 0.0 and degrees.max() == 100.0 and degrees.std(axis=0).min() > 20.0
     # Saved and loaded back unchanged, with one manifest row per array row.
     paths = int8.save_set(small_set, tmp_path, seed=0)
@@ -80,9 +82,9 @@ def test_check_arrays_refuses_what_the_engine_would_not_take(small_set):
     with pytest.raises(ValueError, match="not the network inputs"):
         int8.check_arrays({name: arrays[name] for name in INPUT_NAMES[1:]})
     with pytest.raises(ValueError, match="expected float32"):
-        int8.check_arrays({**arrays, "FACE_DEGREE": arrays["FACE_DEGREE"].astype(np.float64)})
+        int8.check_arrays({**arrays, "GEOMETRY": arrays["GEOMETRY"].astype(np.float64)})
     with pytest.raises(ValueError, match="row counts"):
-        int8.check_arrays({**arrays, "FACE_DEGREE": arrays["FACE_DEGREE"][:-1]})
+        int8.check_arrays({**arrays, "GEOMETRY": arrays["GEOMETRY"][:-1]})
 
 
 def test_set_is_deterministic_for_a_seed(preprocessor, photos, small_set):
@@ -94,7 +96,7 @@ def test_set_is_deterministic_for_a_seed(preprocessor, photos, small_set):
     for name in INPUT_NAMES:
         assert np.array_equal(first.arrays[name], again.arrays[name]), name
     assert first.rows[0]["target_augmentation"] != other.rows[0]["target_augmentation"]
-    assert not set(_row_hashes(first.arrays["TARGET_CROP"])) & set(_row_hashes(other.arrays["TARGET_CROP"]))
+    assert not set(_row_hashes(first.arrays["CROPS"][:, 1])) & set(_row_hashes(other.arrays["CROPS"][:, 1]))
 
 
 @pytest.mark.parametrize("change", [
@@ -117,7 +119,7 @@ def test_variants_differ_and_held_out_rows_are_not_calibration_rows(small_set):
                      for row in split.rows for role in ("source", "target")}
     by_variant: dict[tuple[str, int], set[str]] = {}
     for split in (calibration, held_out):
-        for row, digest in zip(split.rows, _row_hashes(split.arrays["TARGET_CROP"])):
+        for row, digest in zip(split.rows, _row_hashes(split.arrays["CROPS"][:, 1])):
             by_variant.setdefault((split.name, row["variant"]), set()).add(digest)
     groups = list(by_variant.values())
     assert len(groups) == 3
@@ -125,10 +127,10 @@ def test_variants_differ_and_held_out_rows_are_not_calibration_rows(small_set):
         assert all(not group & other for other in groups[index + 1:])
     # Each photo's augmentation is different in every variant, across the splits too.
     assert len(augmentations) == 2 * 3
-    calibration_hashes = set(_row_hashes(calibration.arrays["SOURCE_CROP"]))
-    calibration_hashes |= set(_row_hashes(calibration.arrays["TARGET_CROP"]))
-    for name in ("SOURCE_CROP", "TARGET_CROP"):
-        assert not set(_row_hashes(held_out.arrays[name])) & calibration_hashes, name
+    calibration_hashes = set(_row_hashes(calibration.arrays["CROPS"][:, 0]))
+    calibration_hashes |= set(_row_hashes(calibration.arrays["CROPS"][:, 1]))
+    for index, role in enumerate(("source", "target")):
+        assert not set(_row_hashes(held_out.arrays["CROPS"][:, index])) & calibration_hashes, role
 
 
 def test_loader_yields_feed_dicts_of_the_onnx_graph(small_set, onnx_path):
@@ -140,7 +142,7 @@ def test_loader_yields_feed_dicts_of_the_onnx_graph(small_set, onnx_path):
     graph_dims = onnx_input_dims(model)
     metadata = get_input_metadata(model.graph)
     arrays = small_set[int8.CALIBRATION].arrays
-    rows = len(arrays["FACE_DEGREE"])
+    rows = len(arrays["GEOMETRY"])
     loader = int8.CalibrationLoader(arrays)
     batches = list(loader)
     assert len(batches) == len(loader) == math.ceil(rows / OPT_BATCH)
@@ -152,15 +154,14 @@ def test_loader_yields_feed_dicts_of_the_onnx_graph(small_set, onnx_path):
             assert array.flags.c_contiguous
         check_inputs(batch, metadata)  # polygraphy's own check, as its Calibrator runs it
     # Every row is fed at least once (the last batch wraps around), and a second pass gives the same batches.
-    fed = np.concatenate([batch["TARGET_CROP"] for batch in batches])
-    assert set(_row_hashes(fed)) == set(_row_hashes(arrays["TARGET_CROP"]))
-    assert all(np.array_equal(a["SOURCE_CROP"], b["SOURCE_CROP"]) for a, b in zip(batches, loader))
+    fed = np.concatenate([batch["CROPS"] for batch in batches])
+    assert set(_row_hashes(fed)) == set(_row_hashes(arrays["CROPS"]))
+    assert all(np.array_equal(a["CROPS"], b["CROPS"]) for a, b in zip(batches, loader))
     # A row count that is not a multiple of OPT_BATCH: the last batch is still full, topped up from the first rows.
     odd = {name: array[:OPT_BATCH + 3] for name, array in arrays.items()}
     last = list(int8.CalibrationLoader(odd))[-1]
     assert all(array.shape[0] == OPT_BATCH for array in last.values())
-    assert np.array_equal(last["TARGET_CROP"], np.concatenate([odd["TARGET_CROP"][OPT_BATCH:],
-                                                               odd["TARGET_CROP"][:OPT_BATCH - 3]]))
+    assert np.array_equal(last["CROPS"], np.concatenate([odd["CROPS"][OPT_BATCH:], odd["CROPS"][:OPT_BATCH - 3]]))
     # And the graph runs on a batch.
     outputs = int8.onnxruntime_infer(onnx_path)(batches[0])
     assert outputs["FUSED_CROP"].shape == (OPT_BATCH, 3, 256, 256)

@@ -16,8 +16,19 @@ from facefuse.geometry import (
     fusion_geometry_batch,
     synthetic_mesh,
 )
+from facefuse.network import (
+    GEOMETRY_PARTS,
+    GEOMETRY_SIZE,
+    FusionNetwork,
+    LaplacianBlend,
+    example_parts,
+    masked_colour_match,
+    pack_geometry,
+    pack_inputs,
+    polygon_distance,
+    unpack_geometry,
+)
 from facefuse.network import INPUT_NAMES as INPUT_NAMES_FOR_TEST
-from facefuse.network import FusionNetwork, LaplacianBlend, masked_colour_match, polygon_distance
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +119,7 @@ def test_synthetic_warp_lands_where_expected(network):
         source[y - 1:y + 2, x - 1:x + 2] = 1.0
     source_crop = torch.from_numpy(source.transpose(2, 0, 1))[None]
     with torch.inference_mode():
-        fused, _ = network(source_crop, torch.full_like(source_crop, 0.5), control, coefficients, fused_outline,
+        fused, _ = network.fuse(source_crop, torch.full_like(source_crop, 0.5), control, coefficients, fused_outline,
                            target_outline, _degrees(100), _degrees(100))
     brightness = fused[0, 0].numpy()
     background = np.median(brightness)
@@ -124,12 +135,12 @@ def test_synthetic_warp_lands_where_expected(network):
 
 
 def test_degree_zero_zero_returns_the_target_crop(network):
-    inputs = list(example_inputs(batch=2))
+    inputs = list(example_parts(batch=2))
     (control, coefficients, fused_outline, target_outline), _ = _geometry_tensors(synthetic_mesh(5),
                                                                                    synthetic_mesh(6), 0)
     target = inputs[1][:1]
     with torch.inference_mode():
-        fused, mask = network(inputs[0][:1], target, control, coefficients, fused_outline, target_outline,
+        fused, mask = network.fuse(inputs[0][:1], target, control, coefficients, fused_outline, target_outline,
                               _degrees(0), _degrees(0))
     # Bilinear sampling at the pixel centres the identity spline returns: equal to float rounding.
     assert (fused - target).abs().max() < 1e-3
@@ -138,11 +149,11 @@ def test_degree_zero_zero_returns_the_target_crop(network):
 
 def test_profile_only_moves_the_target_towards_the_source_shape(network):
     source_mesh, target_mesh = synthetic_mesh(7), synthetic_mesh(8)
-    inputs = list(example_inputs(batch=1))
+    inputs = list(example_parts(batch=1))
     for profile, expect_change in ((0, False), (100, True)):
         (control, coefficients, fused_outline, target_outline), _ = _geometry_tensors(source_mesh, target_mesh, profile)
         with torch.inference_mode():
-            fused, mask = network(inputs[0], inputs[1], control, coefficients, fused_outline, target_outline,
+            fused, mask = network.fuse(inputs[0], inputs[1], control, coefficients, fused_outline, target_outline,
                                   _degrees(0), _degrees(profile))
         changed = (fused - inputs[1]).abs().mean().item()
         assert (changed > 0.01) == expect_change, (profile, changed)
@@ -193,21 +204,21 @@ def test_colour_match_to_a_grayscale_target_drops_the_colour_but_keeps_texture()
 
 
 def test_change_grows_with_face_degree(network):
-    inputs = list(example_inputs(batch=1))
+    inputs = list(example_parts(batch=1))
     outputs = []
     with torch.inference_mode():
         for degree in (0, 25, 50, 75, 100):
             inputs[6] = _degrees(degree)
-            outputs.append(network(*inputs)[0])
+            outputs.append(network(*pack_inputs(*inputs))[0])  # the served signature: packed
     changes = [(fused - outputs[0]).abs().mean().item() for fused in outputs]
     assert all(a < b for a, b in zip(changes, changes[1:]))
 
 
 def test_change_stays_inside_the_paste_mask(network):
-    inputs = list(example_inputs(batch=2, smooth=True))  # on pixel noise any sub-pixel warp would look like a change
+    inputs = list(example_parts(batch=2, smooth=True))  # on pixel noise any sub-pixel warp would look like a change
     inputs[6], inputs[7] = _degrees(100, 2), _degrees(100, 2)
     with torch.inference_mode():
-        fused, mask = network(*inputs)
+        fused, mask = network.fuse(*inputs)
         grids = (network._sampling_grids(inputs[2], inputs[3], torch.float32) + 1.0) * (CROP_SIZE / 2.0) - 0.5
     outside = mask < 1e-3
     assert outside.float().mean() > 0.2  # the corners and background are untouched
@@ -215,6 +226,22 @@ def test_change_stays_inside_the_paste_mask(network):
     displacement = torch.hypot(grids[:, 0] - network.grid_x[:, 0], grids[:, 1] - network.grid_y[:, 0])
     assert (displacement * outside[:, 0]).max() < 2.0
     assert ((fused - inputs[1]).abs() * outside).max() < 0.1
+
+
+def test_packed_geometry_round_trips_and_forward_equals_fuse(network):
+    parts = example_parts(batch=3, seed=2)
+    geometry = dict(zip(GEOMETRY_PARTS, parts[2:]))
+    packed = pack_geometry(geometry)
+    assert packed.shape == (3, GEOMETRY_SIZE) and packed.dtype == torch.float32
+    for name, value in unpack_geometry(packed).items():
+        assert torch.equal(value, geometry[name].float()), name
+    # numpy parts pack to the same numbers, in numpy
+    assert np.array_equal(pack_geometry({name: value.numpy() for name, value in geometry.items()}), packed.numpy())
+    crops, packed_geometry = pack_inputs(*parts)
+    assert crops.shape == (3, 2, 3, CROP_SIZE, CROP_SIZE)
+    with torch.inference_mode():
+        for served, direct in zip(network(crops, packed_geometry), network.fuse(*parts)):
+            assert torch.equal(served, direct)
 
 
 def test_outputs_have_the_wire_shapes(network):
@@ -235,7 +262,7 @@ def test_geometry_stays_fp32_when_the_pixels_go_fp16():
     assert half_network.border_fade.dtype == torch.float16  # pixel-side buffers do follow the module
     assert [input_dtype(name, torch.float16) for name in INPUT_NAMES] == [
         torch.float16 if name in PIXEL_INPUTS else torch.float32 for name in INPUT_NAMES]
-    inputs = example_inputs(batch=4, seed=7)
+    inputs = example_parts(batch=4, seed=7)
     with torch.inference_mode():
         exact = FusionNetwork().eval()._sampling_grids(inputs[2], inputs[3], torch.float32)
         half = half_network._sampling_grids(inputs[2], inputs[3], torch.float16)

@@ -5,14 +5,16 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from facefuse import errors
+from facefuse.alignment import crop_to_tensor
 from facefuse.detection import FaceDetector
 from facefuse.engine import LocalFusion
 from facefuse.errors import FusionError
 from facefuse.face_mesh import FaceMesh
 from facefuse.imaging import decode_image
-from facefuse.network import INPUT_SHAPES
+from facefuse.network import INPUT_SHAPES, unpack_geometry
 from facefuse.pipeline import FusionRequest, PreparedFusion, Preprocessor, UniqueImages, stack_images, unpad_image
 from facefuse.watermark import extract_watermark
 from tests.conftest import encode
@@ -27,7 +29,7 @@ def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_
     rows = [
         FusionRequest(hanks_png, group_jpg, 100, 100, b"{}"),
         FusionRequest(b"junk", group_jpg, 100, 100, b"{}"),
-        FusionRequest(hanks_png, group_jpg, 100, 100, b'{"target_face": 3}'),
+        FusionRequest(hanks_png, group_jpg, 70, 30, b'{"target_face": 3}'),
         FusionRequest(faceless_png, group_jpg, 100, 100, b"{}"),
         FusionRequest(hanks_png, group_jpg, 101, 100, b"{}"),
         FusionRequest(hanks_png, group_jpg, 50, 50, b'{"target_face": 9}'),
@@ -39,11 +41,16 @@ def test_batch_rows_succeed_or_fail_on_their_own(preprocessor, hanks_png, group_
     first, third = results[0], results[2]
     assert isinstance(first, PreparedFusion) and isinstance(third, PreparedFusion)
     assert first.metadata["target"]["chosen_face"] == 0 and third.metadata["target"]["chosen_face"] == 3
-    assert first.network_inputs["SOURCE_CROP"].shape == (3, 256, 256)
-    assert first.network_inputs["SOURCE_CROP"].dtype == np.float32
     assert set(first.network_inputs) == set(INPUT_SHAPES)
     for name, shape in INPUT_SHAPES.items():
         assert first.network_inputs[name].shape == shape, name
+        assert first.network_inputs[name].dtype == np.float32, name
+    # CROPS: the source's crop, then the target's, in the network's layout; GEOMETRY carries the checked degrees.
+    np.testing.assert_array_equal(first.network_inputs["CROPS"], np.stack([crop_to_tensor(first.source_crop),
+                                                                           crop_to_tensor(first.target_crop)]))
+    parts = unpack_geometry(torch.from_numpy(np.stack([first.network_inputs["GEOMETRY"],
+                                                       third.network_inputs["GEOMETRY"]])))
+    assert parts["FACE_DEGREE"].tolist() == [[100.0], [70.0]] and parts["PROFILE_DEGREE"].tolist() == [[100.0], [30.0]]
     assert first.target_rgb.shape == (886, 1280, 3)
     assert first.metadata["source"]["mesh_presence"] > 0.5 and first.metadata["target"]["mesh_presence"] > 0.5
 

@@ -159,12 +159,13 @@ def test_docker_build_command() -> None:
     assert "--saveEngine=/workspace/model_repository/fusion/1/model.plan" in container
     assert "--fp16" in container and "--skipInference" in container
     assert "--memPoolSize=workspace:4096" in container
-    shapes = {arg.split("=", 1)[0]: arg.split("=", 1)[1] for arg in container if arg.endswith(("x1", "x2"))}
+    shapes = dict(arg.split("=", 1) for arg in container if arg.startswith(("--minShapes=", "--optShapes=",
+                                                                            "--maxShapes=")))
     from facefuse.network import INPUT_SHAPES
 
     expected_min = ",".join(f"{name}:{'x'.join(map(str, (1, *shape)))}" for name, shape in INPUT_SHAPES.items())
     assert shapes["--minShapes"] == expected_min
-    assert "FACE_DEGREE:32x1,PROFILE_DEGREE:32x1" in shapes["--maxShapes"]
+    assert shapes["--maxShapes"] == "CROPS:32x2x3x256x256,GEOMETRY:32x1130"
     assert "--int8" not in container
     int8 = trt_build.docker_build_command(ROOT, int8=True, calibration_cache="calib/fusion.cache")
     assert "--int8" in int8 and "--calib=/workspace/calib/fusion.cache" in int8

@@ -49,9 +49,6 @@ from facefuse.triton_glue import (  # noqa: E402,E501
     output_tensors,
 )
 
-# The network's inputs that preprocess produces under the same names (the degrees go out as CHECKED_*).
-NETWORK_OUTPUTS = [name for name in INPUT_NAMES if not name.endswith("_DEGREE")]
-
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -137,9 +134,8 @@ class TritonPythonModel:
 
     @staticmethod
     def _outputs(results):
-        tensors = {name: stack_rows([result.network_inputs[name] for result in results]) for name in NETWORK_OUTPUTS}
-        tensors["CHECKED_FACE_DEGREE"] = np.stack([result.network_inputs["FACE_DEGREE"] for result in results])
-        tensors["CHECKED_PROFILE_DEGREE"] = np.stack([result.network_inputs["PROFILE_DEGREE"] for result in results])
+        # The network's inputs under its own names: CROPS, and GEOMETRY with the checked degrees in it.
+        tensors = {name: stack_rows([result.network_inputs[name] for result in results]) for name in INPUT_NAMES}
         tensors["TARGET_MATRIX"] = np.stack([result.target_matrix for result in results]).astype(np.float32)
         tensors["TARGET_RGB"] = stack_images([result.target_rgb for result in results])
         tensors["PRE_METADATA"] = bytes_tensor([json_bytes(result.metadata) for result in results])
