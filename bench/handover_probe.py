@@ -1,6 +1,7 @@
 """What the Python backend charges per tensor handed over: toy models that answer each request with K small outputs
-(K = 1 and 11: preprocess hands over 11 per request), alone and in a two-step ensemble whose second model takes
-all K as inputs (preprocess -> fusion / postprocess), served by the real local Triton, measured with perf_analyzer;
+(K = 1 and 11: preprocess handed over 11 per request until session 27, 5 since), alone and in a two-step ensemble
+whose second model takes all K as inputs (preprocess -> fusion / postprocess), served by the real local Triton,
+measured with perf_analyzer;
 then the one-output model again with an input of ``--input-kb`` KB per request (preprocess takes two JPEGs: 0.72-0.75 MB
 for the bench's 1080p pairs) against one byte.
 
