@@ -162,8 +162,8 @@ class Preprocessor:
         self.consent = consent or ConsentPolicy()  # preprocess parameter `consent` (CONSENT_REQUIRED)
         self.identity_guard = identity_guard  # preprocess parameter `blocklist_path` (BLOCKED_IDENTITY); None = off
         # On the GPU path, PreparedFusion.target_rgb and the network's crops (network_inputs CROPS) stay device
-        # tensors (handed to fusion and postprocess through DLPack) instead of coming to the
-        # host; ignored on the host path.
+        # tensors (handed to fusion and postprocess through DLPack) instead of coming to the host; ignored on the
+        # host path.
         self.outputs_on_device = outputs_on_device
 
     def warm_up(self, requests: int = 8, max_rows: int | None = None) -> int:
