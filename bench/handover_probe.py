@@ -225,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[handover] {model}: {count} tensor(s) per request, {figures['throughput_per_s']:.1f} "
                       f"requests/s, p50 {figures['p50_ms']:.2f} ms (c={args.concurrency}, {args.device}); server ms "
                       f"per request: {_split(splits[model])}", flush=True)
+        # The per-tensor cost before the large input's run: a caller's time limit may end the probe there.
+        for kind, label in (("producer", "out of one model"), ("chain", "from one model into the next")):
+            cost = per_tensor_ms(rates[kind])
+            spent = "n/a" if cost is None else f"{cost * 1000:.0f} us"
+            print(f"[handover] one more tensor per request {label}: {spent} of the instance's time per request",
+                  flush=True)
         if args.input_kb:
             producer = models[counts[0]][0]
             large_input = write_tensor_data(args.folder / "input_large.json", {"X": payload(args.input_kb * 1024)})
@@ -233,10 +239,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"requests/s, p50 {large['p50_ms']:.2f} ms; server ms per request: {_split(large_split)}", flush=True)
     finally:
         stop_process(server)
-    for kind, label in (("producer", "out of one model"), ("chain", "from one model into the next")):
-        cost = per_tensor_ms(rates[kind])
-        print(f"[handover] one more tensor per request {label}: "
-              f"{'n/a' if cost is None else f'{cost * 1000:.0f} us'} of the instance's time per request")
     if args.input_kb:
         # From the server's split, not the rates: with a large payload the client on the same cores may set the pace.
         small = splits[models[counts[0]][0]]
