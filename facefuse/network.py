@@ -30,7 +30,9 @@ GEOMETRY_PARTS: dict[str, tuple[int, ...]] = {
     "FACE_DEGREE": (1,),
     "PROFILE_DEGREE": (1,),
 }
-GEOMETRY_SIZE = sum(int(np.prod(shape)) for shape in GEOMETRY_PARTS.values())
+_GEOMETRY_ENDS = np.cumsum([int(np.prod(shape)) for shape in GEOMETRY_PARTS.values()]).tolist()
+_GEOMETRY_SLICES = dict(zip(GEOMETRY_PARTS, zip([0, *_GEOMETRY_ENDS[:-1]], _GEOMETRY_ENDS)))  # name -> (start, end)
+GEOMETRY_SIZE = _GEOMETRY_ENDS[-1]
 # Per-request shapes (without the batch axis); the Triton configs and the TensorRT profiles follow these. CROPS holds
 # the aligned source crop, then the target crop.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -56,26 +58,19 @@ def input_dtype(name: str, pixel_dtype: torch.dtype) -> torch.dtype:
 
 
 def pack_geometry(parts: Mapping[str, Any]) -> Any:
-    """GEOMETRY_PARTS' arrays (B, *shape) as one (B, GEOMETRY_SIZE) float32 batch: numpy arrays into a numpy array,
-    torch tensors (host or GPU, mixed with numpy) into a tensor on the first tensor's device."""
-    tensors = [parts[name] for name in GEOMETRY_PARTS if isinstance(parts[name], torch.Tensor)]
-    if not tensors:
-        return np.concatenate([np.asarray(parts[name], np.float32).reshape(len(parts[name]), -1)
-                               for name in GEOMETRY_PARTS], axis=1)
-    device = tensors[0].device
-    return torch.cat([torch.as_tensor(parts[name]).to(device=device, dtype=torch.float32).reshape(
-        len(parts[name]), -1) for name in GEOMETRY_PARTS], dim=1)
+    """GEOMETRY_PARTS' arrays (B, *shape), all numpy or all torch, as one (B, GEOMETRY_SIZE) float32 batch of the
+    same kind."""
+    rows = [parts[name].reshape(len(parts[name]), -1) for name in GEOMETRY_PARTS]
+    if isinstance(rows[0], torch.Tensor):
+        return torch.cat([row.float() for row in rows], dim=1)
+    return np.concatenate(rows, axis=1).astype(np.float32, copy=False)
 
 
 def unpack_geometry(geometry: torch.Tensor) -> dict[str, torch.Tensor]:
     """The (B, GEOMETRY_SIZE) batch back as GEOMETRY_PARTS' (B, *shape) views (slices and reshapes: in the ONNX graph
     too)."""
-    parts, start = {}, 0
-    for name, shape in GEOMETRY_PARTS.items():
-        size = int(np.prod(shape))
-        parts[name] = geometry[:, start:start + size].reshape(-1, *shape)
-        start += size
-    return parts
+    return {name: geometry[:, start:end].reshape(-1, *GEOMETRY_PARTS[name])
+            for name, (start, end) in _GEOMETRY_SLICES.items()}
 
 
 def polygon_distance(outline: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor) -> torch.Tensor:
